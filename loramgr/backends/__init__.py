@@ -1,0 +1,1 @@
+"""Interchangeable runtimes for an exported base: ONNX Runtime, TensorRT, torch (reference)."""

@@ -1,0 +1,1 @@
+"""Building and loading the torch models a base is exported from."""

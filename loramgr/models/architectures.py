@@ -1,0 +1,212 @@
+"""The two architectures loramgr can build by itself: ``tiny`` and ``sd15``.
+
+No model hub is reachable from where loramgr is developed and tested, so loramgr
+builds Stable Diffusion 1.5 + ControlNet itself: ``sd15`` is the real architecture
+(UNet 860M, ControlNet 361M, CLIP ViT-L text encoder, VAE) with random weights, for
+benchmarks (speed does not depend on weight values); ``tiny`` keeps SD1.5's block
+topology (4 down blocks of 2 layers, 13 ControlNet residuals, 8x VAE) with few
+channels, so every name mapping that works on ``tiny`` works on SD1.5.
+
+Random weights are drawn with a deliberately large standard deviation: diffusers'
+default init makes the tiny pipeline output a near-constant grey image, which would
+hide bugs; std 0.1 (UNet, ControlNet, text encoder) and 0.3 (VAE) with norm weights
+around 1 gives full-range images that react to every input.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+ARCHITECTURES = ("tiny", "sd15")
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """diffusers / transformers config dicts for every component."""
+
+    name: str
+    unet: dict
+    controlnet: dict
+    vae: dict
+    text_encoder: dict
+    vocab_size: int
+    scheduler: dict = field(
+        default_factory=lambda: {
+            "_class_name": "DDIMScheduler",
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+            "num_train_timesteps": 1000,
+            "prediction_type": "epsilon",
+        }
+    )
+
+
+_SD_BLOCKS = {
+    "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+    "layers_per_block": 2,
+}
+_UP_BLOCKS = ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
+_VAE_BLOCKS = {
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "latent_channels": 4,
+    "in_channels": 3,
+    "out_channels": 3,
+}
+
+
+def _config(name: str) -> ArchitectureConfig:
+    if name == "sd15":
+        channels, heads, xdim, groups = [320, 640, 1280, 1280], 8, 768, 32
+        cond_channels = [16, 32, 96, 256]
+        vae = {**_VAE_BLOCKS, "block_out_channels": [128, 256, 512, 512], "layers_per_block": 2,
+               "norm_num_groups": 32, "sample_size": 512, "scaling_factor": 0.18215}
+        te = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+              "num_attention_heads": 12, "projection_dim": 768, "hidden_act": "quick_gelu"}
+        vocab, sample_size = 49408, 64
+    elif name == "tiny":
+        channels, heads, xdim, groups = [32, 32, 64, 64], 4, 32, 8
+        cond_channels = [8, 8, 16, 16]
+        vae = {**_VAE_BLOCKS, "block_out_channels": [8, 16, 16, 16], "layers_per_block": 1,
+               "norm_num_groups": 8, "sample_size": 128, "scaling_factor": 0.18215}
+        te = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "projection_dim": 32, "hidden_act": "quick_gelu"}
+        vocab, sample_size = 520, 16
+    else:
+        raise ValueError(f"unknown architecture {name!r}; choose one of {ARCHITECTURES}")
+    common = {**_SD_BLOCKS, "block_out_channels": channels, "attention_head_dim": heads,
+              "cross_attention_dim": xdim, "norm_num_groups": groups, "in_channels": 4}
+    unet = {**common, "up_block_types": _UP_BLOCKS, "out_channels": 4, "sample_size": sample_size}
+    controlnet = {**common, "conditioning_embedding_out_channels": cond_channels}
+    text_encoder = {**te, "vocab_size": vocab, "max_position_embeddings": 77,
+                    "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1}
+    return ArchitectureConfig(name, unet, controlnet, vae, text_encoder, vocab)
+
+
+def architecture(name: str) -> ArchitectureConfig:
+    """The config of a built-in architecture (``tiny`` or ``sd15``)."""
+    return _config(name)
+
+
+def build_components(arch: ArchitectureConfig, device: str | torch.device = "cpu") -> dict:
+    """Instantiate every component with diffusers' default init (use ``meta`` for names only)."""
+    from diffusers import AutoencoderKL, ControlNetModel, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    with torch.device(device):
+        components = {
+            "unet": UNet2DConditionModel(**arch.unet),
+            "controlnet": ControlNetModel(**arch.controlnet),
+            "vae": AutoencoderKL(**arch.vae),
+            "text_encoder": CLIPTextModel(CLIPTextConfig(**arch.text_encoder)),
+        }
+    components["scheduler"] = DDIMScheduler.from_config(arch.scheduler)
+    for module in ("unet", "controlnet", "vae", "text_encoder"):
+        components[module].eval().requires_grad_(False)
+    return components
+
+
+_INIT_STD = {"unet": 0.1, "controlnet": 0.1, "text_encoder": 0.1, "vae": 0.3}
+
+
+def randomize_(components: dict, seed: int) -> None:
+    """Redraw every parameter: N(0, std) for weights and biases, 1 + N(0, 0.1) for norms.
+
+    Every tensor is drawn fresh from one seeded generator, so no two parameters are
+    equal (the exporter would otherwise be free to merge them) and a seed names a model.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    for module_name, std in _INIT_STD.items():
+        module = components[module_name]
+        norm_params = {
+            f"{path}.{p}" if path else p
+            for path, sub in module.named_modules()
+            if isinstance(sub, (torch.nn.GroupNorm, torch.nn.LayerNorm))
+            for p, _ in sub.named_parameters(recurse=False)
+        }
+        for name, param in module.named_parameters():
+            draw = torch.randn(param.shape, generator=gen, dtype=torch.float32)
+            if name in norm_params and name.endswith("weight"):
+                value = 1.0 + 0.1 * draw
+            elif "embedding" in name and module_name == "text_encoder":
+                value = draw  # token/position embeddings are unit-scale in CLIP
+            else:
+                value = std * draw
+            param.data.copy_(value.to(param.dtype))
+
+
+def write_tokenizer(folder: Path, vocab_size: int) -> None:
+    """Write a real byte-level BPE ``CLIPTokenizer`` (vocab.json + merges.txt) of ``vocab_size`` ids.
+
+    The vocabulary is CLIP's byte alphabet (each byte with and without ``</w>``), the
+    two special tokens, and as many synthetic merges of byte pairs as needed to reach
+    ``vocab_size`` (49408 for sd15, as the real CLIP tokenizer). Any text tokenizes.
+    """
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    vocab = alphabet + [c + "</w>" for c in alphabet]
+    merges: list[str] = []
+    budget = vocab_size - len(vocab) - 2
+    seen = set(vocab)
+    for suffix in ("", "</w>"):
+        for a in alphabet:
+            for b in alphabet:
+                if len(merges) >= budget:
+                    break
+                token = a + b + suffix
+                if token not in seen:
+                    merges.append(f"{a} {b}{suffix}")
+                    vocab.append(token)
+                    seen.add(token)
+    if len(merges) < budget:
+        raise ValueError(f"vocab_size {vocab_size} is larger than this generator can fill")
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    special = {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
+        "bos_token": {**special, "content": "<|startoftext|>"}, "eos_token": special,
+        "pad_token": special, "unk_token": special,
+    }, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
+    }, indent=2))
+
+
+def save_pipeline_folder(components: dict, arch: ArchitectureConfig, folder: Path) -> None:
+    """Save ``components`` as a diffusers folder: the SD pipeline plus ``controlnet/``.
+
+    The layout is what ``StableDiffusionControlNetPipeline.from_pretrained`` reads, so
+    the reference implementation can load the very files loramgr exports.
+    """
+    from diffusers import StableDiffusionControlNetPipeline
+    from transformers import CLIPTokenizer
+
+    write_tokenizer(folder / "tokenizer", arch.vocab_size)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"],
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=components["unet"],
+        controlnet=components["controlnet"], scheduler=components["scheduler"],
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.save_pretrained(folder, safe_serialization=True)
+
+
+def build_random_folder(arch_name: str, seed: int, folder: Path) -> None:
+    """Build ``arch_name`` with seeded random weights and save it as a diffusers folder."""
+    arch = architecture(arch_name)
+    components = build_components(arch)
+    randomize_(components, seed)
+    save_pipeline_folder(components, arch, folder)

@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny architecture built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "loras"
+
+
+@pytest.fixture(scope="session")
+def tiny_folder(tmp_path_factory) -> Path:
+    """A diffusers folder (SD pipeline + controlnet/) of the tiny architecture, seed 0."""
+    from loramgr.models.architectures import build_random_folder
+
+    folder = tmp_path_factory.mktemp("tiny") / "tiny-seed0"
+    build_random_folder("tiny", 0, folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def sd15_param_shapes() -> dict[str, tuple[int, ...]]:
+    """Every parameter name -> shape of the sd15 base namespace, built on the meta device (no memory)."""
+    from loramgr.models.architectures import architecture, build_components
+
+    comps = build_components(architecture("sd15"), device="meta")
+    shapes = {}
+    # The text encoder graph names its weights "text_model." + CLIPTextModel's names (see models/fused.py).
+    for prefix, module in (("unet.", comps["unet"]), ("controlnet.", comps["controlnet"]),
+                           ("text_model.", comps["text_encoder"])):
+        shapes.update({prefix + n: tuple(p.shape) for n, p in module.named_parameters()})
+    return shapes
+
+
+@pytest.fixture(scope="session")
+def tiny_workspace(tmp_path_factory):
+    """A workspace with the tiny base (random, seed 0) exported as ``tiny``."""
+    from loramgr.export import export_base
+    from loramgr.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path_factory.mktemp("ws"))
+    export_base(ws, "tiny", arch="tiny", seed=0)
+    return ws
