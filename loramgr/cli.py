@@ -8,6 +8,7 @@ one line and exit with code 2. Heavy libraries are imported inside the commands,
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -34,6 +35,29 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
+    p = sub.add_parser("convert", help="convert a LoRA / LyCORIS / PEFT file or a ControlNet into adapters/NAME.lora")
+    p.add_argument("source", help="adapter file (.safetensors/.pt/.pth) or folder (PEFT, diffusers ControlNet)")
+    p.add_argument("--base", help="base to convert against (default: the only base)")
+    p.add_argument("--name", help="adapter name (default: the file stem)")
+    p.add_argument("--kind", choices=("lora", "controlnet"), help="refuse the other kind")
+    p.add_argument("--strict", action="store_true", help="refuse files with keys that are not applied")
+    p.add_argument("--default-weight", type=float, default=1.0, help="weight used when none is given at run time")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("bake", help="merge adapters into full tensors for AddExternalInitializers")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]")
+    p.add_argument("--control", metavar="NAME", help="a converted ControlNet")
+    p.add_argument("--base")
+    p.add_argument("-o", "--output", required=True, help="output .lora file")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("run", help="run the canny ControlNet pipeline with adapters")
+    _add_run_arguments(p)
+
+    p = sub.add_parser("demo", help="the embedded default: tiny base, sample adapters, pipeline, verify")
+    p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("list", help="list bases and adapters")
     p.add_argument("--json", action="store_true")
 
@@ -41,6 +65,132 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
     return parser
+
+
+def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from .pipeline.schedulers import SCHEDULERS
+    from .pipeline.settings import GenerationSettings as S
+
+    p.add_argument("--base")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="repeatable")
+    p.add_argument("--control", default="canny", metavar="canny|NAME",
+                   help="canny: the base's own ControlNet; NAME: a converted ControlNet")
+    p.add_argument("--sweep", action="append", default=[], metavar="A:W,B:W,CONTROL",
+                   help="run again with another adapter set on the same session (hot swap); repeatable; "
+                        "items are NAME[:WEIGHT] (a ControlNet name switches the ControlNet), 'none' = plain base")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--a-prompt", default=S.a_prompt)
+    p.add_argument("--n-prompt", default=S.n_prompt)
+    p.add_argument("--num-samples", type=int, default=S.num_samples)
+    p.add_argument("--resolution", type=int, default=S.resolution)
+    p.add_argument("--steps", type=int, default=S.steps)
+    p.add_argument("--guess-mode", action="store_true")
+    p.add_argument("--strength", type=float, default=S.strength, help="control strength")
+    p.add_argument("--scale", type=float, default=S.scale, help="classifier-free guidance scale")
+    p.add_argument("--seed", type=int, default=S.seed)
+    p.add_argument("--eta", type=float, default=S.eta)
+    p.add_argument("--low-threshold", type=int, default=S.low_threshold)
+    p.add_argument("--high-threshold", type=int, default=S.high_threshold)
+    p.add_argument("--img2img-strength", type=float, default=None)
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler)
+    p.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "tensorrt"), default="ort-cpu")
+    p.add_argument("--ort-opt", choices=("disabled", "basic", "extended", "all"), default="basic",
+                   help="ONNX Runtime graph optimization level (default basic: see docs/design.md)")
+    p.add_argument("--no-hot-swap", action="store_true", help="inject at session creation only")
+    p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
+    p.add_argument("--json", action="store_true")
+
+
+def cmd_convert(args: argparse.Namespace, ws: Workspace) -> int:
+    from .convert import convert_adapter
+
+    with console.steps(f"convert {args.source}", enabled=not args.json) as step:
+        step("reading and mapping keys")
+        report = convert_adapter(ws, args.source, base=args.base, name=args.name, kind=args.kind,
+                                 strict=args.strict, default_weight=args.default_weight)
+    if args.json:
+        console.print_json(vars(report))
+        return 0
+    if report.unknown_keys:
+        console.err.print(f"[yellow]warning:[/] {args.source}: {len(report.unknown_keys)} keys were not applied "
+                          f"(use --strict to refuse): {', '.join(report.unknown_keys[:8])}", highlight=False)
+    rows = [
+        ("format", report.format), ("kind", report.kind), ("base", report.base),
+        *((f"modules ({graph})", n) for graph, n in report.modules.items()),
+        ("keys used", f"{report.keys_used} / {report.keys_total}"),
+        ("rank(s)", ", ".join(map(str, report.ranks)) or "-"), ("dtype", report.dtype),
+        ("size", f"{console.human_size(report.size_bytes)} (source {console.human_size(report.source_bytes)})"),
+        ("trigger words", ", ".join(report.trigger_words[:5]) or "-"),
+        ("time", f"{report.seconds:.2f} s"),
+    ]
+    console.out.print(console.table(f"converted {args.source} -> {report.path}", ("", ""), rows))
+    return 0
+
+
+def cmd_bake(args: argparse.Namespace, ws: Workspace) -> int:
+    from .convert import bake
+
+    written = bake(ws, args.output, args.lora, base=args.base, control=args.control)
+    if args.json:
+        console.print_json({g: str(p) for g, p in written.items()})
+        return 0
+    rows = [(g, p, console.human_size(p.stat().st_size)) for g, p in written.items()]
+    console.out.print(console.table("baked (pass to AddExternalInitializers of the graph)", ("graph", "file", "size"), rows))
+    return 0
+
+
+def _settings(args: argparse.Namespace):
+    from .pipeline.settings import GenerationSettings
+
+    return GenerationSettings(
+        prompt=args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt, num_samples=args.num_samples,
+        resolution=args.resolution, steps=args.steps, guess_mode=args.guess_mode, strength=args.strength,
+        scale=args.scale, seed=args.seed, eta=args.eta, low_threshold=args.low_threshold,
+        high_threshold=args.high_threshold, img2img_strength=args.img2img_strength, scheduler=args.scheduler,
+    )
+
+
+def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
+    from .backends.onnxruntime import OrtOptions
+    from .runtime import AdapterChoice, generate
+
+    choices = [AdapterChoice(tuple(args.lora), args.control)]
+    choices += [AdapterChoice.parse(spec, ws) for spec in args.sweep]
+    options = OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap)
+    with console.steps_bar("denoising", enabled=not args.json) as progress:
+        reports = generate(ws, args.image, _settings(args), choices, base=args.base, backend=args.backend,
+                           ort_options=options, out_dir=args.out, progress=progress)
+    _print_runs(reports, choices, args.json)
+    return 0
+
+
+def _print_runs(reports, choices, as_json: bool) -> None:
+    if as_json:
+        console.print_json([vars(r) for r in reports])
+        return
+    rows = []
+    for report, choice in zip(reports, choices):
+        t = report.timings
+        load = t.get("open_s", t.get("swap_s", 0.0))
+        rows.append((choice.label(), f"{load:.2f} s", "hot swap" if "swap_s" in t else "open + inject",
+                     f"{t.get('step_s', 0.0) * 1000:.0f} ms", f"{t.get('run_s', 0.0):.2f} s", report.files[0].name))
+    folder = reports[0].files[0].parent if reports else ""
+    console.out.print(console.table(f"runs (files in {folder})",
+                                    ("adapters", "load", "how", "per step", "run", "first image"), rows))
+
+
+def cmd_demo(args: argparse.Namespace, ws: Workspace) -> int:
+    from .demo import run_demo
+
+    with console.steps("demo", enabled=not args.json) as step:
+        report = run_demo(ws, args.out, on_step=step)
+    if args.json:
+        console.print_json(report)
+        return 0
+    _print_runs(report["runs"], report["choices"], False)
+    console.out.print(f"demo outputs in [bold]{report['out_dir']}[/] (images, edge maps, JSON sidecars)")
+    return 0
 
 
 def cmd_export(args: argparse.Namespace, ws: Workspace) -> int:
@@ -112,10 +262,20 @@ def cmd_inspect(args: argparse.Namespace, ws: Workspace) -> int:
     return 0
 
 
-COMMANDS = {"export": cmd_export, "list": cmd_list, "inspect": cmd_inspect}
+COMMANDS = {"export": cmd_export, "convert": cmd_convert, "bake": cmd_bake, "run": cmd_run, "demo": cmd_demo,
+            "list": cmd_list, "inspect": cmd_inspect}
+
+
+def _quiet_libraries() -> None:
+    """loramgr never downloads, and prints its own progress: keep the libraries' quiet."""
+    for key, value in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_VERBOSITY", "error"),
+                       ("DIFFUSERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                       ("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")):
+        os.environ.setdefault(key, value)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    _quiet_libraries()
     args = _parser().parse_args(argv)
     try:
         ws = Workspace.resolve(args.home)

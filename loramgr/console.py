@@ -66,3 +66,21 @@ def bar(title: str, total: int, enabled: bool = True) -> Iterator:
                   console=err, transient=False) as progress:
         task = progress.add_task(title, total=total)
         yield lambda n=1: progress.advance(task, n)
+
+
+@contextlib.contextmanager
+def steps_bar(title: str, enabled: bool = True) -> Iterator:
+    """A bar for repeated runs of known length: yields ``progress(completed, total)`` hooks' target."""
+    if not enabled:
+        yield None
+        return
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=err, transient=False) as progress:
+        tasks: dict = {}
+
+        def hook(completed: int, total: int) -> None:
+            if completed == 1 or "current" not in tasks:
+                tasks["current"] = progress.add_task(title, total=total)
+            progress.update(tasks["current"], completed=completed, total=total)
+
+        yield hook

@@ -197,6 +197,38 @@ def _fold_weight_layout_ops(model: onnx.ModelProto, params: set[str]) -> dict[st
     return layouts
 
 
+def _drop_scalar_multiplications_by_one(model: onnx.ModelProto) -> int:
+    """Remove ``Mul(x, 1.0)`` nodes (diffusers' ControlNet scales its residuals by a constant 1).
+
+    ONNX Runtime's basic-level ``ConvMulFusion`` would fold that constant into the
+    preceding conv's weights, creating new tensors in place of the base's: in-place
+    weight updates (hot swap) would then be lost on those convs.
+    """
+    graph = model.graph
+    producers = {o: n for n in graph.node for o in n.output}
+    inits = {t.name: t for t in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    rewire, dead = {}, set()
+    for node in graph.node:
+        if node.op_type != "Mul" or node.output[0] in outputs:
+            continue
+        for keep, const in ((0, 1), (1, 0)):
+            value = _const_value(node.input[const], producers, inits)
+            if value is not None and value.size == 1 and value.ndim == 0 and float(value) == 1.0:
+                rewire[node.output[0]] = node.input[keep]
+                dead.add(id(node))
+                break
+    kept = [n for n in graph.node if id(n) not in dead]
+    for node in kept:
+        for k, i in enumerate(node.input):
+            while i in rewire:
+                i = rewire[i]
+            node.input[k] = i
+    del graph.node[:]
+    graph.node.extend(kept)
+    return len(dead)
+
+
 def _export_graph(spec: GraphSpec, folder: Path, opset: int, on_step: ExportStep | None) -> GraphInfo:
     """Trace one graph, fold weight layouts, save with one external data file, build its weight map."""
     module = spec.module.eval()
@@ -230,6 +262,7 @@ def _export_graph(spec: GraphSpec, folder: Path, opset: int, on_step: ExportStep
                 f"initializer: {', '.join(missing[:10])}"
             )
         layouts = _fold_weight_layout_ops(model, set(params))
+        _drop_scalar_multiplications_by_one(model)
         for name, value in real_values.items():
             entry_value = value.numpy()
             if layouts.get(name) == "transpose":

@@ -125,6 +125,8 @@ def randomize_(components: dict, seed: int) -> None:
     """
     gen = torch.Generator().manual_seed(seed)
     for module_name, std in _INIT_STD.items():
+        if module_name not in components:
+            continue
         module = components[module_name]
         norm_params = {
             f"{path}.{p}" if path else p

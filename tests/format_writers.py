@@ -1,0 +1,77 @@
+"""Synthetic adapter files for tests/test_formats.py, each written in one format's own spelling.
+
+These writers are deliberately naive (string formatting, no lookup tables) so they stay
+independent of the name resolution in ``loramgr.formats`` that they test.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+KOHYA_PREFIX = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def base_namespace(components: Mapping[str, torch.nn.Module]) -> dict[str, torch.Tensor]:
+    """The base namespace loramgr uses: ``unet.*``, ``controlnet.*``, ``text_model.*`` (see conftest)."""
+    weights = {}
+    for prefix, name in (("unet.", "unet"), ("controlnet.", "controlnet"), ("text_model.", "text_encoder")):
+        weights.update({prefix + n: p.detach() for n, p in components[name].named_parameters()})
+    return weights
+
+
+def kohya_name(component: str, module: str) -> str:
+    """``("unet", "down_blocks.0.x")`` -> ``lora_unet_down_blocks_0_x``; text modules get ``text_model_``."""
+    if component == "text_encoder" and not module.startswith("text_model."):
+        module = "text_model." + module
+    return KOHYA_PREFIX[component] + module.replace(".", "_")
+
+
+def save(path: Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata=dict(metadata or {}))
+    return path
+
+
+def lora_factors(gen: torch.Generator, shape: tuple[int, ...], rank: int, std: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """kohya-layout (up, down): linear [out, r] / [r, in]; conv [out, r, 1, 1] / [r, in, kh, kw]."""
+    out, fan_in, *kernel = shape
+    up = std * torch.randn(out, rank, *(1,) * len(kernel), generator=gen)
+    down = std * torch.randn(rank, fan_in, *kernel, generator=gen)
+    return up, down
+
+
+def cloneofsimo_walk(model: torch.nn.Module, targets: set[str]) -> list[str]:
+    """cloneofsimo's ``_find_modules_v2`` order: every Linear below a module of a target class."""
+    names = []
+    for ancestor_name, ancestor in model.named_modules():
+        if type(ancestor).__name__ in targets:
+            names += [f"{ancestor_name}.{n}" for n, m in ancestor.named_modules() if isinstance(m, torch.nn.Linear)]
+    return names
+
+
+def cloneofsimo_file(path: Path, component: str, targets: list[str], factors: list[tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    tensors, metadata = {}, {component: json.dumps(targets)}
+    for i, (up, down) in enumerate(factors):
+        tensors[f"{component}:{i}:up"], tensors[f"{component}:{i}:down"] = up, down
+        metadata[f"{component}:{i}:rank"] = str(down.shape[0])
+    return save(path, tensors, metadata)
+
+
+def peft_layers(model: torch.nn.Module, config) -> dict[str, torch.nn.Module]:
+    """Inject a PEFT adapter (LoRA, LoHa, LoKr) and return its layers by module name."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inject_adapter_in_model(config, model)
+    return {name: m for name, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+
+
+def peft_factors(layer: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    """A LyCORIS layer's factors (``hada_*`` / ``lokr_*``) as PEFT holds them, adapter ``default``."""
+    return {name: getattr(layer, name)["default"].detach().clone()
+            for name in dir(layer) if name.startswith(prefix) and isinstance(getattr(layer, name), torch.nn.ParameterDict)
+            and "default" in getattr(layer, name)}
