@@ -53,8 +53,11 @@ def cloneofsimo_walk(model: torch.nn.Module, targets: set[str]) -> list[str]:
     return names
 
 
-def cloneofsimo_file(path: Path, component: str, targets: list[str], factors: list[tuple[torch.Tensor, torch.Tensor]]) -> Path:
-    tensors, metadata = {}, {component: json.dumps(targets)}
+def cloneofsimo_file(path: Path, component: str, targets: list[str], factors: list[tuple[torch.Tensor, torch.Tensor]],
+                     embeddings: Mapping[str, torch.Tensor] | None = None) -> Path:
+    """``save_safeloras_with_embeds`` layout: ``<component>:<i>:up/down``, targets and ranks in metadata."""
+    embeddings = dict(embeddings or {})
+    tensors, metadata = embeddings, {component: json.dumps(targets), **{token: "<embed>" for token in embeddings}}
     for i, (up, down) in enumerate(factors):
         tensors[f"{component}:{i}:up"], tensors[f"{component}:{i}:down"] = up, down
         metadata[f"{component}:{i}:rank"] = str(down.shape[0])

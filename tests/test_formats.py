@@ -307,29 +307,56 @@ def test_kohya_ldm_names(tmp_path, params):
         assert torch.equal(deltas[f"unet.{module}.weight"].tensors["up"], up.reshape(up.shape[0], -1))
 
 
-def test_text_encoder_lora_matches_peft(tmp_path, tiny, params, weights):
-    """kohya ``lora_te_`` / ``lora_te1_`` names and PEFT/diffusers names with config alphas, vs PEFT's layers."""
+def test_every_sd15_module_resolves_by_kohya_and_ldm_name(tmp_path, sd15_param_shapes):
+    """Every 2-D+ weight of the sd15 UNet and text encoder is reachable by its kohya name, UNet ones also by LDM name."""
+    from loramgr.models.ldm import diffusers_unet_module_to_ldm
+
+    modules = {p.removesuffix(".weight"): shape for p, shape in sd15_param_shapes.items()
+               if p.endswith(".weight") and len(shape) >= 2 and not p.startswith("controlnet.")}
+    names = {m: kohya_name("unet", m.removeprefix("unet.")) if m.startswith("unet.") else kohya_name("text_encoder", m.removeprefix("text_model."))
+             for m in modules}
+    ldm = {m: "lora_unet_" + diffusers_unet_module_to_ldm(m.removeprefix("unet.")).replace(".", "_") for m in modules if m.startswith("unet.")}
+    for fmt, spelled in (("kohya", names), ("kohya-ldm", ldm)):
+        tensors = {}
+        for module, name in spelled.items():
+            out, fan_in, *kernel = modules[module]
+            tensors |= {f"{name}.lora_up.weight": torch.zeros(out, 1), f"{name}.lora_down.weight": torch.zeros(1, fan_in, *kernel)}
+        parsed = read_adapter(save(tmp_path / f"{fmt}.safetensors", tensors), sd15_param_shapes)
+        assert parsed.format == fmt and {d.param for d in parsed.deltas} == {f"{m}.weight" for m in spelled}
+    assert len(ldm) == 282 and len(names) == 282 + 74  # linear/conv weights: UNet; CLIP's 72 linears + 2 embeddings
+
+
+def test_text_encoder_lora_matches_peft(tmp_path, tiny, params):
+    """Text-encoder LoRA spelled by kohya (``lora_te_`` / ``lora_te1_``), PEFT and old diffusers, vs PEFT's layers."""
     from peft import LoraConfig
 
-    text = copy.deepcopy(tiny["text_encoder"])
     config = LoraConfig(r=4, lora_alpha=8, alpha_pattern={"fc1": 2}, target_modules=["q_proj", "out_proj", "fc1"], init_lora_weights=False)
-    layers = peft_layers(text, config)
+    layers = peft_layers(copy.deepcopy(tiny["text_encoder"]), config)
     assert len(layers) == 2 * 3
-    kohya, peft = {}, {}
+    files: dict[str, dict] = {"kohya": {}, "peft": {}, "diffusers": {}, "diffusers-old-processor": {}}
     for i, (module, layer) in enumerate(sorted(layers.items())):
         a, b = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
-        name = kohya_name("text_encoder", module).replace("lora_te_", "lora_te1_" if i % 2 else "lora_te_")
-        kohya |= {f"{name}.lora_down.weight": a, f"{name}.lora_up.weight": b, f"{name}.alpha": torch.tensor(layer.scaling["default"] * 4)}
-        peft |= {f"text_encoder.text_model.{module}.lora_A.weight": a, f"text_encoder.text_model.{module}.lora_B.weight": b}
+        kohya = kohya_name("text_encoder", module).replace("lora_te_", "lora_te1_" if i % 2 else "lora_te_")
+        files["kohya"] |= {f"{kohya}.lora_down.weight": a, f"{kohya}.lora_up.weight": b,
+                           f"{kohya}.alpha": torch.tensor(layer.scaling["default"] * 4)}
+        dotted = f"text_encoder.text_model.{module}"
+        files["peft"] |= {f"{dotted}.lora_A.weight": a, f"{dotted}.lora_B.weight": b}
+        files["diffusers"] |= {f"{dotted}.lora_linear_layer.down.weight": a, f"{dotted}.lora_linear_layer.up.weight": b}
+        old = dotted.replace("self_attn.q_proj", "self_attn.to_q_lora").replace("self_attn.out_proj", "self_attn.to_out_lora")
+        if old != dotted:  # that format covered the attention projections only
+            files["diffusers-old-processor"] |= {f"{old}.down.weight": a, f"{old}.up.weight": b}
     metadata = {"lora_adapter_metadata": json.dumps({"text_encoder.r": 4, "text_encoder.lora_alpha": 8, "text_encoder.alpha_pattern": {"fc1": 2}})}
-    for path, fmt in ((save(tmp_path / "kohya.safetensors", kohya), "kohya"), (save(tmp_path / "peft.safetensors", peft, metadata), "peft")):
-        parsed = read_adapter(path, params)
-        assert parsed.format == fmt and len(parsed.deltas) == 6 and parsed.keys_used == parsed.keys_total
-        deltas = by_param(parsed)
-        for module, layer in layers.items():
-            ours = delta_weight(deltas[f"text_model.{module}.weight"], params[f"text_model.{module}.weight"])
-            torch.testing.assert_close(ours, layer.get_delta_weight("default"), **TOL)
-        assert {d.scale for d in parsed.deltas} == {2.0, 0.5}
+    for fmt, tensors in files.items():
+        parsed = read_adapter(save(tmp_path / f"{fmt}.safetensors", tensors, metadata if fmt == "peft" else None), params)
+        assert parsed.format == fmt and parsed.keys_used == parsed.keys_total == len(tensors)
+        assert len(parsed.deltas) == (4 if fmt == "diffusers-old-processor" else 6)
+        for delta in parsed.deltas:
+            layer = layers[delta.param.removeprefix("text_model.").removesuffix(".weight")]
+            scaling = layer.scaling["default"] if fmt.startswith("diffusers") else 1.0  # old diffusers files have no alpha
+            assert delta.scale * scaling == layer.scaling["default"]
+            torch.testing.assert_close(delta_weight(delta, params[delta.param]) * scaling, layer.get_delta_weight("default"), **TOL)
+    bare = {name.removeprefix("text_model."): shape for name, shape in params.items()}  # transformers-5 parameter names
+    assert {d.param for d in read_adapter(tmp_path / "kohya.safetensors", bare).deltas} == {f"{m}.weight" for m in layers}
 
 
 def test_peft_folder_with_adapter_config(tmp_path, tiny, params):
@@ -350,7 +377,8 @@ def test_peft_folder_with_adapter_config(tmp_path, tiny, params):
 
 # ---------------------------------------------------------------- LyCORIS vs PEFT
 
-def lycoris_file(path: Path, layers: dict, prefix: str, part_prefix: str, alpha: float) -> Path:
+def lycoris_file(path: Path, layers: dict, part_prefix: str, alpha: float) -> Path:
+    """PEFT LoHa/LoKr factors under kohya UNet names, as LyCORIS saves them."""
     tensors = {}
     for module, layer in layers.items():
         name = kohya_name("unet", module)
@@ -373,7 +401,7 @@ def test_loha_matches_peft(case, tmp_path, tiny, params):
     targets, effective = LOHA_CASES[case]
     config = LoHaConfig(r=4, alpha=2, target_modules=targets, use_effective_conv2d=effective, init_weights=False)
     layers = peft_layers(copy.deepcopy(tiny["unet"]), config)
-    parsed = read_adapter(lycoris_file(tmp_path / "loha.safetensors", layers, "unet", "hada_", 2.0), params)
+    parsed = read_adapter(lycoris_file(tmp_path / "loha.safetensors", layers, "hada_", 2.0), params)
     assert parsed.format == "lycoris-loha" and len(parsed.deltas) == len(targets) and parsed.keys_used == parsed.keys_total
     tucker = {d.param for d in parsed.deltas if "t1" in d.tensors}
     assert tucker == ({f"unet.{m}.weight" for m in targets if params[f"unet.{m}.weight"][2:] != (1, 1)} if effective else set())
@@ -399,7 +427,7 @@ def test_lokr_matches_peft(case, tmp_path, tiny, params):
     targets, rank, extra, factors = LOKR_CASES[case]
     config = LoKrConfig(r=rank, alpha=3, target_modules=targets, init_weights=False, **extra)
     layers = peft_layers(copy.deepcopy(tiny["unet"]), config)
-    parsed = read_adapter(lycoris_file(tmp_path / "lokr.safetensors", layers, "unet", "lokr_", 3.0), params)
+    parsed = read_adapter(lycoris_file(tmp_path / "lokr.safetensors", layers, "lokr_", 3.0), params)
     assert parsed.format == "lycoris-lokr" and parsed.keys_used == parsed.keys_total
     for delta in parsed.deltas:
         assert set(delta.tensors) == factors and delta.scale == 3 / rank
@@ -468,7 +496,7 @@ def test_dora_peft_matches_peft_merge(tmp_path, tiny, params, weights):
 
 # ---------------------------------------------------------------- merge semantics
 
-def test_merge_weight_sums_and_replaces(params):
+def test_merge_weight_sums_and_replaces():
     gen = torch.Generator().manual_seed(7)
     base = torch.randn(32, 32, generator=gen)
     up1, down1 = lora_factors(gen, (32, 32), 4)
@@ -498,8 +526,10 @@ def test_cloneofsimo_current_diffusers_order(tmp_path, tiny, params):
         modules = cloneofsimo_walk(tiny[component], set(targets))
         prefix = "unet." if component == "unet" else "text_model."
         factors = [lora_factors(gen, params[f"{prefix}{m}.weight"], 4) for m in modules]
-        parsed = read_adapter(cloneofsimo_file(tmp_path / f"{component}.safetensors", component, targets, factors), params)
-        assert parsed.format == "cloneofsimo" and parsed.keys_used == parsed.keys_total == 2 * len(modules)
+        path = cloneofsimo_file(tmp_path / f"{component}.safetensors", component, targets, factors, embeddings={"<s1>": torch.zeros(32)})
+        parsed = read_adapter(path, params)
+        assert parsed.format == "cloneofsimo" and parsed.keys_used == 2 * len(modules)
+        assert parsed.unknown_keys == ["<s1>"]  # a pivotal-tuning token embedding: not a weight delta
         deltas = by_param(parsed)
         for module, (up, down) in zip(modules, factors):
             assert torch.equal(deltas[f"{prefix}{module}.weight"].tensors["down"], down)
@@ -610,6 +640,7 @@ BROKEN = {  # name: (writer, reason pattern)
     "page.safetensors": (lambda p: p.write_text("<!DOCTYPE html><html>login</html>"), "not a safetensors or PyTorch"),
     "empty.safetensors": (lambda p: p.write_bytes(b""), r"empty file \(0 bytes\)"),
     "cut_header.safetensors": (lambda p: p.write_bytes((1000).to_bytes(8, "little") + b'{"a": {'), "truncated: the file ends inside"),
+    "bad_header.safetensors": (lambda p: p.write_bytes((10).to_bytes(8, "little") + b'{"a": "b"}'), "corrupt safetensors header"),
     "cut.pt": (lambda p: (torch.save({"w": torch.zeros(1000)}, p), p.write_bytes(p.read_bytes()[:2000])), "unreadable PyTorch file, truncated"),
     "list.pt": (lambda p: torch.save([torch.zeros(2)], p), "holds a list, not a state dict"),
     "code.pt": (lambda p: torch.save({"w": NotATensor()}, p), r"refused by torch's safe loader \(weights_only=True\)"),

@@ -13,8 +13,6 @@ from pathlib import Path
 
 import torch
 
-DELTA_KINDS = ("lora", "loha", "lokr", "full")
-
 
 @dataclass(frozen=True)
 class WeightDelta:

@@ -104,9 +104,9 @@ def _read_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], d
             raise BadFileError(path, f"truncated: the file ends inside its {n:,}-byte header; download it again")
         try:
             header = json.loads(f.read(n))
-        except ValueError as e:
-            raise BadFileError(path, f"corrupt safetensors header ({e})") from None
-    ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+            ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise BadFileError(path, f"corrupt safetensors header ({type(e).__name__}: {e})") from None
     expected = 8 + n + max(ends, default=0)
     if size < expected:
         raise BadFileError(path, f"truncated: its header describes {expected:,} bytes but the file has "

@@ -16,7 +16,6 @@ import torch
 
 from .adapter import Incomplete, ShapeMismatch, WeightDelta, alpha_scale, expect_shape, require
 
-LOHA_PARTS = {"w1_a", "w1_b", "w2_a", "w2_b", "t1", "t2"}
 LOKR_PARTS = {"w1", "w1_a", "w1_b", "w2", "w2_a", "w2_b", "t2"}
 
 

@@ -76,10 +76,11 @@ OTHER_MODEL_HINTS = {
     "lora_transformer_": "a transformer (DiT) model such as Flux or SD3",
     "transformer.": "a transformer (DiT) model such as Flux or SD3",
 }
-# Hints for keys that are adapter parts loramgr does not apply.
+# Hints for keys that are adapter parts loramgr does not apply, by suffix.
 UNSUPPORTED_PARTS = {
     ".oft_blocks": "OFT", ".oft_diag": "OFT", ".oft_R": "OFT", ".on_input": "(IA)^3",
-    ".a1.weight": "GLoRA", ".b1.weight": "GLoRA", ".diff": "LyCORIS full weight diff",
+    ".a1.weight": "GLoRA", ".a2.weight": "GLoRA", ".b1.weight": "GLoRA", ".b2.weight": "GLoRA",
+    ".diff": "LyCORIS full weight diff", ".diff_b": "LyCORIS full bias diff",
     ".w_norm": "LyCORIS norm", ".b_norm": "LyCORIS norm", ".lora_up.bias": "LoRA bias",
     ".lora_B.bias": "LoRA bias", ".lora.up.bias": "LoRA bias",
 }
@@ -183,7 +184,7 @@ class ModuleIndex:
 
 def unknown_part_hint(key: str) -> str | None:
     """What a key loramgr does not apply most likely is (OFT, IA3, a bias…), if recognizable."""
-    return next((what for marker, what in UNSUPPORTED_PARTS.items() if marker in key), None)
+    return next((what for suffix, what in UNSUPPORTED_PARTS.items() if key.endswith(suffix)), None)
 
 
 def other_model_hint(key: str) -> str | None:

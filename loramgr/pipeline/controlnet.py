@@ -19,6 +19,7 @@ from diffusers import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from ..backends.base import Runner
+from ..errors import LoramgrError
 from .canny import detect_edges
 from .control import control_scales
 from .schedulers import make_scheduler, step_kwargs
@@ -146,7 +147,13 @@ class ControlNetPipeline:
 
     def prepare_timesteps(self, scheduler: SchedulerMixin, settings: GenerationSettings) -> torch.Tensor:
         """All timesteps, or for img2img the last ``int(steps * img2img_strength)`` (diffusers' ``get_timesteps``)."""
-        scheduler.set_timesteps(settings.steps, device=self.runner.device)
+        try:
+            scheduler.set_timesteps(settings.steps, device=self.runner.device)
+        except ValueError as exc:  # e.g. PNDM with PRK steps needs steps >= 4
+            raise LoramgrError(
+                f"scheduler {settings.scheduler!r} cannot make steps={settings.steps} with this base's "
+                f"scheduler config ({exc}); use more steps or another scheduler"
+            ) from exc
         if settings.img2img_strength is None:
             return scheduler.timesteps
         t_start = settings.steps - min(int(settings.steps * settings.img2img_strength), settings.steps)
@@ -176,6 +183,7 @@ class ControlNetPipeline:
             return noise * scheduler.init_noise_sigma
         mean, std = self.runner.vae_encode(2.0 * self.image_to_tensor(image) - 1.0)
         sample = mean + std * randn_tensor(mean.shape, generator=generator, device=device, dtype=mean.dtype)
+        # torch.cat as diffusers, not repeat: it keeps the encoder's memory layout, which the UNet inherits
         init_latents = torch.cat([self.vae_scaling_factor * sample] * n)
         noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
         return scheduler.add_noise(init_latents, noise, timesteps[:1].repeat(n))

@@ -1,0 +1,143 @@
+"""The three comparisons: weights, graph outputs and images, injected against the merged reference."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..export import read_weight
+from ..manifest import Manifest
+from ..merge import BaseWeights
+
+
+@dataclass
+class TensorDiff:
+    """One weight the adapters change: loramgr's injected tensor against the reference's."""
+
+    graph: str
+    param: str
+    initializer: str
+    max_abs: float  # max |injected - reference|
+    rel: float  # max_abs / max |reference|
+    change: float  # max |reference - base|: how much the adapters move this weight
+    passed: bool
+
+
+@dataclass
+class OutputDiff:
+    name: str
+    max_abs: float
+    rel: float  # max_abs / max |reference output|
+    passed: bool
+
+
+@dataclass
+class ImageDiff:
+    psnr_db: float  # inf when the images are identical
+    max_pixel_diff: int
+    size: int
+    steps: int
+    passed: bool
+
+
+def tensor_diff(graph: str, param: str, initializer: str, injected: np.ndarray, reference: np.ndarray,
+                base: np.ndarray, rtol: float) -> TensorDiff:
+    """Compare in float32, all three in the torch layout of ``param``."""
+    injected, reference, base = (np.asarray(a, dtype=np.float32) for a in (injected, reference, base))
+    if injected.shape != reference.shape:
+        return TensorDiff(graph, param, initializer, math.inf, math.inf, math.nan, False)
+    max_abs = float(np.abs(injected - reference).max(initial=0.0))
+    scale = float(np.abs(reference).max(initial=0.0))
+    rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
+    change = float(np.abs(reference - base).max(initial=0.0))
+    return TensorDiff(graph, param, initializer, max_abs, rel, change, max_abs <= rtol * scale)
+
+
+def compare_tensors(base: BaseWeights, injected: dict[str, dict[str, np.ndarray]], merged: Manifest,
+                    merged_dir: Path, rtol: float) -> list[TensorDiff]:
+    """Every injected initializer against the merged export's initializer of the same torch parameter."""
+    maps = {g: np.memmap(merged_dir / info.data, dtype=np.uint8, mode="r") for g, info in merged.graphs.items() if info.data}
+    diffs = []
+    for graph, named in injected.items():
+        by_initializer = base.manifest.graphs[graph].by_initializer()
+        for initializer, array in named.items():
+            param = by_initializer[initializer]
+            entry = base.entry(graph, initializer)
+            reference = merged.graphs[graph].weights.get(param)
+            base_value = entry.to_torch_layout(base.read(graph, entry))
+            if reference is None:
+                diffs.append(TensorDiff(graph, param, initializer, math.inf, math.inf, math.nan, False))
+                continue
+            diffs.append(tensor_diff(graph, param, initializer, entry.to_torch_layout(array),
+                                     reference.to_torch_layout(read_weight(maps[graph], reference)), base_value, rtol))
+    return diffs
+
+
+def untouched_mismatches(base: BaseWeights, base_dir: Path, touched: dict[str, set[str]], merged: Manifest,
+                         merged_dir: Path) -> list[str]:
+    """Torch parameters loramgr leaves alone whose bytes differ in the reference (or that it lacks)."""
+    mismatches = []
+    for graph, info in base.manifest.graphs.items():
+        if not info.data:
+            continue
+        ours = np.memmap(base_dir / info.data, dtype=np.uint8, mode="r")
+        theirs = np.memmap(merged_dir / merged.graphs[graph].data, dtype=np.uint8, mode="r")
+        for param, entry in info.weights.items():
+            if entry.initializer in touched.get(graph, ()):
+                continue
+            other = merged.graphs[graph].weights.get(param)
+            if (other is None or (other.shape, other.dtype) != (entry.shape, entry.dtype)
+                    or not np.array_equal(ours[entry.offset: entry.offset + entry.length],
+                                          theirs[other.offset: other.offset + other.length])):
+                mismatches.append(param)
+    return mismatches
+
+
+def _output_diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, rtol: float) -> OutputDiff:
+    max_abs = float((ours.float() - theirs.float()).abs().max())
+    scale = float(theirs.float().abs().max())
+    rel = max_abs / scale if scale else (0.0 if max_abs == 0 else math.inf)
+    return OutputDiff(name, max_abs, rel, max_abs <= rtol * scale)
+
+
+def compare_outputs(injected, reference, manifest: Manifest, image_size: int, seed: int, rtol: float) -> list[OutputDiff]:
+    """Graph outputs of two runners on the same seeded inputs: the fused UNet+ControlNet in normal and
+    guess mode (unconditional row without control, shallow residuals weakest), and the text encoder."""
+    from ..pipeline.control import control_scales
+
+    gen = torch.Generator().manual_seed(seed)
+    text = manifest.configs["text_encoder"]
+    latent = image_size // 8
+    inputs = {
+        "sample": torch.randn(2, 4, latent, latent, generator=gen),
+        "timestep": torch.tensor([981.0, 981.0]),
+        "encoder_hidden_states": torch.randn(2, 77, text["hidden_size"], generator=gen),
+        "controlnet_cond": torch.rand(2, 3, image_size, image_size, generator=gen),
+    }
+    cases = {"noise_pred": control_scales(1, 1.0, False, "controlnet"),
+             "noise_pred, guess mode": control_scales(1, 1.0, True, "controlnet")}
+    diffs = [_output_diff(name, injected.predict_noise(**inputs, control_scales=scales),
+                          reference.predict_noise(**inputs, control_scales=scales), rtol)
+             for name, scales in cases.items()]
+    input_ids = torch.randint(0, text["vocab_size"], (2, 77), generator=gen)
+    diffs.append(_output_diff("text embeddings", injected.encode_text(input_ids), reference.encode_text(input_ids), rtol))
+    return diffs
+
+
+def compare_images(injected_pipeline, reference_pipeline, prompt: str, image_size: int, steps: int, seed: int,
+                   min_psnr_db: float) -> ImageDiff:
+    """The canny pipeline end to end on the sample picture, same prompt and seed on both sides."""
+    from ..pipeline.settings import GenerationSettings
+    from ..samples import sample_image
+
+    picture = sample_image(image_size)
+    settings = GenerationSettings(prompt=prompt, resolution=image_size, steps=steps, seed=seed)
+    ours = injected_pipeline(picture, settings).images[0].astype(np.float64)
+    theirs = reference_pipeline(picture, settings).images[0].astype(np.float64)
+    mse = float(np.mean((ours - theirs) ** 2))
+    psnr = math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+    return ImageDiff(psnr, int(np.abs(ours - theirs).max()), image_size, steps, psnr >= min_psnr_db)

@@ -1,0 +1,255 @@
+"""The reference model: the base's source torch model with the adapters merged by other code than loramgr's.
+
+LoRAs are merged by diffusers (``load_lora_weights`` + ``fuse_lora(lora_scale=weight)``,
+which runs PEFT's merge) where diffusers reads the file's spelling correctly, else by
+:mod:`.formulas` over :mod:`.sources`' own reading of the file; a ControlNet is loaded by
+diffusers. Adapters are applied one at a time in the set's order (the ControlNet first),
+as loramgr merges them, so order-dependent DoRA rescales compare like with like.
+
+Libraries can silently do nothing (REFERENCE.md: diffusers registers 0 modules for the
+old processor format without ``unet.``), so every step is counted: the modules the
+reference applied against the modules its reading of the file found, and the weights
+that actually changed, by content digest, across the whole model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from ..adapter_file import AdapterFile
+from ..errors import LoramgrError
+from ..manifest import Manifest
+from ..merge import AdapterSet
+from ..workspace import sha256_file
+from . import formulas
+from .sources import TEXT, UNET, Namespace, SourceAdapter, SourceError, read_source
+
+ROUTES = ("auto", "diffusers", "formulas")
+COMPONENT_PREFIXES = {"unet": UNET, "text_encoder": TEXT, "controlnet": "controlnet."}
+# Spellings diffusers' ``load_lora_weights`` reads into the right modules (measured with diffusers
+# 0.42): not LDM block names, not the old processor format without ``unet.``, not cloneofsimo.
+DIFFUSERS_SPELLINGS = ("kohya", "peft", "diffusers", "old-processor")
+Step = Callable[[str], None]
+
+
+@dataclass
+class AdapterReference:
+    """How the reference applied one adapter, with the counts that prove it did."""
+
+    name: str
+    kind: str  # "lora" | "controlnet"
+    weight: float
+    source: str
+    sha256: str  # of the source file (a folder: of its files); checked against the .lora's record
+    route: str = ""  # "diffusers" | "formulas" | "diffusers ControlNetModel"
+    spelling: str = ""  # the file's key spelling, as the reference read it
+    note: str = ""  # why the route differs from the one asked for
+    file_modules: int = 0  # modules the reference's reading of the file found
+    applied: int = 0  # modules (ControlNet: weights) the reference merged
+    changed: int = 0  # weights of the model that differ afterwards
+    targets: int = 0  # weights loramgr's .lora changes
+    ignored_keys: list[str] = field(default_factory=list)
+    problem: str = ""  # why this reference cannot be trusted ("" when complete)
+
+
+def source_of(adapter: AdapterFile, sources: Mapping[str, str | Path]) -> tuple[Path, str]:
+    """The adapter's source file and its content digest, refusing a file other than the one converted."""
+    given = sources.get(adapter.name) or adapter.metadata.get("loramgr.source_path")
+    if not given:
+        raise LoramgrError(f"{adapter.path}: the .lora does not record its source file: pass --source "
+                           f"{adapter.name}=PATH (the {adapter.metadata.get('loramgr.source_name', 'original')} file)")
+    path = Path(given)
+    if not path.exists():
+        raise LoramgrError(f"{adapter.name}: source {path} does not exist: pass --source {adapter.name}=PATH")
+    if path.is_dir():
+        return path, _folder_digest(path)
+    digest = sha256_file(path)
+    recorded = adapter.metadata.get("loramgr.source_sha256", "")
+    if recorded and digest != recorded:
+        raise LoramgrError(f"{adapter.name}: {path} has sha256 {digest[:12]}, but {adapter.path.name} was converted "
+                           f"from a file with sha256 {recorded[:12]}: convert it again or pass the original file")
+    return path, digest
+
+
+def _folder_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest.update(str(file.relative_to(folder)).encode())
+        digest.update(sha256_file(file).encode())
+    return digest.hexdigest()
+
+
+def load_source_model(base_dir: Path, manifest: Manifest) -> dict:
+    """The torch components the base was exported from (``manifest.source``)."""
+    from ..models.loading import load_components, load_controlnet
+
+    source = manifest.source
+    if source.get("kind") == "random":
+        model, controlnet = Path(base_dir) / source["model"], None
+    elif source.get("kind") == "files":
+        model, controlnet = Path(source["model"]), source.get("controlnet")
+    else:
+        raise LoramgrError(f"base {manifest.name}: unknown source {source!r} in its manifest: re-export it")
+    if not model.exists():
+        raise LoramgrError(f"base {manifest.name} was exported from {model}, which is gone: verify merges into "
+                           f"that model, so restore it or re-export the base")
+    components = load_components(model)
+    if controlnet:
+        components["controlnet"] = load_controlnet(Path(controlnet))
+    return components
+
+
+def build_reference(components: dict, adapter_set: AdapterSet, sources: Mapping[str, tuple[Path, str]],
+                    route: str = "auto", on_step: Step | None = None) -> list[AdapterReference]:
+    """Merge every adapter of ``adapter_set`` into ``components`` (in place); one record per adapter.
+
+    ``sources`` maps adapter name -> (source path, digest) from :func:`source_of`.
+    """
+    if route not in ROUTES:
+        raise LoramgrError(f"--reference {route!r}: choose one of {', '.join(ROUTES)}")
+    namespace = Namespace.of(components["unet"], components["text_encoder"])
+    records = []
+    with _quiet_libraries():
+        for index, (adapter, weight) in enumerate(adapter_set.adapters):
+            path, digest = sources[adapter.name]
+            record = AdapterReference(adapter.name, adapter.kind, weight, str(path), digest, targets=len(adapter.targets))
+            if on_step:
+                on_step(f"reference: {adapter.name}")
+            before = _digests(components)
+            try:
+                if adapter.kind == "controlnet":
+                    _apply_controlnet(components, path, record)
+                else:
+                    _apply_lora(components, namespace, path, weight, route, f"verify_{index}", record)
+            except SourceError as exc:
+                record.problem = str(exc)
+            after = _digests(components)
+            record.changed = sum(1 for name, value in after.items() if before.get(name) != value)
+            _check_counts(record)
+            records.append(record)
+    return records
+
+
+def _check_counts(record: AdapterReference) -> None:
+    """Refuse a reference that applied less than the file holds, or changed nothing or too much."""
+    if record.problem:
+        return
+    if record.applied < record.file_modules:
+        record.problem = (f"{record.route} applied {record.applied} of the {record.file_modules} modules in "
+                          f"{Path(record.source).name}: it silently skipped the rest")
+    elif record.changed == 0:
+        record.problem = f"{record.route} changed no weight of the model: nothing would be verified"
+    elif record.changed > record.applied:
+        record.problem = f"{record.route} changed {record.changed} weights for {record.applied} modules"
+
+
+def _apply_controlnet(components: dict, path: Path, record: AdapterReference) -> None:
+    from ..models.loading import load_controlnet
+
+    config = dict(components["controlnet"].config)
+    controlnet = load_controlnet(path, {k: v for k, v in config.items() if not k.startswith("_")})
+    record.route, record.spelling = "diffusers ControlNetModel", "controlnet"
+    record.file_modules = record.applied = sum(1 for _ in controlnet.parameters())
+    components["controlnet"] = controlnet
+
+
+def _apply_lora(components: dict, namespace: Namespace, path: Path, weight: float, route: str,
+                adapter_name: str, record: AdapterReference) -> None:
+    source = read_source(path, namespace)
+    record.spelling, record.file_modules, record.ignored_keys = source.spelling, len(source.modules), source.ignored
+    chosen, record.note = _route(source, route)
+    if chosen == "diffusers":
+        try:
+            record.applied = _apply_with_diffusers(components, path, weight, adapter_name)
+            record.route = "diffusers"
+            return
+        except Exception as exc:  # noqa: BLE001 - any loader failure: fall back only when the route was chosen for us
+            if route == "diffusers":
+                raise SourceError(f"diffusers could not load {path.name}: {type(exc).__name__}: {exc}") from None
+            record.note = f"diffusers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+    record.route = "formulas"
+    record.applied = _apply_with_formulas(components, source, weight)
+
+
+def _route(source: SourceAdapter, route: str) -> tuple[str, str]:
+    """(route, note): diffusers where it reads the file right, else the formulas."""
+    if route != "auto":
+        return route, ""
+    if source.spelling not in DIFFUSERS_SPELLINGS or not source.path.is_file():
+        return "formulas", f"diffusers does not read the {source.spelling} spelling"
+    modules = source.modules.values()
+    if any(m.kind != "lora" or "mid" in m.factors or m.dora == "lycoris" for m in modules):
+        return "formulas", "diffusers loads no LoHa, LoKr, Tucker LoCon or LyCORIS DoRA (it drops dora_scale)"
+    if len({m.alpha for m in modules}) > 1:
+        return "formulas", "per-module alphas differ (diffusers 0.42 gives attention modules the most common one)"
+    return "diffusers", ""
+
+
+def _apply_with_diffusers(components: dict, path: Path, weight: float, adapter_name: str) -> int:
+    """Load, fuse at ``weight`` and unload one LoRA with diffusers; returns the modules it registered."""
+    from diffusers import StableDiffusionControlNetPipeline
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = StableDiffusionControlNetPipeline(
+        vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
+        unet=components["unet"], controlnet=components["controlnet"], scheduler=components["scheduler"],
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    try:
+        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        layers = {name: [m for m in components[name].modules()
+                         if isinstance(m, BaseTunerLayer) and adapter_name in getattr(m, "lora_A", {})]
+                  for name in ("unet", "text_encoder")}
+        loaded = [name for name, found in layers.items() if found]
+        if loaded:
+            pipe.fuse_lora(components=loaded, lora_scale=weight, adapter_names=[adapter_name])
+        return sum(len(found) for found in layers.values())
+    finally:
+        pipe.unload_lora_weights()
+
+
+def _apply_with_formulas(components: dict, source: SourceAdapter, weight: float) -> int:
+    with torch.no_grad():
+        for module in source.modules.values():
+            param = _parameter(components, module.param)
+            param.copy_(formulas.merged(param, module, weight).to(param.dtype))
+    return len(source.modules)
+
+
+def _parameter(components: dict, name: str) -> torch.nn.Parameter:
+    for component, prefix in COMPONENT_PREFIXES.items():
+        if name.startswith(prefix):
+            return components[component].get_parameter(name.removeprefix(prefix))
+    raise KeyError(name)
+
+
+def _digests(components: dict) -> dict[str, str]:
+    """Base-namespace parameter name -> sha1 of its bytes: which weights a step changed, without a copy."""
+    digests = {}
+    for component, prefix in COMPONENT_PREFIXES.items():
+        for name, param in components[component].named_parameters():
+            data = param.detach().contiguous().view(-1).view(torch.uint8).numpy()
+            digests[prefix + name] = hashlib.sha1(data).hexdigest()
+    return digests
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """diffusers and transformers log load reports while loading LoRAs; verify prints its own counts."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    levels = diffusers_logging.get_verbosity(), transformers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        diffusers_logging.set_verbosity(levels[0])
+        transformers_logging.set_verbosity(levels[1])

@@ -1,0 +1,53 @@
+"""What ``verify`` checks, on which inputs, and the tolerances it passes at (docs/verify.md justifies them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..errors import LoramgrError
+
+CHECKS = ("tensors", "outputs", "images")
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """Pass thresholds for one base dtype.
+
+    Relative errors are ``max |injected - reference| / max |reference|`` over one tensor
+    (a weight or a graph output): an error measured against the tensor's own scale, so
+    near-zero elements do not blow it up and a wrong element anywhere still shows.
+    """
+
+    tensor_rtol: float
+    output_rtol: float
+    min_psnr_db: float
+
+
+# fp32: both sides compute in float32, so merged weights differ by a few roundings (measured
+# <= 2.4e-7 on tiny stacks); graph outputs add a deep network's accumulation (measured <= 1e-6).
+# fp16: both sides round the same float32 result once, so at most one fp16 step (2^-10 ~ 9.8e-4).
+TOLERANCES = {
+    "fp32": Tolerances(tensor_rtol=1e-6, output_rtol=1e-4, min_psnr_db=40.0),
+    "fp16": Tolerances(tensor_rtol=2e-3, output_rtol=1e-2, min_psnr_db=30.0),
+}
+
+
+@dataclass(frozen=True)
+class VerifySettings:
+    """Inputs of the checks. ``image_size`` is in pixels (latents are 1/8 of it)."""
+
+    checks: tuple[str, ...] = CHECKS
+    reference: str = "auto"  # "auto" | "diffusers" | "formulas": who merges LoRAs for the reference
+    seed: int = 0
+    image_size: int = 64
+    steps: int = 4
+    prompt: str = "a house by a lake, sunny day"
+    use_cache: bool = True
+    top: int = 10  # rows in the "largest" tables
+
+    def __post_init__(self):
+        unknown = [c for c in self.checks if c not in CHECKS]
+        if unknown or not self.checks:
+            raise LoramgrError(f"--checks {','.join(self.checks)!r}: choose from {', '.join(CHECKS)}")
+        if self.image_size < 64 or self.image_size % 64:
+            raise LoramgrError(f"image size {self.image_size}: use a multiple of 64 (at least 64)")

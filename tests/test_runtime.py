@@ -1,0 +1,287 @@
+"""ONNX Runtime runtime: parity with diffusers, adapters, hot swap, bake, CLI bad input.
+
+Tolerances: images as in test_pipeline.py (max 2 uint8 levels: same fp32 math, different
+kernels and summation order). Hot swap vs a fresh session: bit-identical noise_pred (the
+same tensors reach the same kernels; only how they got there differs).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
+from loramgr.cli import main
+from loramgr.convert import bake, convert_adapter, load_adapter_set
+from loramgr.export import export_base
+from loramgr.manifest import FUSED, Manifest
+from loramgr.pipeline.control import control_scales
+from loramgr.pipeline.settings import GenerationSettings
+from loramgr.runtime import make_pipeline
+from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
+from loramgr.workspace import Workspace
+from test_pipeline import diffusers_images
+
+pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
+
+FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, worst quality"}
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_workspace, tmp_path_factory):
+    """Sample kohya LoRA (rt_a), kohya LoCon (rt_b) and a ControlNet (rt_hed), converted for the tiny base."""
+    folder = tmp_path_factory.mktemp("samples")
+    manifest = Manifest.load(tiny_workspace.base_dir("tiny"))
+    files = {
+        "rt_a": write_kohya_lora(folder / "rt_a.safetensors", manifest.param_shapes(), seed=11, trigger="blindbox"),
+        "rt_b": write_kohya_lora(folder / "rt_b.safetensors", manifest.param_shapes(), seed=12, rank=8, alpha=4.0,
+                                 locon=True),
+        "rt_hed": write_controlnet(folder / "rt_hed", manifest.configs["controlnet"], seed=13),
+    }
+    for name, path in files.items():
+        convert_adapter(tiny_workspace, path, base="tiny", name=name)
+    return files
+
+
+def assert_same_images(ours: list[np.ndarray], theirs: np.ndarray, max_diff: int) -> None:
+    diff = np.abs(np.stack(ours).astype(np.int16) - theirs.astype(np.int16))
+    assert diff.max() <= max_diff and diff.mean() < 0.05, f"max diff {diff.max()}, mean {diff.mean():.4f}"
+    assert np.stack(ours).std() > 40  # full-range images, so agreement means something
+
+
+def _runner(ws: Workspace, loras=(), control=None, **options) -> OrtRunner:
+    base_dir = ws.base_dir("tiny")
+    adapter_set = load_adapter_set(ws, Manifest.load(base_dir), list(loras), control)
+    return OrtRunner.open(base_dir, adapter_set, OrtOptions(**options))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    from diffusers import StableDiffusionControlNetPipeline
+
+    return StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
+
+
+@pytest.mark.parametrize("overrides", [
+    pytest.param({}, id="normal"),
+    pytest.param({"guess_mode": True, "control_schedule": "diffusers", "strength": 0.7}, id="guess-mode"),
+    pytest.param({"img2img_strength": 0.6}, id="img2img"),
+])
+def test_ort_pipeline_matches_diffusers(tiny_workspace, reference, overrides):
+    image = sample_image(96)
+    settings = GenerationSettings(prompt="a house", seed=3, **FAST, **overrides)
+    runner = _runner(tiny_workspace)
+    ours = make_pipeline(tiny_workspace.base_dir("tiny"), runner.manifest, runner)(image, settings).images
+    assert_same_images(ours, diffusers_images(reference, image, settings), max_diff=2)
+
+
+def _count_lora_layers(module: torch.nn.Module) -> int:
+    from peft.tuners.lora import LoraLayer
+
+    return sum(isinstance(m, LoraLayer) for m in module.modules())
+
+
+def test_two_loras_and_a_controlnet_match_diffusers(tiny_workspace, tiny_folder, adapters):
+    """loramgr's injected session vs diffusers load_lora_weights + set_adapters + its ControlNetModel."""
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    reference = StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
+    reference.controlnet = ControlNetModel.from_pretrained(adapters["rt_hed"])
+    reference.load_lora_weights(str(adapters["rt_a"]), adapter_name="a")
+    reference.load_lora_weights(str(adapters["rt_b"]), adapter_name="b")
+    reference.set_adapters(["a", "b"], [0.8, 0.5])
+    targets = load_adapter_set(tiny_workspace, Manifest.load(tiny_workspace.base_dir("tiny")),
+                               ["rt_a:0.8", "rt_b:0.5"], "rt_hed")
+    lora_modules = {t.param for a, _ in targets.adapters if a.kind == "lora" for t in a.targets.values()}
+    # The oracle must really have loaded every module (REFERENCE.md: diffusers can load nothing silently).
+    assert _count_lora_layers(reference.unet) + _count_lora_layers(reference.text_encoder) == len(lora_modules)
+
+    image = sample_image(96)
+    settings = GenerationSettings(prompt="a house", seed=5, **FAST)
+    runner = _runner(tiny_workspace, ["rt_a:0.8", "rt_b:0.5"], "rt_hed")
+    ours = make_pipeline(tiny_workspace.base_dir("tiny"), runner.manifest, runner)(image, settings).images
+    assert_same_images(ours, diffusers_images(reference, image, settings), max_diff=2)
+    plain = _runner(tiny_workspace)
+    base_images = make_pipeline(tiny_workspace.base_dir("tiny"), plain.manifest, plain)(image, settings).images
+    assert np.abs(ours[0].astype(int) - base_images[0].astype(int)).mean() > 5  # the adapters matter
+
+
+def _feeds(n: int = 1, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "sample": torch.randn(2 * n, 4, size, size, generator=gen), "timestep": torch.full((2 * n,), 500.0),
+        "encoder_hidden_states": torch.randn(2 * n, 77, 32, generator=gen),
+        "controlnet_cond": torch.rand(2 * n, 3, 8 * size, 8 * size, generator=gen),
+        "control_scales": control_scales(n, 1.0, False, "controlnet"),
+    }
+
+
+def _outputs(runner: OrtRunner, feeds) -> tuple[np.ndarray, np.ndarray]:
+    ids = torch.arange(77).remainder(500).reshape(1, 77)
+    return runner.predict_noise(**feeds).numpy(), runner.encode_text(ids).numpy()
+
+
+SEQUENCE = [
+    (["rt_a:0.8"], None), (["rt_b:0.5"], None), (["rt_a:0.8", "rt_b:0.5"], None), ([], None),
+    (["rt_a:0.3"], None), (["rt_a:0.8"], "rt_hed"), ([], None),
+]
+
+
+def test_hot_swap_equals_fresh_sessions(tiny_workspace, adapters):
+    ws = tiny_workspace
+    manifest = Manifest.load(ws.base_dir("tiny"))
+    sets = [load_adapter_set(ws, manifest, loras, control) for loras, control in SEQUENCE]
+    swappable: dict[str, set[str]] = {}
+    for s in sets:
+        for graph, names in s.touched().items():
+            swappable.setdefault(graph, set()).update(names)
+    hot = OrtRunner.open(ws.base_dir("tiny"), sets[0], OrtOptions(), swappable=swappable)
+    sessions_before = dict(hot._sessions)
+    feeds = _feeds()
+    seen = []
+    for (loras, control), adapter_set in zip(SEQUENCE, sets):
+        hot.set_adapters(adapter_set)
+        fresh = _runner(ws, loras, control, hot_swap=False)
+        for got, expected in zip(_outputs(hot, feeds), _outputs(fresh, feeds)):
+            np.testing.assert_array_equal(got, expected)
+        seen.append(_outputs(hot, feeds)[0])
+    assert hot._sessions[FUSED] is sessions_before[FUSED]  # never re-created
+    assert len(hot.timings.swaps) == len(SEQUENCE)
+    assert np.abs(seen[0] - seen[3]).max() > 1e-2 and np.abs(seen[0] - seen[4]).max() > 1e-3
+
+
+def test_swap_outside_the_swappable_set_recreates_sessions(tiny_workspace, adapters):
+    runner = _runner(tiny_workspace, ["rt_a:0.8"])
+    first = runner._sessions[FUSED]
+    manifest = runner.manifest
+    runner.set_adapters(load_adapter_set(tiny_workspace, manifest, ["rt_b:0.5"], None))  # rt_b adds conv weights
+    assert runner._sessions[FUSED] is not first
+    fresh = _runner(tiny_workspace, ["rt_b:0.5"], hot_swap=False)
+    np.testing.assert_array_equal(_outputs(runner, _feeds())[0], _outputs(fresh, _feeds())[0])
+
+
+def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
+    """Runs in a thread while the main thread swaps A <-> B: each output is exactly A's or B's."""
+    manifest = Manifest.load(tiny_workspace.base_dir("tiny"))
+    set_a = load_adapter_set(tiny_workspace, manifest, ["rt_a:1.0"], None)
+    set_b = load_adapter_set(tiny_workspace, manifest, ["rt_a:-1.0"], None)
+    runner = OrtRunner.open(tiny_workspace.base_dir("tiny"), set_a, OrtOptions(), swappable=set_a.touched())
+    feeds = _feeds(size=8)
+    expect_a = runner.predict_noise(**feeds).numpy()
+    runner.set_adapters(set_b)
+    expect_b = runner.predict_noise(**feeds).numpy()
+    outputs, stop = [], threading.Event()
+
+    def work():
+        while not stop.is_set():
+            outputs.append(runner.predict_noise(**feeds).numpy())
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    for i in range(8):
+        runner.set_adapters(set_a if i % 2 == 0 else set_b)
+    stop.set()
+    thread.join()
+    assert outputs
+    for out in outputs:
+        assert np.array_equal(out, expect_a) or np.array_equal(out, expect_b)
+
+
+def test_bake_output_loads_in_plain_onnxruntime(tiny_workspace, adapters, tmp_path):
+    written = bake(tiny_workspace, tmp_path / "mix.lora", ["rt_a:0.8", "rt_b:0.5"], control="rt_hed")
+    assert set(written) == {"unet_controlnet", "text_encoder"}
+    import onnx
+
+    baked = onnx.load(str(written[FUSED]))
+    assert len(baked.graph.node) == 0
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    names = [t.name for t in baked.graph.initializer]
+    values = [ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(t)) for t in baked.graph.initializer]
+    so.add_external_initializers(names, values)
+    manifest = Manifest.load(tiny_workspace.base_dir("tiny"))
+    session = ort.InferenceSession(str(tiny_workspace.base_dir("tiny") / manifest.graphs[FUSED].path), so)
+    feeds = _feeds()
+    plain_onnx = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    injected = _runner(tiny_workspace, ["rt_a:0.8", "rt_b:0.5"], "rt_hed", hot_swap=False, optimization="all")
+    injected = injected.predict_noise(**feeds).numpy()
+    np.testing.assert_array_equal(plain_onnx, injected)
+
+
+def _cli(ws: Workspace, *args: str) -> int:
+    return main(["--home", str(ws.home), *args])
+
+
+def test_convert_cli_summary_json_and_replace(tiny_workspace, adapters, capsys):
+    assert _cli(tiny_workspace, "convert", str(adapters["rt_a"]), "--name", "rt_a2", "--json") == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["format"] == "kohya" and report["keys_used"] == report["keys_total"]
+    assert report["modules"] == {"unet_controlnet": 192, "text_encoder": 12}
+    assert report["size_bytes"] <= 1.1 * report["source_bytes"]
+    assert report["trigger_words"] == ["blindbox"]
+    first = tiny_workspace.adapter_path("rt_a2").stat().st_ino
+    assert _cli(tiny_workspace, "convert", str(adapters["rt_a"]), "--name", "rt_a2") == 0
+    assert tiny_workspace.adapter_path("rt_a2").stat().st_ino != first  # replaced by rename, not rewritten
+    assert not list(tiny_workspace.adapters.glob(".*tmp"))
+
+
+@pytest.fixture(scope="module")
+def other_base_adapter(tiny_workspace, adapters, tmp_path_factory):
+    """rt_a converted for another base (tiny, seed 1) and copied into the tiny workspace."""
+    other = Workspace.resolve(tmp_path_factory.mktemp("other"))
+    export_base(other, "tiny1", arch="tiny", seed=1)
+    convert_adapter(other, adapters["rt_a"], name="foreign")
+    target = tiny_workspace.adapter_path("foreign")
+    target.write_bytes(other.adapter_path("foreign").read_bytes())
+    return "foreign"
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--image", "missing.png"], "missing.png"),
+    (["--lora", "nope"], "unknown adapter 'nope'"),
+    (["--lora", "rt_a:abc"], "weight 'abc' is not a number"),
+    (["--resolution", "0"], "resolution"),
+    (["--control", "rt_a"], "not a ControlNet"),
+    (["--lora", "foreign"], "convert the source again"),
+])
+def test_run_bad_input_exits_2(tiny_workspace, adapters, other_base_adapter, tmp_path, capsys, args, message):
+    image = tmp_path / "in.png"
+    from PIL import Image
+
+    Image.fromarray(sample_image(64)).save(image)
+    argv = ["run", "--prompt", "x", "--image", str(image), "--out", str(tmp_path / "out"), *args]
+    if args[0] == "--image":
+        argv = ["run", "--prompt", "x", "--out", str(tmp_path / "out"), "--image", str(tmp_path / args[1])]
+    assert _cli(tiny_workspace, *argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_run_cli_writes_images_sidecar_and_sweeps(tiny_workspace, adapters, tmp_path, capsys, caplog):
+    from PIL import Image
+
+    Image.fromarray(sample_image(64)).save(tmp_path / "in.png")
+    long_prompt = "house " * 40
+    code = _cli(tiny_workspace, "run", "--lora", "rt_a:0.8", "--control", "canny", "--image", str(tmp_path / "in.png"),
+                "--prompt", long_prompt, "--n-prompt", "bad", "--resolution", "64", "--steps", "3",
+                "--sweep", "rt_b:0.5,rt_hed", "--sweep", "none", "--out", str(tmp_path / "out"), "--json")
+    assert code == 0
+    captured = capsys.readouterr()
+    assert "truncated" in caplog.text  # > 77 tokens: warned, not refused
+    reports = json.loads(captured.out)
+    assert len(reports) == 3 and "swap_s" in reports[1]["timings"]
+    sidecars = sorted((tmp_path / "out").glob("*.json"))
+    assert len(sidecars) == 3
+    first = json.loads(sidecars[0].read_text())
+    assert first["metadata"]["adapters"][0]["name"] == "rt_a" and first["metadata"]["adapters"][0]["weight"] == 0.8
+    assert len(first["metadata"]["adapters"][0]["source_sha256"]) == 64
+    assert first["settings"]["seed"] == 0 and first["settings"]["steps"] == 3
+    images = [np.asarray(Image.open(tmp_path / "out" / json.loads(s.read_text())["images"][0])) for s in sidecars]
+    assert all(im.shape == (64, 64, 3) for im in images)
+    assert np.abs(images[0].astype(int) - images[2].astype(int)).mean() > 5
