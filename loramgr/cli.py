@@ -58,12 +58,23 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("build-engine", help="build (or reuse cached) refittable TensorRT engines for a base")
+    p.add_argument("--base", required=True, help="base name (folder under base_models/)")
+    p.add_argument("--fp16", action="store_true",
+                   help="fp16 engines (on TensorRT 11 / TensorRT-RTX export the base with --dtype fp16 instead)")
+    p.add_argument("--min", default="1x32x32", help="smallest BATCHxLATENT_HxLATENT_W (latent = image / 8)")
+    p.add_argument("--opt", default="2x64x64", help="shape TensorRT tunes for (default: one 512 px image with CFG)")
+    p.add_argument("--max", default="4x96x96", help="largest shape accepted")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("list", help="list bases and adapters")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("inspect", help="show one base or adapter in detail")
     p.add_argument("name")
     p.add_argument("--json", action="store_true")
+    for command in sub.choices.values():  # --home is accepted after the command too
+        command.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 
@@ -86,6 +97,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resolution", type=int, default=S.resolution)
     p.add_argument("--steps", type=int, default=S.steps)
     p.add_argument("--guess-mode", action="store_true")
+    p.add_argument("--guess-schedule", choices=("controlnet", "diffusers"), default=S.control_schedule,
+                   help="guess-mode scales: ControlNet's 0.825**(12-i) or diffusers' logspace(-1, 0, 13)")
     p.add_argument("--strength", type=float, default=S.strength, help="control strength")
     p.add_argument("--scale", type=float, default=S.scale, help="classifier-free guidance scale")
     p.add_argument("--seed", type=int, default=S.seed)
@@ -148,6 +161,7 @@ def _settings(args: argparse.Namespace):
         resolution=args.resolution, steps=args.steps, guess_mode=args.guess_mode, strength=args.strength,
         scale=args.scale, seed=args.seed, eta=args.eta, low_threshold=args.low_threshold,
         high_threshold=args.high_threshold, img2img_strength=args.img2img_strength, scheduler=args.scheduler,
+        control_schedule=args.guess_schedule,
     )
 
 
@@ -190,6 +204,20 @@ def cmd_demo(args: argparse.Namespace, ws: Workspace) -> int:
         return 0
     _print_runs(report["runs"], report["choices"], False)
     console.out.print(f"demo outputs in [bold]{report['out_dir']}[/] (images, edge maps, JSON sidecars)")
+    return 0
+
+
+def cmd_build_engine(args: argparse.Namespace, ws: Workspace) -> int:
+    from .backends.tensorrt_engines import ShapeProfile, build_engines
+
+    profile = ShapeProfile.parse(args.min, args.opt, args.max)
+    with console.steps(f"build-engine {args.base}", enabled=not args.json) as step:
+        paths = build_engines(ws.base_dir(args.base), fp16=args.fp16, profile=profile, on_step=step)
+    if args.json:
+        console.print_json({g: str(p) for g, p in paths.items()})
+    else:
+        rows = [(g, p, console.human_size(p.stat().st_size)) for g, p in paths.items()]
+        console.out.print(console.table(f"TensorRT engines of {args.base}", ("graph", "engine", "size"), rows))
     return 0
 
 
@@ -263,7 +291,7 @@ def cmd_inspect(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "convert": cmd_convert, "bake": cmd_bake, "run": cmd_run, "demo": cmd_demo,
-            "list": cmd_list, "inspect": cmd_inspect}
+            "build-engine": cmd_build_engine, "list": cmd_list, "inspect": cmd_inspect}
 
 
 def _quiet_libraries() -> None:

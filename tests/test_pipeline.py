@@ -284,6 +284,12 @@ def test_output_is_deterministic_and_full_range(pipe, image, baseline):
     assert np.stack(baseline.images).min() < 30 and np.stack(baseline.images).max() > 225
 
 
+def test_output_reacts_to_the_control_image(pipe, image, baseline):
+    other = synthetic_image(96, 80, seed=1)[::-1].copy()
+    changed = pipe(other, GenerationSettings(prompt="a bird", **FAST))
+    assert mean_abs_diff(changed.images, baseline.images) > 5
+
+
 def test_zero_strength_ignores_the_control_image(pipe, image):
     settings = GenerationSettings(prompt="a bird", strength=0.0, **FAST)
     other = synthetic_image(96, 80, seed=1)[::-1].copy()

@@ -27,7 +27,6 @@ from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
 from loramgr.workspace import Workspace
 from test_pipeline import diffusers_images
 
-pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
 FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, worst quality"}
 

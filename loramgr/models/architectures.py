@@ -138,6 +138,10 @@ def randomize_(components: dict, seed: int) -> None:
             draw = torch.randn(param.shape, generator=gen, dtype=torch.float32)
             if name in norm_params and name.endswith("weight"):
                 value = 1.0 + 0.1 * draw
+            elif name.startswith("controlnet_cond_embedding") and name.endswith("weight"):
+                # The control image enters through a small conv stack; with std 0.1 its signal
+                # dies out (the output ignores the edges). 2/sqrt(fan_in) keeps it alive.
+                value = 2.0 / param[0].numel() ** 0.5 * draw
             elif "embedding" in name and module_name == "text_encoder":
                 value = draw  # token/position embeddings are unit-scale in CLIP
             else:

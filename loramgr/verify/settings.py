@@ -43,7 +43,6 @@ class VerifySettings:
     steps: int = 4
     prompt: str = "a house by a lake, sunny day"
     use_cache: bool = True
-    top: int = 10  # rows in the "largest" tables
 
     def __post_init__(self):
         unknown = [c for c in self.checks if c not in CHECKS]

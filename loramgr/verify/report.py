@@ -1,0 +1,106 @@
+"""The verification report: per-check results, the numbers behind them, JSON and rich tables."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+
+from ..inventory import block_of
+from .compare import ImageDiff, OutputDiff, TensorDiff
+from .reference import AdapterReference
+from .settings import Tolerances
+
+PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
+
+
+@dataclass
+class CheckResult:
+    name: str  # reference | coverage | tensors | untouched | outputs | images
+    status: str  # passed | failed | skipped
+    summary: str
+
+
+@dataclass
+class VerifyReport:
+    base: str
+    dtype: str
+    backend: str
+    reference: str  # the route asked for: auto | diffusers | formulas
+    tolerances: Tolerances
+    adapters: list[AdapterReference]
+    checks: list[CheckResult] = field(default_factory=list)
+    merged_export: str | None = None
+    cached: bool = False
+    tensors: list[TensorDiff] = field(default_factory=list)
+    untouched: list[str] = field(default_factory=list)  # parameters left alone by loramgr that differ in the reference
+    untouched_total: int = 0
+    outputs: list[OutputDiff] = field(default_factory=list)
+    image: ImageDiff | None = None
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)  # adapter -> block -> weights changed
+    timings: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        """True when no check failed and at least one comparison ran."""
+        compared = any(c.status == PASSED for c in self.checks if c.name not in ("reference", "coverage"))
+        return compared and all(c.status != FAILED for c in self.checks)
+
+    def failures(self) -> list[str]:
+        return [f"{c.name}: {c.summary}" for c in self.checks if c.status == FAILED]
+
+    def largest_errors(self, n: int) -> list[TensorDiff]:
+        return sorted(self.tensors, key=lambda d: -d.rel)[:n]
+
+    def largest_changes(self, n: int) -> list[TensorDiff]:
+        return sorted(self.tensors, key=lambda d: -d.change)[:n]
+
+    def to_dict(self) -> dict:
+        """Plain JSON values; infinities and NaNs become the strings ``"inf"`` / ``"nan"``."""
+        return _plain({**asdict(self), "passed": self.passed})
+
+
+def _plain(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _e(value: float) -> str:
+    return f"{value:.2e}" if math.isfinite(value) else str(value)
+
+
+def render_report(report: VerifyReport, console, top: int = 10) -> None:
+    """Print ``report`` as rich tables on ``console`` (a ``rich.console.Console``); ``top`` rows per ranking."""
+    from ..console import table
+
+    verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
+    console.print(f"verify {report.base} ({report.dtype}, {report.backend}, reference {report.reference}): {verdict}")
+    rows = [(a.name, a.kind, a.weight, a.route, a.spelling, a.file_modules, a.applied, a.changed, a.targets,
+             len(a.ignored_keys), a.problem or a.note) for a in report.adapters]
+    console.print(table("reference", ("adapter", "kind", "weight", "merged by", "spelling", "in file", "applied",
+                                      "changed", "loramgr", "ignored keys", "note"), rows))
+    t = report.tolerances
+    console.print(table(
+        f"checks (fp tolerances: weights {t.tensor_rtol:g}, outputs {t.output_rtol:g}, images >= {t.min_psnr_db:g} dB)",
+        ("check", "result", "summary"),
+        [(c.name, {PASSED: "[green]passed[/]", FAILED: "[red]FAILED[/]"}.get(c.status, c.status), c.summary)
+         for c in report.checks]))
+    if report.tensors:
+        console.print(table("largest errors (relative to the weight's largest value)",
+                            ("weight", "block", "max abs", "rel", "change", ""),
+                            [(d.param, block_of(d.param), _e(d.max_abs), _e(d.rel), _e(d.change), "" if d.passed else "[red]x[/]")
+                             for d in report.largest_errors(top)]))
+        console.print(table("largest changes made by the adapters", ("weight", "block", "change", "rel error"),
+                            [(d.param, block_of(d.param), _e(d.change), _e(d.rel)) for d in report.largest_changes(top)]))
+    if report.outputs:
+        console.print(table("graph outputs", ("output", "max abs", "rel", ""),
+                            [(o.name, _e(o.max_abs), _e(o.rel), "" if o.passed else "[red]x[/]") for o in report.outputs]))
+    coverage = [(adapter, block, n) for adapter, blocks in report.coverage.items() for block, n in sorted(blocks.items())]
+    console.print(table("weights changed per block", ("adapter", "block", "weights"), coverage))
+    ignored = [(a.name, key) for a in report.adapters for key in a.ignored_keys[:top]]
+    if ignored:
+        console.print(table(f"source keys the reference did not apply (first {top} per adapter)", ("adapter", "key"), ignored))
