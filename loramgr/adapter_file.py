@@ -7,8 +7,8 @@ open it. Two kinds of content (docs/lora-format.md is the full contract):
 * **Full tensors**, named exactly as a base initializer, in the initializer's layout
   and dtype: ControlNet checkpoints and ``loramgr bake`` output. Such a file can be
   passed as it is to ONNX Runtime's ``AddExternalInitializers``.
-* **Factors** of a weight delta, named ``<initializer>::<factor>`` (``lora_up``,
-  ``lora_down``, ``hada_w1_a``, ``lokr_w1``, ``dora_scale``...), in torch layout and the
+* **Factors** of a weight delta, named ``<initializer>::<factor>`` (``up``, ``down``,
+  ``w1_a``... as :class:`loramgr.formats.WeightDelta` names them, and ``dora_scale``), in torch layout and the
   source dtype, so that strength and stacking are chosen at run time and the file
   stays about the size of the source. The per-target kind, scale (alpha / rank) and
   layout are in the ``loramgr.targets`` metadata entry (JSON).

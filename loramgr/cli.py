@@ -188,10 +188,9 @@ def _print_runs(reports, choices, as_json: bool) -> None:
         t = report.timings
         load = t.get("open_s", t.get("swap_s", 0.0))
         rows.append((choice.label(), f"{load:.2f} s", "hot swap" if "swap_s" in t else "open + inject",
-                     f"{t.get('step_s', 0.0) * 1000:.0f} ms", f"{t.get('run_s', 0.0):.2f} s", report.files[0].name))
+                     f"{t.get('step_s', 0.0) * 1000:.0f} ms", f"{t.get('run_s', 0.0):.2f} s"))
     folder = reports[0].files[0].parent if reports else ""
-    console.out.print(console.table(f"runs (files in {folder})",
-                                    ("adapters", "load", "how", "per step", "run", "first image"), rows))
+    console.out.print(console.table(f"runs (files in {folder})", ("adapters", "load", "how", "per step", "run"), rows))
 
 
 def cmd_demo(args: argparse.Namespace, ws: Workspace) -> int:

@@ -22,7 +22,7 @@ from .adapter_file import AdapterFile, AdapterTarget, load_adapter, save_adapter
 from .errors import LoramgrError
 from .manifest import FUSED, Manifest
 from .merge import AdapterSet, BaseWeights, merge_tensors
-from .workspace import Workspace, check_name, sha256_file
+from .workspace import Workspace, check_name, sha256_tree
 
 
 @dataclass
@@ -102,7 +102,7 @@ def convert_adapter(
     metadata = {
         "loramgr.source_name": source.name,
         "loramgr.source_path": str(source.resolve()),
-        "loramgr.source_sha256": sha256_file(source) if source.is_file() else "",
+        "loramgr.source_sha256": sha256_tree(source),
         "loramgr.source_format": parsed.format,
         "loramgr.base_name": base,
         "loramgr.base_fingerprint": manifest.fingerprint,
