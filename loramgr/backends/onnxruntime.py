@@ -120,9 +120,8 @@ class OrtRunner:
         """Create the sessions with ``adapter_set`` applied.
 
         With hot swap, ``swappable`` (graph -> initializer names) declares which weights
-        later swaps may change; by default those the first set touches, plus every
-        ControlNet weight when the first set has a ControlNet. A later swap that needs a
-        weight outside it re-creates the sessions (reported in the timings).
+        later swaps may change, besides those the first set touches. A later swap that
+        needs a weight outside them re-creates the sessions (still correct, just slower).
         """
         options = options or OrtOptions()
         runner = cls(base_dir, Manifest.load(Path(base_dir)), options)
@@ -135,10 +134,11 @@ class OrtRunner:
         ort = _ort()
         start = time.perf_counter()
         hot = self.options.hot_swap
-        names = {g: set(v) for g, v in (swappable or {}).items()} if hot else {}
-        for graph, touched in adapter_set.touched().items():
-            names.setdefault(graph, set()).update(touched) if hot else None
-        tensors = merge_tensors(self.weights, adapter_set, only=names if hot else None)
+        names: dict[str, set[str]] = {}
+        if hot:
+            for graph, touched in [*(swappable or {}).items(), *adapter_set.touched().items()]:
+                names.setdefault(graph, set()).update(touched)
+        tensors = merge_tensors(self.weights, adapter_set, only=names)
         check_shapes(self.weights, tensors)
         self.timings.merge_s = time.perf_counter() - start
         start = time.perf_counter()
@@ -188,10 +188,14 @@ class OrtRunner:
             needed.setdefault(graph, set()).update(names)
         in_place = self.options.hot_swap and all(
             names <= set(self._buffers.get(graph, {})) for graph, names in needed.items())
+        if in_place:
+            # Only the weights the old or the new set touch can differ from what the buffers
+            # hold; everything else already holds its base value. Merge outside the lock,
+            # so runs go on until the copies start.
+            tensors = merge_tensors(self.weights, adapter_set, only=needed)
+            check_shapes(self.weights, tensors)
         with self._lock:
             if in_place:
-                tensors = merge_tensors(self.weights, adapter_set, only=self.swappable())
-                check_shapes(self.weights, tensors)
                 for graph, named in tensors.items():
                     for name, value in named.items():
                         self._buffers[graph][name].update_inplace(value)
