@@ -49,11 +49,11 @@ def kohya_key(module: str) -> str:
 
 def write_kohya_lora(path: Path, param_shapes: Mapping[str, tuple[int, ...]], *, seed: int, rank: int = 4,
                      alpha: float = 2.0, locon: bool = False, dtype: torch.dtype = torch.float16,
-                     strength: float = 0.5, trigger: str | None = None) -> Path:
+                     strength: float = 1.0, trigger: str | None = None) -> Path:
     """Write a kohya-format LoRA (or LoCon) for the base described by ``param_shapes``.
 
     Factors are drawn so that ``scale * up @ down`` has roughly ``strength`` times the
-    std of the tiny model's weights: enough to change an image visibly at weight 0.5.
+    std of the tiny model's weights: enough to change an image clearly at weight 0.5.
     """
     from safetensors.torch import save_file
 

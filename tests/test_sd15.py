@@ -1,0 +1,42 @@
+"""The full-size SD1.5 architecture (slow: minutes on 2 cores, ~16 GB peak; `pytest -m slow`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from loramgr.convert import convert_adapter
+from loramgr.manifest import FUSED, TEXT_ENCODER, Manifest
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sd15_workspace(tmp_path_factory):
+    from loramgr.export import export_base
+    from loramgr.workspace import Workspace
+
+    ws = Workspace.resolve(tmp_path_factory.mktemp("sd15"))
+    export_base(ws, "sd15", arch="sd15", seed=0)
+    return ws
+
+
+def test_weight_map_covers_all_parameters(sd15_workspace, sd15_param_shapes):
+    manifest = Manifest.load(sd15_workspace.base_dir("sd15"))
+    shapes = manifest.param_shapes()
+    assert shapes == sd15_param_shapes
+    counts = {g: sum(int(np.prod(e.torch_shape)) for e in manifest.graphs[g].weights.values()) for g in (FUSED, TEXT_ENCODER)}
+    assert counts[FUSED] == 859_520_964 + 361_279_120
+    assert counts[TEXT_ENCODER] == 123_060_480
+
+
+@pytest.mark.parametrize("name", [
+    "sd15_cloneofsimo_analog_svd_r4", "sd15_kohya_lycoris_lokr_r4",
+    "sd15_old_processor_catundchat", "sd15_unet_prefix_lora_down_timohavdk",
+])
+def test_real_files_convert_with_every_key(sd15_workspace, name):
+    from conftest import TESTDATA
+
+    report = convert_adapter(sd15_workspace, TESTDATA / f"{name}.safetensors", base="sd15")
+    assert report.keys_used == report.keys_total and not report.unknown_keys
+    assert report.size_bytes <= 1.1 * report.source_bytes
