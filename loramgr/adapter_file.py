@@ -45,6 +45,7 @@ class AdapterTarget:
     kind: str  # "lora" | "loha" | "lokr" | "full"
     scale: float
     tensors: dict[str, np.ndarray]  # factor name -> array (torch layout); "full": {"weight": ONNX layout}
+    dora_rule: str = "lycoris"  # with a "dora_scale" factor: how the weight enters ("lycoris" | "peft")
 
 
 @dataclass
@@ -93,6 +94,8 @@ def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[
             initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), tensor_name))
         index[t.initializer] = {"graph": t.graph, "param": t.param, "kind": t.kind, "scale": t.scale,
                                 "factors": list(t.tensors)}
+        if "dora_scale" in t.tensors:
+            index[t.initializer]["dora_rule"] = t.dora_rule
     graph = onnx.helper.make_graph([], "loramgr_adapter", [], [], initializer=initializers)
     model = onnx.helper.make_model(graph, producer_name="loramgr")
     props = {"loramgr.format_version": str(FORMAT_VERSION), "loramgr.kind": kind, **metadata,
@@ -130,7 +133,7 @@ def load_adapter(path: Path) -> AdapterFile:
         except KeyError as exc:
             raise BadFileError(path, f"tensor {exc.args[0]!r} listed in the metadata is missing") from None
         targets[initializer] = AdapterTarget(initializer, entry["graph"], entry["param"], entry["kind"],
-                                             float(entry["scale"]), arrays)
+                                             float(entry["scale"]), arrays, entry.get("dora_rule", "lycoris"))
     return AdapterFile(Path(path), meta["loramgr.kind"], meta, targets)
 
 

@@ -97,7 +97,8 @@ def convert_adapter(
             tensors = {k: _numpy(v) for k, v in delta.tensors.items()}
             if delta.dora_scale is not None:
                 tensors["dora_scale"] = _numpy(delta.dora_scale)
-        targets.append(AdapterTarget(entry.initializer, graph, delta.param, delta.kind, delta.scale, tensors))
+        targets.append(AdapterTarget(entry.initializer, graph, delta.param, delta.kind, delta.scale, tensors,
+                                     delta.dora_rule))
     adapter_kind = "controlnet" if parsed.kind == "controlnet" else "lora"
     metadata = {
         "loramgr.source_name": source.name,

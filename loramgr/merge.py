@@ -72,7 +72,7 @@ def _as_delta(target: AdapterTarget, entry: WeightEntry) -> WeightDelta:
         tensors = {"weight": torch.from_numpy(entry.to_torch_layout(target.tensors["weight"]).copy())}
     dora = target.tensors.get("dora_scale")
     return WeightDelta(target.param, target.kind, tensors, target.scale,
-                       torch.from_numpy(np.array(dora)) if dora is not None else None)
+                       torch.from_numpy(np.array(dora)) if dora is not None else None, target.dora_rule)
 
 
 def merge_tensors(base: BaseWeights, adapter_set: AdapterSet, only: dict[str, set[str]] | None = None

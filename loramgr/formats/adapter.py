@@ -28,7 +28,8 @@ class WeightDelta:
     - ``full``: ``weight``, the complete replacement tensor (ControlNet checkpoints).
 
     ``scale`` is alpha / rank for multiplier 1. ``dora_scale`` is the DoRA magnitude,
-    shaped [out, 1, …] or [1, in, …] (the two LyCORIS orientations) with the weight's rank.
+    shaped [out, 1, …] or [1, in, …] (the two LyCORIS orientations) with the weight's rank;
+    ``dora_rule`` says whose semantics the multiplier follows (the file's trainer's).
     """
 
     param: str
@@ -36,6 +37,7 @@ class WeightDelta:
     tensors: dict[str, torch.Tensor]
     scale: float
     dora_scale: torch.Tensor | None = None
+    dora_rule: str = "lycoris"  # how a multiplier enters DoRA: "lycoris" or "peft" (see deltas._apply_dora)
 
 
 @dataclass

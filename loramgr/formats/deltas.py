@@ -96,6 +96,8 @@ def merge_weight(base: torch.Tensor, contributions: Sequence[tuple[WeightDelta, 
         diff = delta_weight(delta, shape)
         if delta.dora_scale is None:
             weight = weight + multiplier * diff
+        elif delta.dora_rule == "peft":
+            weight = _apply_dora(weight, multiplier * diff, delta.dora_scale, 1.0)
         else:
             weight = _apply_dora(weight, diff, delta.dora_scale, multiplier)
     return weight
@@ -109,6 +111,9 @@ def _apply_dora(weight: torch.Tensor, diff: torch.Tensor, dora_scale: torch.Tens
     the multiplier interpolates the rescale only: ``W' * (m * (s - 1) + 1)``. So at
     multiplier 0 the result is ``W + dW``, not ``W`` (ComfyUI and A1111 blend
     ``W + m * (W' * s - W)`` instead; they agree with LyCORIS at multiplier 1).
+    PEFT (``lora_magnitude_vector`` files) scales the delta instead: its merge is this
+    function on ``m * dW`` with multiplier 1, which :func:`merge_weight` does for
+    deltas whose ``dora_rule`` is ``"peft"``.
     """
     merged = weight + diff
     magnitude = dora_scale.float()

@@ -178,7 +178,10 @@ def _build(group: _Group, index: ModuleIndex, configs: PeftConfigs) -> WeightDel
     alpha = float(alpha_tensor) if alpha_tensor is not None else peft_alpha(configs, group.module, factor_rank(kind, parts))
     delta = BUILDERS[kind](param, parts, shape, alpha)
     dora = _dora_scale(group, shape)
-    return dataclasses.replace(delta, dora_scale=dora) if dora is not None else delta
+    if dora is None:
+        return delta
+    rule = "peft" if (None, "magnitude") in group.parts else "lycoris"
+    return dataclasses.replace(delta, dora_scale=dora, dora_rule=rule)
 
 
 def _dora_scale(group: _Group, shape: tuple[int, ...]) -> torch.Tensor | None:

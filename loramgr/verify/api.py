@@ -6,12 +6,14 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..convert import load_adapter_set, resolve_base
 from ..errors import LoramgrError
 from ..inventory import block_of
 from ..manifest import Manifest
 from ..merge import AdapterSet, BaseWeights, merge_tensors
+from ..runtime import BACKENDS, make_pipeline, open_runner
 from ..workspace import Workspace
 from .compare import compare_images, compare_outputs, compare_tensors, untouched_mismatches
 from .merged import merged_export
@@ -19,11 +21,14 @@ from .reference import AdapterReference, Step, source_of
 from .report import FAILED, PASSED, SKIPPED, CheckResult, VerifyReport
 from .settings import TOLERANCES, VerifySettings
 
+if TYPE_CHECKING:
+    from ..backends.onnxruntime import OrtOptions
+
 
 def verify(
     workspace: Workspace, adapters: Sequence[str], *, base: str | None = None, control: str | None = None,
     backend: str = "ort-cpu", sources: Mapping[str, str | Path] | None = None,
-    settings: VerifySettings = VerifySettings(), ort_options=None, on_step: Step | None = None,
+    settings: VerifySettings = VerifySettings(), ort_options: OrtOptions | None = None, on_step: Step | None = None,
 ) -> VerifyReport:
     """Check ``adapters`` (``NAME[:WEIGHT]``) and ``control`` on ``base`` against a reference merge.
 
@@ -42,6 +47,8 @@ def verify(
     # 1. Check inputs
     timings: dict[str, float] = {}
     clock = time.perf_counter()
+    if backend not in BACKENDS:
+        raise LoramgrError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
     base = resolve_base(workspace, base)
     base_dir = workspace.base_dir(base)
     manifest = Manifest.load(base_dir)
@@ -85,9 +92,8 @@ def verify(
 
 
 def _compare_sessions(report: VerifyReport, base_dir: Path, manifest: Manifest, adapter_set: AdapterSet, folder: Path,
-                      merged: Manifest, backend: str, ort_options, settings: VerifySettings, on_step: Step | None) -> None:
-    from ..runtime import make_pipeline, open_runner
-
+                      merged: Manifest, backend: str, ort_options: OrtOptions | None, settings: VerifySettings,
+                      on_step: Step | None) -> None:
     tolerances = report.tolerances
     if on_step:
         on_step(f"opening {backend} sessions")

@@ -68,12 +68,12 @@ def compare_tensors(base: BaseWeights, injected: dict[str, dict[str, np.ndarray]
             param = by_initializer[initializer]
             entry = base.entry(graph, initializer)
             reference = merged.graphs[graph].weights.get(param)
-            base_value = entry.to_torch_layout(base.read(graph, entry))
             if reference is None:
                 diffs.append(TensorDiff(graph, param, initializer, math.inf, math.inf, math.nan, False))
                 continue
             diffs.append(tensor_diff(graph, param, initializer, entry.to_torch_layout(array),
-                                     reference.to_torch_layout(read_weight(maps[graph], reference)), base_value, rtol))
+                                     reference.to_torch_layout(read_weight(maps[graph], reference)),
+                                     entry.to_torch_layout(base.read(graph, entry)), rtol))
     return diffs
 
 

@@ -45,7 +45,7 @@ def lokr_product(f: dict[str, torch.Tensor], shape: tuple[int, ...]) -> torch.Te
         w2 = f["w2_a"].float() @ f["w2_b"].float().flatten(1)
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
-    return torch.kron(w1, w2).reshape(shape)
+    return torch.kron(w1, w2.contiguous()).reshape(shape)
 
 
 PRODUCTS = {"lora": lora_product, "loha": loha_product, "lokr": lokr_product}

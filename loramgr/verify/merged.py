@@ -6,7 +6,7 @@ can be compared with the injected session one to one. The export is the slow par
 (seconds on the tiny model, minutes on SD1.5), so it is kept under
 ``<workspace>/.cache/merged/<key>/``, where the key hashes everything the reference
 depends on: the base fingerprint, each adapter's source content and weight, the route
-asked for and :data:`REFERENCE_VERSION`. ``reference.json`` beside the manifest keeps
+asked for, the versions of the libraries that merge and :data:`REFERENCE_VERSION`. ``reference.json`` beside the manifest keeps
 the reference's counts, so a cached run still reports how the reference was built.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping
+from importlib.metadata import version
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,6 +31,7 @@ RECORDS = "reference.json"
 def cache_key(manifest: Manifest, adapter_set: AdapterSet, sources: Mapping[str, tuple[Path, str]], route: str) -> str:
     recipe = {
         "version": REFERENCE_VERSION, "base": manifest.fingerprint, "route": route,
+        "libraries": {name: version(name) for name in ("torch", "diffusers", "peft", "transformers")},
         "adapters": [{"kind": a.kind, "source": sources[a.name][1], "weight": w} for a, w in adapter_set.adapters],
     }
     return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
@@ -47,6 +49,8 @@ def merged_export(workspace: Workspace, base_dir: Path, manifest: Manifest, adap
     folder = workspace.cache / "merged" / cache_key(manifest, adapter_set, sources, route)
     if use_cache and (folder / RECORDS).is_file() and (folder / "manifest.json").is_file():
         records = [AdapterReference(**r) for r in json.loads((folder / RECORDS).read_text())]
+        for record, (adapter, _) in zip(records, adapter_set.adapters):  # this run's .lora files, same sources
+            record.name, record.source, record.targets = adapter.name, str(sources[adapter.name][0]), len(adapter.targets)
         return folder, records, True
     if on_step:
         on_step("loading the base's source model")

@@ -26,11 +26,11 @@ from ..adapter_file import AdapterFile
 from ..errors import LoramgrError
 from ..manifest import Manifest
 from ..merge import AdapterSet
-from ..workspace import sha256_file
+from ..workspace import sha256_tree
 from . import formulas
-from .sources import TEXT, UNET, Namespace, SourceAdapter, SourceError, read_source
+from .names import TEXT, UNET, Namespace
+from .sources import SourceAdapter, SourceError, read_source
 
-ROUTES = ("auto", "diffusers", "formulas")
 COMPONENT_PREFIXES = {"unet": UNET, "text_encoder": TEXT, "controlnet": "controlnet."}
 # Spellings diffusers' ``load_lora_weights`` reads into the right modules (measured with diffusers
 # 0.42): not LDM block names, not the old processor format without ``unet.``, not cloneofsimo.
@@ -60,6 +60,8 @@ class AdapterReference:
 
 def source_of(adapter: AdapterFile, sources: Mapping[str, str | Path]) -> tuple[Path, str]:
     """The adapter's source file and its content digest, refusing a file other than the one converted."""
+    if adapter.kind == "baked":
+        raise LoramgrError(f"{adapter.path}: a baked set has no source of its own: verify the adapters it was baked from")
     given = sources.get(adapter.name) or adapter.metadata.get("loramgr.source_path")
     if not given:
         raise LoramgrError(f"{adapter.path}: the .lora does not record its source file: pass --source "
@@ -67,22 +69,12 @@ def source_of(adapter: AdapterFile, sources: Mapping[str, str | Path]) -> tuple[
     path = Path(given)
     if not path.exists():
         raise LoramgrError(f"{adapter.name}: source {path} does not exist: pass --source {adapter.name}=PATH")
-    if path.is_dir():
-        return path, _folder_digest(path)
-    digest = sha256_file(path)
+    digest = sha256_tree(path)
     recorded = adapter.metadata.get("loramgr.source_sha256", "")
     if recorded and digest != recorded:
         raise LoramgrError(f"{adapter.name}: {path} has sha256 {digest[:12]}, but {adapter.path.name} was converted "
-                           f"from a file with sha256 {recorded[:12]}: convert it again or pass the original file")
+                           f"from a source with sha256 {recorded[:12]}: convert it again or pass the original")
     return path, digest
-
-
-def _folder_digest(folder: Path) -> str:
-    digest = hashlib.sha256()
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest.update(str(file.relative_to(folder)).encode())
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()
 
 
 def load_source_model(base_dir: Path, manifest: Manifest) -> dict:
@@ -111,17 +103,15 @@ def build_reference(components: dict, adapter_set: AdapterSet, sources: Mapping[
 
     ``sources`` maps adapter name -> (source path, digest) from :func:`source_of`.
     """
-    if route not in ROUTES:
-        raise LoramgrError(f"--reference {route!r}: choose one of {', '.join(ROUTES)}")
     namespace = Namespace.of(components["unet"], components["text_encoder"])
     records = []
+    before = _digests(components)
     with _quiet_libraries():
         for index, (adapter, weight) in enumerate(adapter_set.adapters):
             path, digest = sources[adapter.name]
             record = AdapterReference(adapter.name, adapter.kind, weight, str(path), digest, targets=len(adapter.targets))
             if on_step:
                 on_step(f"reference: {adapter.name}")
-            before = _digests(components)
             try:
                 if adapter.kind == "controlnet":
                     _apply_controlnet(components, path, record)
@@ -131,6 +121,7 @@ def build_reference(components: dict, adapter_set: AdapterSet, sources: Mapping[
                 record.problem = str(exc)
             after = _digests(components)
             record.changed = sum(1 for name, value in after.items() if before.get(name) != value)
+            before = after
             _check_counts(record)
             records.append(record)
     return records
@@ -172,7 +163,8 @@ def _apply_lora(components: dict, namespace: Namespace, path: Path, weight: floa
         except Exception as exc:  # noqa: BLE001 - any loader failure: fall back only when the route was chosen for us
             if route == "diffusers":
                 raise SourceError(f"diffusers could not load {path.name}: {type(exc).__name__}: {exc}") from None
-            record.note = f"diffusers could not load it ({type(exc).__name__}: {str(exc).splitlines()[0][:120]})"
+            first_line = (str(exc).strip().splitlines() or [""])[0][:120]
+            record.note = f"diffusers could not load it ({type(exc).__name__}: {first_line})"
     record.route = "formulas"
     record.applied = _apply_with_formulas(components, source, weight)
 
@@ -181,7 +173,9 @@ def _route(source: SourceAdapter, route: str) -> tuple[str, str]:
     """(route, note): diffusers where it reads the file right, else the formulas."""
     if route != "auto":
         return route, ""
-    if source.spelling not in DIFFUSERS_SPELLINGS or not source.path.is_file():
+    if not source.path.is_file():
+        return "formulas", "an adapter folder: diffusers' pipeline loader reads weight files"
+    if source.spelling not in DIFFUSERS_SPELLINGS:
         return "formulas", f"diffusers does not read the {source.spelling} spelling"
     modules = source.modules.values()
     if any(m.kind != "lora" or "mid" in m.factors or m.dora == "lycoris" for m in modules):

@@ -85,7 +85,7 @@ def render_report(report: VerifyReport, console, top: int = 10) -> None:
                                       "changed", "loramgr", "ignored keys", "note"), rows))
     t = report.tolerances
     console.print(table(
-        f"checks (fp tolerances: weights {t.tensor_rtol:g}, outputs {t.output_rtol:g}, images >= {t.min_psnr_db:g} dB)",
+        f"checks ({report.dtype} tolerances: weights {t.tensor_rtol:g}, outputs {t.output_rtol:g}, images >= {t.min_psnr_db:g} dB)",
         ("check", "result", "summary"),
         [(c.name, {PASSED: "[green]passed[/]", FAILED: "[red]FAILED[/]"}.get(c.status, c.status), c.summary)
          for c in report.checks]))

@@ -1,0 +1,131 @@
+"""``loramgr bench`` on the tiny base: structure and internal consistency, never speed.
+
+Timings on a shared machine prove nothing about which route is faster, so no test
+compares two of them; what is checked is that every figure exists, is positive, and
+that ratios are the ratios of the medians reported next to them.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import statistics
+
+import pytest
+from rich.console import Console
+
+from loramgr import bench
+from loramgr.bench import LARGE, RANKS, SMALL, interleaved, render_bench, run_bench
+from loramgr.errors import LoramgrError
+from loramgr.manifest import Manifest
+from loramgr.workspace import Workspace
+
+
+@pytest.fixture(scope="module")
+def result(tiny_workspace, tmp_path_factory) -> dict:
+    """One bench run, kept under a minute.
+
+    Its base is the session's tiny base (same arch and seed) copied, which spares an
+    export, and only the first ORT setting row is measured: the others take the same path.
+    """
+    workspace = Workspace.resolve(tmp_path_factory.mktemp("bench"))
+    target = workspace.base_dir("bench-tiny")
+    shutil.copytree(tiny_workspace.base_dir("tiny"), target)
+    manifest = Manifest.load(target)
+    manifest.name = "bench-tiny"
+    manifest.save(target)
+    all_settings = bench._ort_settings
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "_ort_settings", lambda *args: dict(list(all_settings(*args).items())[:1]))
+        return run_bench(workspace, "tiny", repeats=1)
+
+
+def _positive_timing(timing: dict, repeats: int = 1) -> None:
+    assert len(timing["runs_s"]) == repeats and all(t > 0 for t in timing["runs_s"])
+    assert timing["median_s"] == statistics.median(timing["runs_s"])
+
+
+def test_result_is_json_and_describes_the_machine(result):
+    assert json.loads(json.dumps(result))["arch"] == "tiny"
+    machine, versions = result["machine"], result["versions"]
+    assert machine["physical_cores"] >= 1 and machine["ram_bytes"] > 0 and machine["cpu"]
+    assert {"torch", "onnxruntime", "diffusers"} <= set(versions)
+    assert result["base"]["name"] == "bench-tiny" and result["base"]["export_s"] is None  # the copied base
+
+
+def test_convert_covers_both_ranks(result):
+    for rank in RANKS:
+        row = result["convert"][f"r{rank}"]
+        _positive_timing(row)
+        assert row["rank"] == rank
+        assert row["modules"]["unet_controlnet"] > 0 and row["modules"]["text_encoder"] > 0
+        assert row["source_bytes"] > 0 and row["lora_bytes"] > 0
+    assert result["convert"][f"r{LARGE}"]["source_bytes"] > result["convert"][f"r{SMALL}"]["source_bytes"]
+
+
+def test_swap_routes_are_measured_and_agree(result):
+    swap = result["swap"]
+    times = swap["times"]
+    for timing in times.values():
+        _positive_timing(timing)
+    hot = times[f"hot_swap_r{SMALL}"]["median_s"]
+    assert swap["speedup_vs_merged_all"] == pytest.approx(times["merged_export_all"]["median_s"] / hot)
+    assert swap["speedup_vs_merged_basic"] == pytest.approx(times["merged_export_basic"]["median_s"] / hot)
+    assert swap["speedup_vs_injection"] == pytest.approx(times["injection"]["median_s"] / hot)
+    assert swap["hot_swap_merge_share"] == pytest.approx(times[f"hot_swap_r{SMALL}_merge"]["median_s"] / hot)
+    assert swap["buffers"]["count"] == sum(swap["lora"]["targets"].values()) and swap["buffers"]["bytes"] > 0
+    # The three routes hold the same weights at the same optimization level.
+    assert swap["max_abs_diff"]["merged_export_vs_injection"] < 1e-4
+    assert swap["max_abs_diff"]["hot_swap_vs_injection"] < 1e-4
+
+
+def test_step_ratios_come_from_the_medians(result):
+    step = result["step"]
+    assert step["image"] == 128 and step["latent"] == [2, 4, 16, 16]
+    vs_torch = step["vs_torch"]
+    _positive_timing(vs_torch["torch"])
+    _positive_timing(vs_torch["ort"])
+    assert vs_torch["speedup"] == pytest.approx(vs_torch["torch"]["median_s"] / vs_torch["ort"]["median_s"])
+    assert len(step["ort_settings"]) == 1
+    for row in step["ort_settings"].values():
+        _positive_timing(row)
+        assert row["speedup_vs_default"] == pytest.approx(row["default_median_s"] / row["median_s"])
+        assert row["speedup_vs_torch"] == pytest.approx(vs_torch["speedup"] * row["speedup_vs_default"])
+
+
+def test_memory_is_measured_in_a_child(result):
+    memory = result["memory"]
+    assert memory["base_weights_bytes"] > 0
+    assert memory["peak_rss_bytes"] > memory["imports_rss_bytes"] > 0
+    assert memory["ratio"] == pytest.approx(memory["peak_rss_bytes"] / memory["base_weights_bytes"])
+
+
+def test_gpu_and_goals(result):
+    gpu = result["gpu"]
+    assert gpu["measured"] or gpu["reason"].startswith("not measured: no GPU")
+    assert len(result["goals"]) == 4
+    assert all(not g["applies"] and isinstance(g["passed"], bool) for g in result["goals"])  # sd15 goals
+
+
+def test_render_prints_every_table_with_the_machine(result):
+    buffer = io.StringIO()
+    render_bench(result, Console(file=buffer, width=200))
+    text = buffer.getvalue()
+    for title in ("convert", "swap to a rank-4 LoRA", "step", "memory", "GPU", "goals"):
+        assert title in text
+    assert text.count(result["machine"]["cpu"]) == 6 and "onnxruntime" in text
+
+
+def test_interleaved_runs_variants_in_turn():
+    calls = []
+    times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
+    assert calls == ["a", "b"] * 3
+    assert all(len(t["runs_s"]) == 3 for t in times.values())
+
+
+def test_bad_arguments_are_refused(tmp_path):
+    with pytest.raises(LoramgrError, match="--arch"):
+        run_bench(Workspace.resolve(tmp_path), "sdxl")
+    with pytest.raises(LoramgrError, match="--repeats"):
+        run_bench(Workspace.resolve(tmp_path), "tiny", repeats=0)
