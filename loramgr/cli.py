@@ -54,6 +54,23 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run the canny ControlNet pipeline with adapters")
     _add_run_arguments(p)
 
+    p = sub.add_parser("verify", help="verify adapters against a model merged in torch (diffusers/PEFT) and exported")
+    p.add_argument("adapters", nargs="*", metavar="NAME[:WEIGHT]")
+    p.add_argument("--control", metavar="NAME", help="a converted ControlNet to verify with the LoRAs")
+    p.add_argument("--base")
+    p.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "tensorrt"), default="ort-cpu")
+    p.add_argument("--reference", choices=("auto", "diffusers", "formulas"), default="auto",
+                   help="who merges LoRAs for the reference (auto: diffusers where it reads the format correctly)")
+    p.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
+                   help="source file of an adapter, where the path recorded at conversion moved")
+    p.add_argument("--checks", default="tensors,outputs,images", help="comma-separated: tensors,outputs,images")
+    p.add_argument("--size", type=int, default=64, help="image size of the images check (pixels)")
+    p.add_argument("--steps", type=int, default=4, help="denoising steps of the images check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-cache", action="store_true", help="rebuild the merged reference export")
+    p.add_argument("--top", type=int, default=10, help="rows of the largest-difference tables")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="the embedded default: tiny base, sample adapters, pipeline, verify")
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--json", action="store_true")
@@ -193,17 +210,43 @@ def _print_runs(reports, choices, as_json: bool) -> None:
     console.out.print(console.table(f"runs (files in {folder})", ("adapters", "load", "how", "per step", "run"), rows))
 
 
+def cmd_verify(args: argparse.Namespace, ws: Workspace) -> int:
+    from .verify import VerifySettings, render_report, verify
+
+    sources = {}
+    for item in args.source:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise LoramgrError(f"--source {item!r}: use NAME=PATH")
+        sources[name] = path
+    settings = VerifySettings(checks=tuple(c for c in args.checks.split(",") if c), reference=args.reference,
+                              seed=args.seed, image_size=args.size, steps=args.steps, use_cache=not args.no_cache)
+    with console.steps("verify", enabled=not args.json) as step:
+        report = verify(ws, args.adapters, base=args.base, control=args.control, backend=args.backend,
+                        sources=sources, settings=settings, on_step=step)
+    if args.json:
+        console.print_json(report.to_dict())
+    else:
+        render_report(report, console.out, top=args.top)
+    return 0 if report.passed else 1
+
+
 def cmd_demo(args: argparse.Namespace, ws: Workspace) -> int:
     from .demo import run_demo
 
+    from .verify import render_report
+
     with console.steps("demo", enabled=not args.json) as step:
         report = run_demo(ws, args.out, on_step=step)
+    verified = report["verify"]
     if args.json:
-        console.print_json(report)
-        return 0
+        console.print_json({**report, "runs": [vars(r) for r in report["runs"]], "verify": verified.to_dict()})
+        return 0 if verified.passed else 1
     _print_runs(report["runs"], report["choices"], False)
-    console.out.print(f"demo outputs in [bold]{report['out_dir']}[/] (images, edge maps, JSON sidecars)")
-    return 0
+    render_report(verified, console.out, top=5)
+    console.out.print(f"demo outputs in [bold]{report['out_dir']}[/] (images, edge maps, JSON sidecars); "
+                      f"verification {'[green]passed' if verified.passed else '[red]FAILED'}[/]")
+    return 0 if verified.passed else 1
 
 
 def cmd_build_engine(args: argparse.Namespace, ws: Workspace) -> int:
@@ -290,7 +333,7 @@ def cmd_inspect(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "convert": cmd_convert, "bake": cmd_bake, "run": cmd_run, "demo": cmd_demo,
-            "build-engine": cmd_build_engine, "list": cmd_list, "inspect": cmd_inspect}
+            "build-engine": cmd_build_engine, "verify": cmd_verify, "list": cmd_list, "inspect": cmd_inspect}
 
 
 def _quiet_libraries() -> None:

@@ -60,6 +60,7 @@ def run_demo(workspace: Workspace, out_dir: str | Path = "outputs/demo",
     """Run the demo; returns the runs, the verification and where the files went."""
     from .pipeline.settings import GenerationSettings
     from .runtime import AdapterChoice, generate
+    from .verify import verify
 
     files = prepare(workspace, on_step)
     # The tiny tokenizer is byte-level (a token per character): a short negative prompt fits 77 tokens.
@@ -68,4 +69,6 @@ def run_demo(workspace: Workspace, out_dir: str | Path = "outputs/demo",
     on_step("running the canny pipeline (one session, hot swaps between adapter sets)")
     runs = generate(workspace, files["image"], settings, choices, base=BASE, out_dir=out_dir, stem="demo",
                     overwrite=True)
-    return {"out_dir": str(Path(out_dir).resolve()), "runs": runs, "choices": choices}
+    on_step("verifying blindbox:0.8 + moxin:0.5 + hed against a model merged in torch")
+    report = verify(workspace, ["blindbox:0.8", "moxin:0.5"], base=BASE, control="hed", on_step=on_step)
+    return {"out_dir": str(Path(out_dir).resolve()), "runs": runs, "choices": choices, "verify": report}
