@@ -81,7 +81,10 @@ def graph_specs(components: dict, dtype: torch.dtype) -> list[GraphSpec]:
     }
     latent_axes = {0: "batch", 2: "latent_height", 3: "latent_width"}
     image_axes = {0: "batch", 2: "height", 3: "width"}
-    for name in ("unet", "controlnet", "text_encoder", "vae"):
+    # The text encoder stays fp32 in an fp16 base: transformers' CLIP traced in fp16 mixes an
+    # fp32 attention mask into fp16 activations, a graph ONNX Runtime refuses to load; it is
+    # 10% of the weights and runs once per prompt.
+    for name in ("unet", "controlnet", "vae"):
         if components[name].dtype != dtype:
             components[name].to(dtype)
     return [

@@ -162,3 +162,26 @@ def test_list_and_inspect_json(tiny_workspace, capsys):
     assert [i["name"] for i in detail["graphs"][FUSED]["inputs"]] == [
         "sample", "timestep", "encoder_hidden_states", "controlnet_cond", "control_scales"]
     assert main(["--home", str(tiny_workspace.home), "inspect", "nope"]) == 2
+
+
+def test_fp16_base_runs_close_to_fp32(tmp_path, tiny_folder, tiny_torch):
+    """--dtype fp16: UNet/ControlNet/VAE weights in fp16, the text encoder kept fp32, I/O fp32."""
+    from loramgr.backends.onnxruntime import OrtRunner
+    from loramgr.export import export_components
+
+    fused32 = UNetControlNet(tiny_torch["unet"], tiny_torch["controlnet"]).eval()
+    gen = torch.Generator().manual_seed(4)
+    feeds = {
+        "sample": torch.randn(2, 4, 8, 8, generator=gen), "timestep": torch.full((2,), 300.0),
+        "encoder_hidden_states": torch.randn(2, 77, 32, generator=gen),
+        "controlnet_cond": torch.rand(2, 3, 64, 64, generator=gen),
+        "control_scales": control_scales(1, 1.0, False, "controlnet"),
+    }
+    with torch.no_grad():
+        expected = fused32(**feeds).numpy()
+    manifest = export_components(load_components(tiny_folder), tmp_path / "b16", name="b16", source={}, dtype="fp16")
+    dtypes = {g: {e.dtype for e in gi.weights.values()} for g, gi in manifest.graphs.items()}
+    assert dtypes[FUSED] == {"float16"} and dtypes[TEXT_ENCODER] == {"float32"}
+    got = OrtRunner.open(tmp_path / "b16").predict_noise(**feeds).numpy()
+    assert got.dtype == np.float32
+    assert np.abs(got - expected).max() <= 2e-2 * np.abs(expected).max()
