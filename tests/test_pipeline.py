@@ -27,8 +27,9 @@ from loramgr.pipeline.control import control_scales, guess_mode_scales
 from loramgr.pipeline.controlnet import ControlNetPipeline, GenerationResult
 from loramgr.pipeline.images import load_image
 from loramgr.pipeline.outputs import save_result
-from loramgr.pipeline.schedulers import SCHEDULERS, scheduler_class
+from loramgr.pipeline.schedulers import SCHEDULERS
 from loramgr.pipeline.settings import GenerationSettings
+from reference_pipelines import diffusers_images
 
 pytestmark = [
     # diffusers' schedulers call np.array(tensor, copy=False) under numpy 2: their warning, not ours.
@@ -182,41 +183,6 @@ def pipe(reference) -> ControlNetPipeline:
 @pytest.fixture(scope="module")
 def image() -> np.ndarray:
     return synthetic_image(96, 80)
-
-
-def diffusers_images(reference, image: np.ndarray, settings: GenerationSettings) -> np.ndarray:
-    """The same generation with diffusers' own pipeline: same edge map, prompts, seed, scheduler."""
-    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
-
-    resized, edges = detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
-    components = {
-        **reference.components,
-        "scheduler": scheduler_class(settings.scheduler).from_config(reference.scheduler.config),
-    }
-    kwargs = {
-        "prompt": f"{settings.prompt}, {settings.a_prompt}",
-        "negative_prompt": settings.n_prompt,
-        "num_images_per_prompt": settings.num_samples,
-        "height": resized.shape[0],
-        "width": resized.shape[1],
-        "num_inference_steps": settings.steps,
-        "guidance_scale": settings.scale,
-        "guess_mode": settings.guess_mode,
-        "controlnet_conditioning_scale": settings.strength,
-        "eta": settings.eta,
-        "generator": torch.Generator("cpu").manual_seed(settings.seed),
-        "output_type": "pil",
-    }
-    if settings.img2img_strength is None:
-        cls = StableDiffusionControlNetPipeline
-        kwargs["image"] = Image.fromarray(edges)
-    else:
-        cls = StableDiffusionControlNetImg2ImgPipeline
-        kwargs.update(image=Image.fromarray(resized), control_image=Image.fromarray(edges),
-                      strength=settings.img2img_strength)
-    diffusers_pipe = cls(**components, requires_safety_checker=False)
-    diffusers_pipe.set_progress_bar_config(disable=True)
-    return np.stack([np.asarray(im) for im in diffusers_pipe(**kwargs).images])
 
 
 def assert_same_images(ours: list[np.ndarray], theirs: np.ndarray) -> None:

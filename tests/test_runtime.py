@@ -25,7 +25,7 @@ from loramgr.pipeline.settings import GenerationSettings
 from loramgr.runtime import make_pipeline
 from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
 from loramgr.workspace import Workspace
-from test_pipeline import diffusers_images
+from reference_pipelines import diffusers_images
 
 
 FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, worst quality"}
