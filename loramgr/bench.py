@@ -27,6 +27,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -51,6 +52,7 @@ SMALL, LARGE = 4, 128  # ranks of a typical LoRA and a large one; both cover UNe
 RANKS = (SMALL, LARGE)
 LORA_WEIGHT = 0.8
 STEP_IMAGE = {"tiny": 128, "sd15": 512}  # image side of the timed step (latents: 1/8 of it)
+OTHER_STEP_IMAGES = {"sd15": (256,)}  # REFERENCE.md's CPU anchors were taken at 256x256
 MEMORY_RUN = {"tiny": 64, "sd15": 256}  # resolution of the run whose peak RSS is measured
 MEMORY_RUN_STEPS = 3
 CHECK_IMAGE = 64  # image side of the outputs compared across the swap routes
@@ -462,7 +464,7 @@ _CHILD = "import json, sys; from loramgr.bench import memory_probe; print(json.d
 def memory_probe(home: str, base: str, mode: str) -> dict:
     """In a child process: a ``run`` with both sample LoRAs (or only the imports, ``mode="imports"``).
 
-    Returns this process's peak RSS.
+    Returns this process's peak RSS and, for a run, what RSS was made of at its highest sample.
     """
     import onnxruntime  # noqa: F401  - the floor counts the libraries a run loads
 
@@ -483,38 +485,81 @@ def memory_probe(home: str, base: str, mode: str) -> dict:
         settings = GenerationSettings(prompt="a house", n_prompt="lowres", resolution=MEMORY_RUN[arch],
                                       steps=MEMORY_RUN_STEPS)
         loras = tuple(f"{_adapter_name(rank)}:{LORA_WEIGHT / len(RANKS)}" for rank in RANKS)
-        generate(workspace, image, settings, [AdapterChoice(loras)], base=base, out_dir=folder, stem="run",
-                 overwrite=True)
+        with RssSampler() as sampler:
+            generate(workspace, image, settings, [AdapterChoice(loras)], base=base, out_dir=folder, stem="run",
+                     overwrite=True)
+        return {"peak_rss_bytes": _peak_rss(), "at_peak": sampler.at_peak}
     return {"peak_rss_bytes": _peak_rss()}
 
 
+def _proc_status() -> dict[str, int]:
+    """/proc/self/status sizes in bytes (``VmHWM``, ``RssAnon``...); empty where there is none."""
+    status = Path("/proc/self/status")
+    if not status.is_file():
+        return {}
+    sizes = {}
+    for line in status.read_text().splitlines():
+        key, _, value = line.partition(":")
+        if value.strip().endswith(" kB"):
+            sizes[key] = int(value.split()[0]) * 1024
+    return sizes
+
+
 def _peak_rss() -> int:
-    """This process's peak RSS in bytes: ``VmHWM`` of /proc/self/status where there is one.
+    """This process's peak RSS in bytes: ``VmHWM`` where Linux reports it.
 
     Not ``ru_maxrss``: Linux carries the pre-``exec`` high-water mark into it, and Python
     starts children with ``vfork``, so a child's ``ru_maxrss`` (and the parent's
     ``RUSAGE_CHILDREN``) includes the parent's own peak. ``VmHWM`` belongs to the
     child's address space alone.
     """
-    status = Path("/proc/self/status")
-    if status.is_file():
-        for line in status.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024  # kB
+    peak = _proc_status().get("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _child_peak_rss(workspace: Workspace, base: str, mode: str) -> int:
+class RssSampler:
+    """Polls /proc/self/status in a thread and keeps the sample with the highest ``VmRSS``.
+
+    ``VmHWM`` gives the peak but not what it is made of. The split matters: anonymous
+    memory is loramgr's and ONNX Runtime's own, while mapped file pages are the page
+    cache, and a page mapped twice (ONNX Runtime's mapping of a data file and loramgr's
+    memory map of the same file) counts twice in RSS.
+    """
+
+    def __init__(self, interval_s: float = 0.02):
+        self.interval_s = interval_s
+        self.at_peak: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            status = _proc_status()
+            if status.get("VmRSS", 0) > self.at_peak.get("VmRSS", -1):
+                self.at_peak = {k: status[k] for k in ("VmRSS", "RssAnon", "RssFile") if k in status}
+
+    def __enter__(self) -> RssSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _child_memory(workspace: Workspace, base: str, mode: str) -> dict:
     package_root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
     done = subprocess.run([sys.executable, "-c", _CHILD, str(workspace.home), base, mode],
                           capture_output=True, text=True, env=env, check=False)
     if done.returncode != 0:
         raise LoramgrError(f"memory probe ({mode}) failed with exit code {done.returncode}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def bench_memory(workspace: Workspace, base: str, manifest: Manifest, step: Step) -> dict:
@@ -522,10 +567,11 @@ def bench_memory(workspace: Workspace, base: str, manifest: Manifest, step: Step
     weights = sum((base_dir / g.data).stat().st_size for g in manifest.graphs.values() if g.data)
     step(f"memory: a run with {len(RANKS)} LoRAs in a child process")
     start = time.perf_counter()
-    peak = _child_peak_rss(workspace, base, "run")
+    run = _child_memory(workspace, base, "run")
     run_s = time.perf_counter() - start
-    floor = _child_peak_rss(workspace, base, "imports")
-    return {"base_weights_bytes": weights, "peak_rss_bytes": peak, "ratio": peak / weights,
+    floor = _child_memory(workspace, base, "imports")["peak_rss_bytes"]
+    return {"base_weights_bytes": weights, "peak_rss_bytes": run["peak_rss_bytes"], "at_peak": run["at_peak"],
+            "ratio": run["peak_rss_bytes"] / weights,
             "imports_rss_bytes": floor, "run_s": run_s,
             "run": {"resolution": MEMORY_RUN[manifest.source["arch"]], "steps": MEMORY_RUN_STEPS,
                     "loras": [_adapter_name(rank) for rank in RANKS]}}
@@ -603,6 +649,8 @@ def run_bench(workspace: Workspace, arch: str = "tiny", *, repeats: int = 3, on_
     inputs = StepInputs.random(manifest, STEP_IMAGE[arch])
     result["step"] = bench_step(base_dir, manifest, inputs, repeats, "cpu", step,
                                 _ort_settings(base_dir, manifest, sets))
+    result["step_other_sizes"] = [bench_step(base_dir, manifest, StepInputs.random(manifest, image), repeats, "cpu",
+                                             step) for image in OTHER_STEP_IMAGES.get(arch, ())]
     result["memory"] = bench_memory(workspace, base, manifest, step)
     result["gpu"] = bench_gpu(workspace, base_dir, manifest, sets, inputs, repeats, step)
     result["goals"] = goals(result)
@@ -679,6 +727,9 @@ def _memory_table(mem: dict):
                  [["base weights (external data files)", human_size(weights), "1.00x"],
                   [f"peak RSS, run at {mem['run']['resolution']}px, {mem['run']['steps']} steps",
                    human_size(mem["peak_rss_bytes"]), f"{mem['ratio']:.2f}x"],
+                  *[[f"  at the sampled peak: {label}", human_size(mem["at_peak"][key]),
+                     f"{mem['at_peak'][key] / weights:.2f}x"]
+                    for label, key in (("anonymous", "RssAnon"), ("mapped files", "RssFile")) if key in mem["at_peak"]],
                   ["peak RSS of the imports alone", human_size(mem["imports_rss_bytes"]),
                    f"{mem['imports_rss_bytes'] / weights:.2f}x"]])
 
@@ -699,7 +750,7 @@ def _tables(result: dict) -> list:
     from .console import table
 
     tables = [_convert_table(result), _swap_table(result["swap"]), _step_table(result["step"]),
-              _memory_table(result["memory"])]
+              *map(_step_table, result["step_other_sizes"]), _memory_table(result["memory"])]
     gpu = result["gpu"]
     if gpu["measured"]:
         tables += [_swap_table(gpu["swap"], gpu["device"]), _step_table(gpu["step"], gpu["device"])]

@@ -71,6 +71,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=10, help="rows of the largest-difference tables")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("bench", help="measure convert / swap / step / memory side by side (docs/benchmarks.md)")
+    p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny",
+                   help="sd15: the real architecture (minutes, ~16 GB peak, ~11 GB of disk in the workspace)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians are reported)")
+    p.add_argument("--json", action="store_true")
+
     p = sub.add_parser("demo", help="the embedded default: tiny base, sample adapters, pipeline, verify")
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--json", action="store_true")
@@ -231,6 +237,20 @@ def cmd_verify(args: argparse.Namespace, ws: Workspace) -> int:
     return 0 if report.passed else 1
 
 
+def cmd_bench(args: argparse.Namespace, ws: Workspace) -> int:
+    from .bench import render_bench, run_bench
+
+    if args.repeats < 1:
+        raise LoramgrError(f"--repeats {args.repeats}: must be at least 1")
+    with console.steps(f"bench {args.arch}", enabled=not args.json) as step:
+        result = run_bench(ws, args.arch, repeats=args.repeats, on_step=step)
+    if args.json:
+        console.print_json(result)
+    else:
+        render_bench(result, console.out)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace, ws: Workspace) -> int:
     from .demo import run_demo
 
@@ -333,7 +353,7 @@ def cmd_inspect(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "convert": cmd_convert, "bake": cmd_bake, "run": cmd_run, "demo": cmd_demo,
-            "build-engine": cmd_build_engine, "verify": cmd_verify, "list": cmd_list, "inspect": cmd_inspect}
+            "build-engine": cmd_build_engine, "verify": cmd_verify, "bench": cmd_bench, "list": cmd_list, "inspect": cmd_inspect}
 
 
 def _quiet_libraries() -> None:
