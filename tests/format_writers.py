@@ -78,3 +78,13 @@ def peft_factors(layer: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]
     return {name: getattr(layer, name)["default"].detach().clone()
             for name in dir(layer) if name.startswith(prefix) and isinstance(getattr(layer, name), torch.nn.ParameterDict)
             and "default" in getattr(layer, name)}
+
+
+def lycoris_file(path: Path, layers: dict, part_prefix: str, alpha: float) -> Path:
+    """PEFT LoHa/LoKr factors under kohya UNet names, as LyCORIS saves them."""
+    tensors = {}
+    for module, layer in layers.items():
+        name = kohya_name("unet", module)
+        tensors |= {f"{name}.{k}": v for k, v in peft_factors(layer, part_prefix).items()}
+        tensors[f"{name}.alpha"] = torch.tensor(alpha)
+    return save(path, tensors)

@@ -29,7 +29,7 @@ from format_writers import (
     cloneofsimo_walk,
     kohya_name,
     lora_factors,
-    peft_factors,
+    lycoris_file,
     peft_layers,
     save,
 )
@@ -376,16 +376,6 @@ def test_peft_folder_with_adapter_config(tmp_path, tiny, params):
 
 
 # ---------------------------------------------------------------- LyCORIS vs PEFT
-
-def lycoris_file(path: Path, layers: dict, part_prefix: str, alpha: float) -> Path:
-    """PEFT LoHa/LoKr factors under kohya UNet names, as LyCORIS saves them."""
-    tensors = {}
-    for module, layer in layers.items():
-        name = kohya_name("unet", module)
-        tensors |= {f"{name}.{k}": v for k, v in peft_factors(layer, part_prefix).items()}
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    return save(path, tensors)
-
 
 LOHA_CASES = {  # name: (target modules, use_effective_conv2d) -- effective conv2d is LyCORIS' Tucker form
     "linear": (["down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj"], False),

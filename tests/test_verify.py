@@ -21,7 +21,9 @@ import torch
 from onnx import numpy_helper
 
 from conftest import TESTDATA
-from format_writers import cloneofsimo_file, cloneofsimo_walk, kohya_name, lora_factors, peft_factors, peft_layers, save
+from format_writers import (
+    cloneofsimo_file, cloneofsimo_walk, kohya_name, lora_factors, lycoris_file, peft_layers, save,
+)
 from loramgr.adapter_file import AdapterFile, load_adapter
 from loramgr.convert import convert_adapter, load_adapter_set
 from loramgr.errors import LoramgrError
@@ -302,15 +304,6 @@ def test_peft_dora_below_full_weight_matches_peft(ws, peft_files):
     assert report.passed, report.failures()
 
 
-def _lycoris_file(path: Path, layers: dict, part_prefix: str, alpha: float) -> Path:
-    tensors = {}
-    for module, layer in layers.items():
-        name = kohya_name("unet", module)
-        tensors |= {f"{name}.{k}": v for k, v in peft_factors(layer, part_prefix).items()}
-        tensors[f"{name}.alpha"] = torch.tensor(alpha)
-    return save(path, tensors)
-
-
 LDM_NAMES = {  # kohya LDM-style module -> diffusers module, written out from SD1.5's block layout
     "input_blocks_1_1_proj_in": "down_blocks.0.attentions.0.proj_in",
     "input_blocks_3_0_op": "down_blocks.0.downsamplers.0.conv",
@@ -349,7 +342,7 @@ def _formula_files(files: Path, tiny: dict, shapes) -> dict[str, Path]:
     written = {}
     for case in LYCORIS:
         layers, prefix, alpha = _lycoris_layers(tiny, case)
-        written[case] = _lycoris_file(files / f"{case}.safetensors", layers, prefix, alpha)
+        written[case] = lycoris_file(files / f"{case}.safetensors", layers, prefix, alpha)
     dora = {}
     for module, keep in (("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_v", 0), ("down_blocks.1.resnets.1.conv1", 1)):
         shape, name = shapes[f"unet.{module}.weight"], kohya_name("unet", module)
@@ -415,7 +408,7 @@ def test_formulas_match_peft_layers(case, tiny, tmp_path):
     """The reference's LoHa / LoKr products against PEFT's own layers (``get_delta_weight``)."""
     layers, prefix, alpha = _lycoris_layers(tiny, case)
     namespace = Namespace.of(tiny["unet"], tiny["text_encoder"])
-    source = read_source(_lycoris_file(tmp_path / "lycoris.safetensors", layers, prefix, alpha), namespace)
+    source = read_source(lycoris_file(tmp_path / "lycoris.safetensors", layers, prefix, alpha), namespace)
     assert set(source.modules) == {f"unet.{m}" for m in layers}
     for module, layer in layers.items():
         found = source.modules[f"unet.{module}"]
