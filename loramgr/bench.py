@@ -165,8 +165,13 @@ class StepInputs:
 
     def feeds(self) -> dict[str, np.ndarray]:
         """The fused graph's inputs by name (for a plain InferenceSession)."""
-        names = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "control_scales")
-        return {name: tensor.numpy() for name, tensor in zip(names, self.args())}
+        return fused_feeds(*self.args())
+
+
+def fused_feeds(*args: torch.Tensor) -> dict[str, np.ndarray]:
+    """``predict_noise``'s arguments as the fused graph's named inputs."""
+    names = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "control_scales")
+    return {name: tensor.numpy() for name, tensor in zip(names, args)}
 
 
 # -- ONNX Runtime sessions outside OrtRunner ------------------------------------------------
@@ -193,8 +198,7 @@ class FusedSession:
         self.session = _sessions([path], level, "cpu", config)[0]
 
     def predict_noise(self, *args: torch.Tensor) -> np.ndarray:
-        names = [i.name for i in self.session.get_inputs()]
-        return self.session.run(None, {n: t.numpy() for n, t in zip(names, args)})[0]
+        return self.session.run(None, fused_feeds(*args))[0]
 
     def close(self) -> None:
         self.session = None
@@ -230,18 +234,20 @@ def _sample_loras(workspace: Workspace, arch: str, manifest: Manifest) -> dict[i
     return paths
 
 
-def _adapter_name(rank: int) -> str:
-    return f"bench-r{rank}"
+def _adapter_name(base: str, rank: int) -> str:
+    """One name per base and rank: adapters are converted against one base each."""
+    return f"{base}-r{rank}"
 
 
 # -- 1. convert ------------------------------------------------------------------------------
 
 
 def bench_convert(workspace: Workspace, base: str, sources: Mapping[int, Path], repeats: int) -> dict:
+    """Seconds of ``convert_adapter`` per rank (each repeat writes the same ``.lora`` again)."""
     reports = {}
 
     def convert(rank: int) -> None:
-        reports[rank] = convert_adapter(workspace, sources[rank], base=base, name=_adapter_name(rank))
+        reports[rank] = convert_adapter(workspace, sources[rank], base=base, name=_adapter_name(base, rank))
 
     times = interleaved({f"r{rank}": partial(convert, rank) for rank in RANKS}, repeats)
     return {f"r{rank}": {**times[f"r{rank}"], "rank": rank, "modules": reports[rank].modules,
@@ -484,7 +490,7 @@ def memory_probe(home: str, base: str, mode: str) -> dict:
             Image.fromarray(sample_image(MEMORY_RUN[arch])).save(image)
         settings = GenerationSettings(prompt="a house", n_prompt="lowres", resolution=MEMORY_RUN[arch],
                                       steps=MEMORY_RUN_STEPS)
-        loras = tuple(f"{_adapter_name(rank)}:{LORA_WEIGHT / len(RANKS)}" for rank in RANKS)
+        loras = tuple(f"{_adapter_name(base, rank)}:{LORA_WEIGHT / len(RANKS)}" for rank in RANKS)
         with RssSampler() as sampler:
             generate(workspace, image, settings, [AdapterChoice(loras)], base=base, out_dir=folder, stem="run",
                      overwrite=True)
@@ -574,7 +580,7 @@ def bench_memory(workspace: Workspace, base: str, manifest: Manifest, step: Step
             "ratio": run["peak_rss_bytes"] / weights,
             "imports_rss_bytes": floor, "run_s": run_s,
             "run": {"resolution": MEMORY_RUN[manifest.source["arch"]], "steps": MEMORY_RUN_STEPS,
-                    "loras": [_adapter_name(rank) for rank in RANKS]}}
+                    "loras": [_adapter_name(base, rank) for rank in RANKS]}}
 
 
 # -- 5. GPU ----------------------------------------------------------------------------------
@@ -644,7 +650,8 @@ def run_bench(workspace: Workspace, arch: str = "tiny", *, repeats: int = 3, on_
     sources = _sample_loras(workspace, arch, manifest)
     step(f"convert: rank {' and '.join(map(str, RANKS))}, {repeats}x")
     result["convert"] = bench_convert(workspace, base, sources, repeats)
-    sets = {rank: load_adapter_set(workspace, manifest, [f"{_adapter_name(rank)}:{LORA_WEIGHT}"]) for rank in RANKS}
+    sets = {rank: load_adapter_set(workspace, manifest, [f"{_adapter_name(base, rank)}:{LORA_WEIGHT}"])
+            for rank in RANKS}
     result["swap"] = bench_swap(workspace, base_dir, manifest, sets, repeats, "cpu", step)
     inputs = StepInputs.random(manifest, STEP_IMAGE[arch])
     result["step"] = bench_step(base_dir, manifest, inputs, repeats, "cpu", step,
@@ -679,7 +686,8 @@ def _s(timing: dict) -> str:
 def _convert_table(result: dict):
     from .console import human_size, table
 
-    return table("convert: kohya LoRA (UNet + text encoder) -> .lora", ["rank", "seconds", "weights", "source", ".lora"],
+    return table("convert: kohya LoRA (UNet + text encoder) -> .lora",
+                 ["rank", "seconds", "weights", "source", ".lora"],
                  [[c["rank"], _s(c), sum(c["modules"].values()), human_size(c["source_bytes"]),
                    human_size(c["lora_bytes"])] for c in result["convert"].values()])
 
@@ -690,7 +698,8 @@ def _swap_table(swap: dict, where: str = "CPU"):
     t, small, large = swap["times"], f"hot_swap_r{SMALL}", f"hot_swap_r{LARGE}"
     diff = swap["max_abs_diff"]
     return table(
-        f"swap to a rank-{SMALL} LoRA, UNet+ControlNet and text encoder ({where})", ["route", "seconds", "(c) is faster by"],
+        f"swap to a rank-{SMALL} LoRA, UNet+ControlNet and text encoder ({where})",
+        ["route", "seconds", "(c) is faster by"],
         [["(a) new sessions on a merged export, ORT all", _s(t["merged_export_all"]),
           f"{swap['speedup_vs_merged_all']:.1f}x"],
          ["(a) new sessions on a merged export, ORT basic", _s(t["merged_export_basic"]),

@@ -49,17 +49,19 @@ class BaseWeights:
 
     def __init__(self, manifest: Manifest, base_dir: Path):
         self.manifest = manifest
+        # Copy-on-write maps: views are writable for torch (no defensive copies), and the
+        # data files are never written.
         self._maps = {
-            name: np.memmap(base_dir / g.data, dtype=np.uint8, mode="r")
+            name: np.memmap(base_dir / g.data, dtype=np.uint8, mode="c")
             for name, g in manifest.graphs.items() if g.data
         }
+        self._params = {name: g.by_initializer() for name, g in manifest.graphs.items()}
 
     def entry(self, graph: str, initializer: str) -> WeightEntry:
-        weights = self.manifest.graphs[graph].weights
-        param = self.manifest.graphs[graph].by_initializer().get(initializer)
+        param = self._params[graph].get(initializer)
         if param is None:
             raise LoramgrError(f"initializer {initializer!r} is not a weight of graph {graph!r}")
-        return weights[param]
+        return self.manifest.graphs[graph].weights[param]
 
     def read(self, graph: str, entry: WeightEntry) -> np.ndarray:
         """The base value of one initializer, without copying (a view of the memory map)."""
@@ -99,7 +101,7 @@ def merge_tensors(base: BaseWeights, adapter_set: AdapterSet, only: dict[str, se
             merged[graph][initializer] = np.array(base_value)
             continue
         parts.sort(key=lambda p: p[0].kind != "full")  # a replacement first, deltas on top of it
-        torch_base = torch.from_numpy(entry.to_torch_layout(base_value).astype(np.float32))
+        torch_base = torch.from_numpy(entry.to_torch_layout(base_value).astype(np.float32, copy=False))
         result = merge_weight(torch_base, [(_as_delta(t, entry), w) for t, w in parts])
         merged[graph][initializer] = entry.to_onnx_layout(result.numpy()).astype(entry.dtype, copy=False)
     return dict(merged)

@@ -13,6 +13,7 @@ import shutil
 import statistics
 
 import pytest
+import torch
 from rich.console import Console
 
 from loramgr import bench
@@ -27,7 +28,9 @@ def result(tiny_workspace, tmp_path_factory) -> dict:
     """One bench run, kept under a minute.
 
     Its base is the session's tiny base (same arch and seed) copied, which spares an
-    export, and only the first ORT setting row is measured: the others take the same path.
+    export; only the first ORT setting row is measured (the others take the same path);
+    and torch runs on one thread, since two OpenMP threads on a shared 2-core machine
+    make the run several times slower (docs/benchmarks.md).
     """
     workspace = Workspace.resolve(tmp_path_factory.mktemp("bench"))
     target = workspace.base_dir("bench-tiny")
@@ -36,9 +39,14 @@ def result(tiny_workspace, tmp_path_factory) -> dict:
     manifest.name = "bench-tiny"
     manifest.save(target)
     all_settings = bench._ort_settings
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(bench, "_ort_settings", lambda *args: dict(list(all_settings(*args).items())[:1]))
-        return run_bench(workspace, "tiny", repeats=1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(bench, "_ort_settings", lambda *args: dict(list(all_settings(*args).items())[:1]))
+            return run_bench(workspace, "tiny", repeats=1)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _positive_timing(timing: dict, repeats: int = 1) -> None:

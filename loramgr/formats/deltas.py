@@ -95,7 +95,7 @@ def merge_weight(base: torch.Tensor, contributions: Sequence[tuple[WeightDelta, 
             continue
         diff = delta_weight(delta, shape)
         if delta.dora_scale is None:
-            weight = weight + multiplier * diff
+            weight = torch.add(weight, diff, alpha=multiplier)
         elif delta.dora_rule == "peft":
             weight = _apply_dora(weight, multiplier * diff, delta.dora_scale, 1.0)
         else:
