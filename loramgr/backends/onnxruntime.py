@@ -15,10 +15,11 @@ Adapters reach ONNX Runtime in one of two ways (docs/design.md has the measureme
   still names every swappable buffer (see :func:`_check_buffers_survive`) and refuses
   hot swap otherwise rather than running on stale weights.
 
-Optimization level: ``basic`` by default. On SD1.5-size graphs ``all`` takes 26 s to
-create a session against 7.4 s for ``basic`` and gains ~13% per step on CPU; with hot
-swap a session is created once, but its creation is still on the critical path of
-``loramgr run``. ``--ort-opt all`` is there for long batch jobs without hot swap.
+Optimization level: ``basic`` by default. On the sd15 graphs ``all`` took 9.5 s to
+create the sessions against 3.1 s for ``basic`` and gained ~7% per step on CPU
+(docs/benchmarks.md); with hot swap a session is created once, but its creation is
+still on the critical path of ``loramgr run``. ``--ort-opt all`` is there for long
+batch jobs without hot swap.
 """
 
 from __future__ import annotations
