@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -30,7 +31,7 @@ def _folder_size(folder: Path) -> int:
 
 def base_summary(workspace: Workspace, name: str) -> dict:
     manifest = Manifest.load(workspace.base_dir(name))
-    params = {g: sum(_numel(e.torch_shape) for e in gi.weights.values()) for g, gi in manifest.graphs.items()}
+    params = {g: sum(math.prod(e.torch_shape) for e in gi.weights.values()) for g, gi in manifest.graphs.items()}
     return {
         "name": name, "dtype": manifest.dtype, "opset": manifest.opset, "source": manifest.source,
         "fingerprint": manifest.fingerprint, "size_bytes": _folder_size(workspace.base_dir(name)),
@@ -96,10 +97,3 @@ def details(workspace: Workspace, name: str) -> dict:
         f"no base or adapter named {name!r} in {workspace.home} "
         f"(bases: {', '.join(workspace.base_names()) or 'none'}; adapters: {', '.join(workspace.adapter_names()) or 'none'})"
     )
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
