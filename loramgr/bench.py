@@ -367,7 +367,7 @@ def bench_swap(workspace: Workspace, base_dir: Path, manifest: Manifest, sets: M
             "injection": lambda: _open_injected(base_dir, lora, provider).close(),
             f"hot_swap_r{LARGE}": to_large,
             f"hot_swap_r{SMALL}": to_small,
-            f"hot_swap_r{SMALL}_merge": partial(merge_tensors, hot.weights, lora, only=hot.swappable()),
+            f"hot_swap_r{SMALL}_merge": partial(merge_tensors, BaseWeights(manifest, base_dir), lora, only=hot.swappable()),
             f"hot_swap_r{LARGE}_torch1": _torch_single_threaded(to_large),
             f"hot_swap_r{SMALL}_torch1": _torch_single_threaded(to_small),  # last: the runner holds `lora`
         }
@@ -375,7 +375,8 @@ def bench_swap(workspace: Workspace, base_dir: Path, manifest: Manifest, sets: M
         step(f"swap ({provider}): checking that the routes hold the same model")
         agreement = _agreement(hot, merged, base_dir, manifest, lora, provider)
         swappable = hot.swappable()
-        buffer_bytes = sum(hot.weights.entry(g, n).length for g, names in swappable.items() for n in names)
+        base = BaseWeights(manifest, base_dir)
+        buffer_bytes = sum(base.entry(g, n).length for g, names in swappable.items() for n in names)
     finally:
         hot.close()
     hot_swap = times[f"hot_swap_r{SMALL}"]

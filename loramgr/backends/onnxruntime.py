@@ -108,7 +108,6 @@ class OrtRunner:
         self.manifest = manifest
         self.options = options
         self.device = torch.device("cuda" if options.provider == "cuda" else "cpu")
-        self.weights = BaseWeights(manifest, self.base_dir)
         self.timings = SessionTimings()
         self.adapter_set = AdapterSet()
         self._sessions: dict[str, object] = {}
@@ -139,8 +138,7 @@ class OrtRunner:
         if hot:
             for graph, touched in [*(swappable or {}).items(), *adapter_set.touched().items()]:
                 names.setdefault(graph, set()).update(touched)
-        tensors = merge_tensors(self.weights, adapter_set, only=names)
-        check_shapes(self.weights, tensors)
+        tensors = self._merge(adapter_set, names)
         self.timings.merge_s = time.perf_counter() - start
         start = time.perf_counter()
         self._sessions.clear()
@@ -165,6 +163,17 @@ class OrtRunner:
                 str(self.base_dir / self.manifest.graphs[graph].path), so, providers=_providers(self.options))
         self.adapter_set = adapter_set
         self.timings.session_s = time.perf_counter() - start
+
+    def _merge(self, adapter_set: AdapterSet, only: dict[str, set[str]]) -> dict[str, dict[str, np.ndarray]]:
+        """Merged tensors for ``adapter_set`` (plus ``only`` at base value), checked for ORT.
+
+        The base maps are opened for the merge only: kept open, the pages a merge reads
+        would stay in this process's RSS on top of ONNX Runtime's own copy of the weights.
+        """
+        base = BaseWeights(self.manifest, self.base_dir)
+        tensors = merge_tensors(base, adapter_set, only=only)
+        check_shapes(base, tensors)
+        return tensors
 
     def _session(self, graph: str):
         if graph not in self._sessions:  # the VAE graphs carry no adapters: created on first use
@@ -193,8 +202,7 @@ class OrtRunner:
             # Only the weights the old or the new set touch can differ from what the buffers
             # hold; everything else already holds its base value. Merge outside the lock,
             # so runs go on until the copies start.
-            tensors = merge_tensors(self.weights, adapter_set, only=needed)
-            check_shapes(self.weights, tensors)
+            tensors = self._merge(adapter_set, needed)
         with self._lock:
             if in_place:
                 for graph, named in tensors.items():
