@@ -138,15 +138,15 @@ def generate(
     reports = []
     try:
         for i, (choice, adapter_set) in enumerate(zip(choices, sets)):
-            timings = dict(load_timings) if i == 0 else {"swap_s": runner.set_adapters(adapter_set)}
+            load = dict(load_timings) if i == 0 else {"swap_s": runner.set_adapters(adapter_set)}
             run_start = time.perf_counter()
             result = pipeline(pixels, settings, progress)
-            timings.update(result.timings)
+            timings = {**load, **result.timings}
             timings["step_s"] = result.timings.get("denoise", 0.0) / max(1, len(result.timesteps))
             adapters = describe_adapters(adapter_set)
             metadata = {"base": base, "base_fingerprint": manifest.fingerprint, "backend": backend,
                         "image": str(image), "adapters": adapters, "control": choice.control or "canny",
-                        "load_timings": timings}
+                        "load_timings": load}  # the pipeline's phases are the sidecar's own "timings"
             run_stem = stem if len(choices) == 1 else f"{stem}-{i}-{choice.label().replace(':', '_')}"
             files = save_result(result, out_dir, run_stem, metadata, overwrite=overwrite)
             timings["run_s"] = time.perf_counter() - run_start
