@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "loras"
+# Real LoRA files downloaded from public hubs (see SOURCES.md in that folder). They are not in
+# this repository; CI sets LORAMGR_TESTDATA, and a checkout beside the project's shared/ folder
+# finds them there.
+_SIBLING_TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata" / "loras"
+
+
+@pytest.fixture(scope="session")
+def testdata() -> Path:
+    """The folder of real LoRA files, or a skip that says how to provide it."""
+    folder = Path(os.environ.get("LORAMGR_TESTDATA") or _SIBLING_TESTDATA)
+    if not (folder / "SOURCES.md").is_file():
+        pytest.skip(f"real LoRA files not found in {folder}: set LORAMGR_TESTDATA to a folder holding "
+                    "the files listed in docs/testdata.md")
+    return folder
 
 
 @pytest.fixture(scope="session")

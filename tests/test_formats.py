@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 from loramgr.errors import BadFileError
 from loramgr.formats import ParsedAdapter, WeightDelta, delta_weight, merge_weight, read_adapter
-from conftest import TESTDATA
 from format_writers import (
     base_namespace,
     cloneofsimo_file,
@@ -80,9 +79,9 @@ REAL = {
 
 
 @pytest.mark.parametrize("name", sorted(REAL))
-def test_real_file_parses_completely(name, sd15_param_shapes):
+def test_real_file_parses_completely(name, sd15_param_shapes, testdata):
     fmt, n_unet, n_text, dtype = REAL[name]
-    parsed = read_adapter(TESTDATA / name, sd15_param_shapes)
+    parsed = read_adapter(testdata / name, sd15_param_shapes)
     components = Counter("unet" if d.param.startswith("unet.") else "text" for d in parsed.deltas)
     assert (parsed.format, parsed.kind, parsed.dtype) == (fmt, "lora", dtype)
     assert (components["unet"], components["text"]) == (n_unet, n_text)
@@ -95,8 +94,8 @@ def test_real_file_parses_completely(name, sd15_param_shapes):
         assert dw.dtype == torch.float32 and dw.shape == sd15_param_shapes[delta.param] and dw.abs().max() > 0
 
 
-def test_real_kohya_lokr_details(sd15_param_shapes):
-    parsed = read_adapter(TESTDATA / "sd15_kohya_lycoris_lokr_r4.safetensors", sd15_param_shapes)
+def test_real_kohya_lokr_details(sd15_param_shapes, testdata):
+    parsed = read_adapter(testdata / "sd15_kohya_lycoris_lokr_r4.safetensors", sd15_param_shapes)
     deltas = by_param(parsed)
     assert parsed.trigger_words == ["smart falcon \\(umamusume\\)"]  # in all 130 captions; "hair bow" in 129
     conv = deltas["unet.down_blocks.0.resnets.0.conv1.weight"]  # flattened 2-D Kronecker factors of a 3x3 conv
@@ -109,11 +108,11 @@ def test_real_kohya_lokr_details(sd15_param_shapes):
     assert "text_model.encoder.layers.0.mlp.fc1.weight" in deltas
 
 
-def test_real_cloneofsimo_positions(sd15_param_shapes):
+def test_real_cloneofsimo_positions(sd15_param_shapes, testdata):
     """cloneofsimo numbers modules in diffusers' old order: attn1 (4), GEGLU proj, attn2 (4) per block."""
     from safetensors.torch import load_file
 
-    path = TESTDATA / "sd15_cloneofsimo_analog_svd_r4.safetensors"
+    path = testdata / "sd15_cloneofsimo_analog_svd_r4.safetensors"
     raw, deltas = load_file(path), by_param(read_adapter(path, sd15_param_shapes))
     block = "unet.down_blocks.0.attentions.0.transformer_blocks.0"
     expected = {
@@ -129,10 +128,10 @@ def test_real_cloneofsimo_positions(sd15_param_shapes):
         assert delta.scale == 1.0
 
 
-def test_real_old_processor_maps_to_out(sd15_param_shapes):
+def test_real_old_processor_maps_to_out(sd15_param_shapes, testdata):
     from safetensors.torch import load_file
 
-    path = TESTDATA / "sd15_old_processor_catundchat.safetensors"
+    path = testdata / "sd15_old_processor_catundchat.safetensors"
     raw, deltas = load_file(path), by_param(read_adapter(path, sd15_param_shapes))
     key = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.processor.to_out_lora.up.weight"
     assert torch.equal(deltas["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0.weight"].tensors["up"], raw[key])
@@ -147,8 +146,8 @@ NEGATIVE = {
 
 
 @pytest.mark.parametrize("name", sorted(NEGATIVE))
-def test_real_negative_file_refused(name, sd15_param_shapes):
-    path = TESTDATA / "negative" / name
+def test_real_negative_file_refused(name, sd15_param_shapes, testdata):
+    path = testdata / "negative" / name
     with pytest.raises(BadFileError, match=NEGATIVE[name]) as error:
         read_adapter(path, sd15_param_shapes)
     assert str(error.value).startswith(f"{path}: ") and "\n" not in str(error.value)
@@ -526,9 +525,9 @@ def test_cloneofsimo_current_diffusers_order(tmp_path, tiny, params):
     assert len(modules) == 4 * 2  # tiny text encoder: 2 layers x (k, v, q, out)
 
 
-def test_cloneofsimo_of_another_base_refused(params):
+def test_cloneofsimo_of_another_base_refused(params, testdata):
     with pytest.raises(BadFileError, match=r"cloneofsimo (text_encoder|unet) LoRA .* does not fit this base"):
-        read_adapter(TESTDATA / "sd15_cloneofsimo_analog_svd_r4.safetensors", params)
+        read_adapter(testdata / "sd15_cloneofsimo_analog_svd_r4.safetensors", params)
 
 
 # ---------------------------------------------------------------- ControlNet

@@ -34,9 +34,8 @@ def test_weight_map_covers_all_parameters(sd15_workspace, sd15_param_shapes):
     "sd15_cloneofsimo_analog_svd_r4", "sd15_kohya_lycoris_lokr_r4",
     "sd15_old_processor_catundchat", "sd15_unet_prefix_lora_down_timohavdk",
 ])
-def test_real_files_convert_with_every_key(sd15_workspace, name):
-    from conftest import TESTDATA
-
-    report = convert_adapter(sd15_workspace, TESTDATA / f"{name}.safetensors", base="sd15")
+def test_real_files_convert_with_every_key(sd15_workspace, name, testdata):
+    
+    report = convert_adapter(sd15_workspace, testdata / f"{name}.safetensors", base="sd15")
     assert report.keys_used == report.keys_total and not report.unknown_keys
     assert report.size_bytes <= 1.1 * report.source_bytes

@@ -20,7 +20,6 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from conftest import TESTDATA
 from format_writers import (
     cloneofsimo_file, cloneofsimo_walk, kohya_name, lora_factors, lycoris_file, peft_layers, save,
 )
@@ -468,13 +467,13 @@ REAL_CASES = [  # (file, compare every n-th target): the LoKr file's 350 Kroneck
 
 
 @pytest.mark.parametrize(("name", "stride"), REAL_CASES)
-def test_real_file_matches_reference_at_sd15_shapes(name, stride, sd15):
+def test_real_file_matches_reference_at_sd15_shapes(name, stride, sd15, testdata):
     """Weights loramgr changes, merged by loramgr (.lora, merge_tensors) vs the formulas on the source file."""
     ws, manifest, namespace = sd15
     weight, zero_changes = REAL_FILES[name]
-    convert_adapter(ws, TESTDATA / name, name="real")
+    convert_adapter(ws, testdata / name, name="real")
     adapter = load_adapter(ws.adapter_path("real"))
-    source = read_source(TESTDATA / name, namespace)
+    source = read_source(testdata / name, namespace)
     assert {t.param for t in adapter.targets.values()} == {m.param for m in source.modules.values()}
     assert source.ignored == []
     base = BaseWeights(manifest, ws.base_dir("sd15"))
