@@ -303,11 +303,6 @@ def _export_graph(spec: GraphSpec, folder: Path, opset: int, on_step: ExportStep
     )
 
 
-def read_weight(data: np.memmap, entry: WeightEntry) -> np.ndarray:
-    """The initializer's current value, read-only, straight from the memory-mapped data file."""
-    return data[entry.offset: entry.offset + entry.length].view(entry.dtype).reshape(entry.shape)
-
-
 def _check_weight_map(graph: str, params: dict[str, torch.Tensor], weights: dict[str, WeightEntry], data_file: Path):
     """Every parameter must equal, byte for byte, its initializer in the saved data file."""
     unmapped = sorted(set(params) - set(weights))
@@ -316,7 +311,7 @@ def _check_weight_map(graph: str, params: dict[str, torch.Tensor], weights: dict
     data = np.memmap(data_file, dtype=np.uint8, mode="r")
     wrong = [
         name for name, entry in weights.items()
-        if not np.array_equal(read_weight(data, entry), entry.to_onnx_layout(params[name].detach().numpy()))
+        if not np.array_equal(entry.read(data), entry.to_onnx_layout(params[name].detach().numpy()))
     ]
     if wrong:
         raise LoramgrError(f"{graph}: {len(wrong)} initializers differ from their parameters: {', '.join(wrong[:10])}")

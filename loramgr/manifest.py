@@ -42,6 +42,28 @@ class WeightEntry:
     offset: int  # byte offset in the graph's external data file
     length: int
 
+    def read(self, buffer: np.ndarray) -> np.ndarray:
+        """This tensor in ``buffer``, the graph's external data file mapped as bytes: a view, no copy.
+
+        The view has the initializer's layout, shape and dtype (:meth:`to_torch_layout`
+        gives the torch layout). It is writable where the map is: ``np.memmap(path,
+        dtype=np.uint8, mode="c")`` for torch math without defensive copies, ``mode="r+"``
+        to write a tensor in place (``entry.read(data)[...] = array``).
+
+        Example::
+
+            data = np.memmap(base / graph.data, dtype=np.uint8, mode="r")
+            weight = entry.to_torch_layout(entry.read(data))
+        """
+        data = buffer if isinstance(buffer, np.ndarray) else np.frombuffer(buffer, dtype=np.uint8)
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise TypeError(f"expected the data file as a 1-D uint8 buffer, got {data.dtype}{list(data.shape)}")
+        end = self.offset + self.length
+        if end > data.size:
+            raise LoramgrError(f"{self.initializer}: bytes {self.offset:,}..{end:,} lie beyond the end of its "
+                               f"{data.size:,}-byte data file; the base is damaged, re-export it")
+        return data[self.offset: end].view(self.dtype).reshape(self.shape)
+
     def to_onnx_layout(self, array: np.ndarray) -> np.ndarray:
         """Bring a torch-layout array into this initializer's layout (no dtype change)."""
         if self.layout == "transpose":

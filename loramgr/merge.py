@@ -65,7 +65,7 @@ class BaseWeights:
 
     def read(self, graph: str, entry: WeightEntry) -> np.ndarray:
         """The base value of one initializer, without copying (a view of the memory map)."""
-        return self._maps[graph][entry.offset: entry.offset + entry.length].view(entry.dtype).reshape(entry.shape)
+        return entry.read(self._maps[graph])
 
 
 def _as_delta(target: AdapterTarget, entry: WeightEntry) -> WeightDelta:

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from loramgr.cli import main
-from loramgr.export import export_base, read_weight
+from loramgr.errors import LoramgrError
+from loramgr.export import export_base
 from loramgr.manifest import FUSED, TEXT_ENCODER, Manifest
 from loramgr.models.fused import TextEncoder, UNetControlNet
 from loramgr.models.loading import load_components
@@ -45,9 +46,43 @@ def test_weight_map_covers_every_parameter_with_its_own_external_initializer(tin
         assert {e.initializer for e in weights.values()} <= external
         data = np.memmap(tiny_workspace.base_dir("tiny") / manifest.graphs[graph].data, dtype=np.uint8, mode="r")
         for name, entry in weights.items():
-            assert np.array_equal(read_weight(data, entry), entry.to_onnx_layout(params[name].numpy())), name
+            assert np.array_equal(entry.read(data), entry.to_onnx_layout(params[name].numpy())), name
     layouts = {e.layout for e in manifest.graphs[FUSED].weights.values()}
     assert layouts == {"identity", "transpose", "reshape"}
+
+
+def test_weight_entry_read_gives_each_parameter_in_torch_layout(tiny_workspace, tiny_torch):
+    """WeightEntry.read: the tensor at the weight map's offset, stored layout and dtype, as a view of the map."""
+    folder = tiny_workspace.base_dir("tiny")
+    manifest = Manifest.load(folder)
+    fused = UNetControlNet(tiny_torch["unet"], tiny_torch["controlnet"])
+    expected = {FUSED: dict(fused.named_parameters()), TEXT_ENCODER: dict(TextEncoder(tiny_torch["text_encoder"]).named_parameters())}
+    for graph, params in expected.items():
+        data = np.memmap(folder / manifest.graphs[graph].data, dtype=np.uint8, mode="r")
+        for name, entry in manifest.graphs[graph].weights.items():
+            value = entry.read(data)
+            assert value.shape == entry.shape and value.dtype == np.dtype(entry.dtype), name
+            assert np.shares_memory(value, data), name
+            assert np.array_equal(entry.to_torch_layout(value), params[name].detach().numpy()), name
+    entry = next(e for e in manifest.graphs[FUSED].weights.values() if e.layout == "transpose")
+    raw = (folder / manifest.graphs[FUSED].data).read_bytes()
+    assert np.array_equal(entry.read(raw), entry.read(np.memmap(folder / manifest.graphs[FUSED].data, dtype=np.uint8)))
+
+
+def test_weight_entry_read_writes_through_and_refuses_a_short_file(tmp_path, tiny_workspace):
+    """A writable map gives a writable view (how a merged copy of a base is written); a cut file is named."""
+    folder = tiny_workspace.base_dir("tiny")
+    info = Manifest.load(folder).graphs[FUSED]
+    copy = tmp_path / "weights.bin"
+    copy.write_bytes((folder / info.data).read_bytes())
+    entry = max(info.weights.values(), key=lambda e: e.offset)
+    data = np.memmap(copy, dtype=np.uint8, mode="r+")
+    entry.read(data)[...] = np.full(entry.shape, 0.5, dtype=entry.dtype)
+    data.flush()
+    del data
+    assert (entry.read(np.memmap(copy, dtype=np.uint8, mode="r")) == 0.5).all()
+    with pytest.raises(LoramgrError, match=rf"{entry.initializer}: bytes [\d,]+\.\.[\d,]+ lie beyond the end of its"):
+        entry.read(np.memmap(folder / info.data, dtype=np.uint8, mode="r")[: entry.offset + 4])
 
 
 def test_weights_feed_compute_ops_directly(tiny_workspace):
@@ -101,7 +136,7 @@ def test_zero_initialized_weights_keep_their_own_initializers(tmp_path, tiny_fol
     data = np.memmap(tmp_path / "z" / manifest.graphs[FUSED].data, dtype=np.uint8, mode="r")
     names = [n for n in weights if n.startswith("controlnet.controlnet_") and "cond_embedding" not in n]
     assert len(names) >= 2 * 13
-    assert all(not read_weight(data, weights[n]).any() for n in names)
+    assert all(not weights[n].read(data).any() for n in names)
 
 
 def test_single_file_checkpoint_exports_to_the_same_base(tmp_path, tiny_workspace, tiny_folder, tiny_torch):

@@ -3,7 +3,8 @@
 A file is recognized by its bytes, not its suffix: a safetensors header, a torch zip
 archive or a legacy pickle. Git LFS pointers, truncated downloads, HTML pages saved as
 ``.safetensors`` and pickles that need arbitrary code (``weights_only=True`` refuses
-them) are reported as :class:`BadFileError` naming the file. Folders are read by their
+them) are reported as :class:`BadFileError` naming the file (the checks of the bytes on
+disk are :mod:`loramgr.filechecks`, shared with the base loaders). Folders are read by their
 known layouts (PEFT adapter, diffusers ControlNetModel, diffusers LoRA).
 """
 
@@ -11,18 +12,16 @@ from __future__ import annotations
 
 import json
 import pickle
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from loramgr.errors import BadFileError
+from loramgr.filechecks import check_head, load_safetensors, looks_like_safetensors
 
-LFS_MAGIC = b"version https://git-lfs.github.com/spec/"
 ZIP_MAGIC = b"PK\x03\x04"
 PICKLE_PROTO = b"\x80"
-MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
 
 # (config file or None, weight files in order of preference) for each folder layout.
 FOLDER_LAYOUTS: tuple[tuple[str | None, tuple[str, ...]], ...] = (
@@ -64,58 +63,12 @@ def load_weight_file(path: str | Path) -> WeightFile:
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and safetensors metadata of one file, recognized by its first bytes."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(64)
-    if size == 0:
-        raise BadFileError(path, "empty file (0 bytes)")
-    if head.startswith(LFS_MAGIC):
-        raise BadFileError(path, _lfs_reason(path, size))
-    if _is_safetensors(head):
-        return _read_safetensors(path, size)
+    head = check_head(path)  # empty files and Git LFS pointers are refused here
+    if looks_like_safetensors(head):
+        return load_safetensors(path)
     if head.startswith(ZIP_MAGIC) or head.startswith(PICKLE_PROTO):
         return _read_torch(path, mmap=head.startswith(ZIP_MAGIC)), {}
     raise BadFileError(path, f"not a safetensors or PyTorch weight file (it starts with {head[:24]!r})")
-
-
-def _lfs_reason(path: Path, size: int) -> str:
-    text = path.read_text(errors="replace")
-    real = re.search(r"^size (\d+)$", text, re.MULTILINE)
-    promised = f" of the real {int(real.group(1)):,}-byte file" if real else ""
-    return (f"a Git LFS pointer ({size} bytes) instead of the weights{promised}; "
-            "run `git lfs pull` in the repository it came from, or download the file itself")
-
-
-def _is_safetensors(head: bytes) -> bool:
-    """An 8-byte little-endian header length followed by a JSON object."""
-    if len(head) < 10:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return 2 <= n <= MAX_HEADER and head[8:9] == b"{"
-
-
-def _read_safetensors(path: Path, size: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    with path.open("rb") as f:
-        n = int.from_bytes(f.read(8), "little")
-        if 8 + n > size:
-            raise BadFileError(path, f"truncated: the file ends inside its {n:,}-byte header; download it again")
-        try:
-            header = json.loads(f.read(n))
-            ends = [info["data_offsets"][1] for key, info in header.items() if key != "__metadata__"]
-        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
-            raise BadFileError(path, f"corrupt safetensors header ({type(e).__name__}: {e})") from None
-    expected = 8 + n + max(ends, default=0)
-    if size < expected:
-        raise BadFileError(path, f"truncated: its header describes {expected:,} bytes but the file has "
-                                 f"{size:,}; the download was cut short, download it again")
-    try:
-        tensors = load_file(path)
-    except SafetensorError as e:
-        raise BadFileError(path, f"corrupt safetensors file ({e})") from None
-    return tensors, dict(header.get("__metadata__") or {})
 
 
 def _read_torch(path: Path, mmap: bool) -> dict[str, torch.Tensor]:

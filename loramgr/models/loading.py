@@ -18,7 +18,6 @@ from deep inside a loader.
 from __future__ import annotations
 
 import json
-import struct
 import tempfile
 from collections.abc import Mapping
 from functools import cache
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loramgr.errors import BadFileError
+from loramgr.filechecks import check_head, check_safetensors, load_safetensors, safetensors_shapes
 from loramgr.models.architectures import ARCHITECTURES, ArchitectureConfig, architecture
 from loramgr.models.ldm import (
     LDM_CONTROLNET_PREFIX,
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 BASE_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 BASE_SUFFIXES = (".safetensors", ".ckpt")
 CONTROLNET_SUFFIXES = (".safetensors", ".pth")
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
 
 # What a diffusers folder must hold, per component: files of which at least one must exist.
 _FOLDER_FILES = {
@@ -272,7 +271,7 @@ def _write_pipeline_configs(arch: ArchitectureConfig, folder: Path) -> None:
 
 
 def check_weights_file(path: Path, suffixes: tuple[str, ...], expected: str) -> None:
-    """Refuse what no loader can read, before one tries: missing, wrong type, LFS pointer, truncated.
+    """Refuse what no loader can read, before one tries: missing, wrong type, empty, LFS pointer, truncated.
 
     ``expected`` completes the message, e.g. ``"a .safetensors LoRA"``.
     """
@@ -280,47 +279,17 @@ def check_weights_file(path: Path, suffixes: tuple[str, ...], expected: str) -> 
         raise BadFileError(path, "no such file or folder")
     if not path.is_file():
         raise BadFileError(path, f"not a regular file; expected {expected}")
-    with path.open("rb") as f:
-        if f.read(len(_LFS_POINTER)) == _LFS_POINTER:
-            raise BadFileError(path, "is a Git LFS pointer, not the weights; fetch them with `git lfs pull`")
+    check_head(path)
     if path.suffix not in suffixes:
         raise BadFileError(path, f"unsupported file type {path.suffix or '(no suffix)'!r}; expected {expected}")
     if path.suffix == ".safetensors":
-        safetensors_header(path)
-
-
-def safetensors_header(path: Path) -> dict[str, dict]:
-    """The tensor entries of a safetensors header, after checking the file holds all their bytes."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        prefix = f.read(8)
-        if len(prefix) < 8:
-            raise BadFileError(path, f"truncated safetensors file: {size} bytes, shorter than its 8-byte header size")
-        (header_size,) = struct.unpack("<Q", prefix)
-        if 8 + header_size > size:
-            raise BadFileError(path, f"truncated or not a safetensors file: header of {header_size} bytes "
-                                     f"does not fit in {size} bytes")
-        try:
-            header = json.loads(f.read(header_size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise BadFileError(path, "not a safetensors file: its header is not JSON") from None
-    if not isinstance(header, dict):
-        raise BadFileError(path, "not a safetensors file: its header is not a JSON object")
-    header.pop("__metadata__", None)
-    try:
-        needed = max((entry["data_offsets"][1] for entry in header.values()), default=0)
-    except (TypeError, KeyError, IndexError):
-        raise BadFileError(path, "not a safetensors file: header entries lack data_offsets") from None
-    if 8 + header_size + needed > size:
-        raise BadFileError(path, f"truncated safetensors file: its tensors need {8 + header_size + needed} bytes, "
-                                 f"the file has {size}")
-    return header
+        check_safetensors(path)
 
 
 def _checkpoint_shapes(path: Path) -> dict[str, tuple[int, ...]]:
     """Tensor shapes of a checkpoint; a safetensors file is not read beyond its header."""
     if path.suffix == ".safetensors":
-        return {key: tuple(entry["shape"]) for key, entry in safetensors_header(path).items()}
+        return safetensors_shapes(path)
     return {key: tuple(value.shape) for key, value in _read_state_dict(path).items()}
 
 
@@ -331,9 +300,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     import torch
 
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(path)
+        return load_safetensors(path)[0]
     try:  # mmap needs the zip format of torch >= 1.6; older pickles load whole
         state = torch.load(path, map_location="cpu", mmap=zipfile.is_zipfile(path), weights_only=True)
     except Exception as error:  # the unpickler raises many types; each means a file we cannot use

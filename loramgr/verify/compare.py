@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..export import read_weight
 from ..manifest import Manifest
 from ..merge import BaseWeights
 
@@ -72,7 +71,7 @@ def compare_tensors(base: BaseWeights, injected: dict[str, dict[str, np.ndarray]
                 diffs.append(TensorDiff(graph, param, initializer, math.inf, math.inf, math.nan, False))
                 continue
             diffs.append(tensor_diff(graph, param, initializer, entry.to_torch_layout(array),
-                                     reference.to_torch_layout(read_weight(maps[graph], reference)),
+                                     reference.to_torch_layout(reference.read(maps[graph])),
                                      entry.to_torch_layout(base.read(graph, entry)), rtol))
     return diffs
 
@@ -91,10 +90,14 @@ def untouched_mismatches(base: BaseWeights, base_dir: Path, touched: dict[str, s
                 continue
             other = merged.graphs[graph].weights.get(param)
             if (other is None or (other.shape, other.dtype) != (entry.shape, entry.dtype)
-                    or not np.array_equal(ours[entry.offset: entry.offset + entry.length],
-                                          theirs[other.offset: other.offset + other.length])):
+                    or not np.array_equal(_bytes(entry.read(ours)), _bytes(other.read(theirs)))):
                 mismatches.append(param)
     return mismatches
+
+
+def _bytes(array: np.ndarray) -> np.ndarray:
+    """The bytes of a contiguous array, as a view (bytes, not values: NaN and -0.0 compare as stored)."""
+    return array.reshape(-1).view(np.uint8)
 
 
 def _output_diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, rtol: float) -> OutputDiff:
