@@ -28,6 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="base name (folder under base_models/)")
     p.add_argument("--model", help="diffusers folder or single-file .safetensors/.ckpt checkpoint")
     p.add_argument("--controlnet", help="ControlNet: diffusers folder/file or original control_sd15_*.pth")
+    p.add_argument("--tokenizer", metavar="DIR",
+                   help="a CLIPTokenizer folder (vocab.json + merges.txt) instead of the model's own; "
+                        "default: the folder's tokenizer/, else CLIP ViT-L/14's (shipped with loramgr)")
     p.add_argument("--arch", choices=("tiny", "sd15"), help="build this architecture instead of loading a model")
     p.add_argument("--random", action="store_true", help="with --arch: random weights (required)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
@@ -79,6 +82,7 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="the embedded default: tiny base, sample adapters, pipeline, verify")
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
+    p.add_argument("--verbose", action="store_true", help="print the full verification tables")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("build-engine", help="build (or reuse cached) refittable TensorRT engines for a base")
@@ -252,20 +256,16 @@ def cmd_bench(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace, ws: Workspace) -> int:
-    from .demo import run_demo
-
-    from .verify import render_report
+    from .demo import render_demo, run_demo
 
     with console.steps("demo", enabled=not args.json) as step:
         report = run_demo(ws, args.out, on_step=step)
     verified = report["verify"]
     if args.json:
-        console.print_json({**report, "runs": [vars(r) for r in report["runs"]], "verify": verified.to_dict()})
-        return 0 if verified.passed else 1
-    _print_runs(report["runs"], report["choices"], False)
-    render_report(verified, console.out, top=5)
-    console.out.print(f"demo outputs in [bold]{report['out_dir']}[/] (images, edge maps, JSON sidecars); "
-                      f"verification {'[green]passed' if verified.passed else '[red]FAILED'}[/]")
+        console.print_json({**report, "runs": [vars(r) for r in report["runs"]], "sheet": report["sheet"].to_dict(),
+                            "verify": verified.to_dict()})
+    else:
+        render_demo(report, console.out, verbose=args.verbose)
     return 0 if verified.passed else 1
 
 
@@ -293,7 +293,7 @@ def cmd_export(args: argparse.Namespace, ws: Workspace) -> int:
         raise LoramgrError("give either --model or --arch, not both")
     with console.steps(f"export {args.name}", enabled=not args.json) as step:
         export_base(ws, args.name, model=args.model, controlnet=args.controlnet, arch=args.arch, seed=args.seed,
-                    dtype=args.dtype, opset=args.opset, on_step=step)
+                    dtype=args.dtype, opset=args.opset, tokenizer=args.tokenizer, on_step=step)
     summary = base_summary(ws, args.name)
     if args.json:
         console.print_json(summary)

@@ -349,7 +349,7 @@ def export_components(
 def export_base(
     workspace: Workspace, name: str, *, model: str | Path | None = None, controlnet: str | Path | None = None,
     arch: str | None = None, seed: int = 0, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
-    on_step: ExportStep | None = None,
+    tokenizer: str | Path | None = None, on_step: ExportStep | None = None,
 ) -> Manifest:
     """Export a base into ``workspace.base_models/name``, atomically.
 
@@ -358,6 +358,10 @@ def export_base(
     ``seed``: the architecture is built with random weights, saved as a diffusers folder
     under the base (``source/``) and exported through the same path as any model.
 
+    The tokenizer is the model folder's own; for a single-file checkpoint and ``sd15``
+    it is CLIP ViT-L/14's (shipped with loramgr), for ``tiny`` a byte-level one.
+    ``tokenizer`` (a folder with a ``CLIPTokenizer``'s files) overrides it.
+
     Example:
         >>> ws = Workspace.resolve("/tmp/ws")
         >>> manifest = export_base(ws, "tiny", arch="tiny", seed=0)
@@ -365,10 +369,19 @@ def export_base(
         ['text_encoder', 'unet_controlnet', 'vae_decoder', 'vae_encoder']
     """
     from .models.loading import load_components, load_controlnet
+    from .models.tokenizer import fit_tokenizer, load_tokenizer
 
     target = workspace.base_dir(name)
     if (model is None) == (arch is None):
         raise LoramgrError("export needs either --model SRC (with --controlnet SRC) or --arch tiny|sd15 --random")
+    user_tokenizer = None
+    if tokenizer is not None:  # refused before any work where the text encoder's size is known
+        user_tokenizer = load_tokenizer(tokenizer)
+        if arch is not None:
+            from .models.architectures import architecture
+
+            text = architecture(arch).text_encoder
+            fit_tokenizer(user_tokenizer, tokenizer, text["vocab_size"], text["max_position_embeddings"])
     with atomic_dir(target) as tmp:
         if arch is not None:
             from .models.architectures import build_random_folder
@@ -384,6 +397,11 @@ def export_base(
         if on_step:
             on_step("loading the model")
         components = load_components(Path(model))
+        if user_tokenizer is not None:
+            text = components["text_encoder"].config
+            components["tokenizer"] = fit_tokenizer(user_tokenizer, tokenizer, text.vocab_size,
+                                                    text.max_position_embeddings)
+            source["tokenizer"] = str(Path(tokenizer).resolve())
         if controlnet is not None:
             components["controlnet"] = load_controlnet(Path(controlnet))
         elif "controlnet" not in components:

@@ -39,3 +39,12 @@ def test_real_files_convert_with_every_key(sd15_workspace, name, testdata):
     report = convert_adapter(sd15_workspace, testdata / f"{name}.safetensors", base="sd15")
     assert report.keys_used == report.keys_total and not report.unknown_keys
     assert report.size_bytes <= 1.1 * report.source_bytes
+
+
+def test_base_carries_clips_tokenizer(sd15_workspace):
+    """--arch sd15 exports CLIP ViT-L/14's real tokenizer (the one SD1.5's text encoder learned)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(sd15_workspace.base_dir("sd15") / "tokenizer", local_files_only=True)
+    assert len(tokenizer) == 49408
+    assert tokenizer("a photo of a cat").input_ids == [49406, 320, 1125, 539, 320, 2368, 49407]

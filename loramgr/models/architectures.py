@@ -11,11 +11,14 @@ Random weights are drawn with a deliberately large standard deviation: diffusers
 default init makes the tiny pipeline output a near-constant grey image, which would
 hide bugs; std 0.1 (UNet, ControlNet, text encoder) and 0.3 (VAE) with norm weights
 around 1 gives full-range images that react to every input.
+
+The tokenizer written beside them (:mod:`loramgr.models.tokenizer`) is CLIP ViT-L/14's
+real one for ``sd15``, and a byte-level one for ``tiny`` (whose 520 embeddings cannot hold
+CLIP's ids).
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -149,48 +152,6 @@ def randomize_(components: dict, seed: int) -> None:
             param.data.copy_(value.to(param.dtype))
 
 
-def write_tokenizer(folder: Path, vocab_size: int) -> None:
-    """Write a real byte-level BPE ``CLIPTokenizer`` (vocab.json + merges.txt) of ``vocab_size`` ids.
-
-    The vocabulary is CLIP's byte alphabet (each byte with and without ``</w>``), the
-    two special tokens, and as many synthetic merges of byte pairs as needed to reach
-    ``vocab_size`` (49408 for sd15, as the real CLIP tokenizer). Any text tokenizes.
-    """
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-    alphabet = list(bytes_to_unicode().values())
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges: list[str] = []
-    budget = vocab_size - len(vocab) - 2
-    seen = set(vocab)
-    for suffix in ("", "</w>"):
-        for a in alphabet:
-            for b in alphabet:
-                if len(merges) >= budget:
-                    break
-                token = a + b + suffix
-                if token not in seen:
-                    merges.append(f"{a} {b}{suffix}")
-                    vocab.append(token)
-                    seen.add(token)
-    if len(merges) < budget:
-        raise ValueError(f"vocab_size {vocab_size} is larger than this generator can fill")
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps({tok: i for i, tok in enumerate(vocab)}, ensure_ascii=False))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-    special = {"content": "<|endoftext|>", "lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True,
-        "bos_token": {**special, "content": "<|startoftext|>"}, "eos_token": special,
-        "pad_token": special, "unk_token": special,
-    }, indent=2))
-    (folder / "special_tokens_map.json").write_text(json.dumps({
-        "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-        "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>",
-    }, indent=2))
-
-
 def save_pipeline_folder(components: dict, arch: ArchitectureConfig, folder: Path) -> None:
     """Save ``components`` as a diffusers folder: the SD pipeline plus ``controlnet/``.
 
@@ -200,7 +161,9 @@ def save_pipeline_folder(components: dict, arch: ArchitectureConfig, folder: Pat
     from diffusers import StableDiffusionControlNetPipeline
     from transformers import CLIPTokenizer
 
-    write_tokenizer(folder / "tokenizer", arch.vocab_size)
+    from loramgr.models.tokenizer import write_tokenizer
+
+    write_tokenizer(folder / "tokenizer", arch)
     pipe = StableDiffusionControlNetPipeline(
         vae=components["vae"], text_encoder=components["text_encoder"],
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"), unet=components["unet"],

@@ -253,7 +253,7 @@ def _write_pipeline_configs(arch: ArchitectureConfig, folder: Path) -> None:
     """The config-only diffusers folder ``from_single_file(config=...)`` reads instead of the hub."""
     from transformers import CLIPTextConfig
 
-    from loramgr.models.architectures import write_tokenizer
+    from loramgr.models.tokenizer import write_tokenizer
 
     classes = {"unet": ("diffusers", "UNet2DConditionModel"), "vae": ("diffusers", "AutoencoderKL"),
                "text_encoder": ("transformers", "CLIPTextModel"), "tokenizer": ("transformers", "CLIPTokenizer"),
@@ -267,7 +267,7 @@ def _write_pipeline_configs(arch: ArchitectureConfig, folder: Path) -> None:
     (folder / "scheduler").mkdir()
     (folder / "scheduler" / "scheduler_config.json").write_text(json.dumps(arch.scheduler))
     CLIPTextConfig(**arch.text_encoder).save_pretrained(folder / "text_encoder")
-    write_tokenizer(folder / "tokenizer", arch.vocab_size)
+    write_tokenizer(folder / "tokenizer", arch)
 
 
 def check_weights_file(path: Path, suffixes: tuple[str, ...], expected: str) -> None:

@@ -111,7 +111,7 @@ def _compare_sessions(report: VerifyReport, base_dir: Path, manifest: Manifest, 
                 on_step("generating the sample image twice")
             image = compare_images(make_pipeline(base_dir, manifest, injected), make_pipeline(folder, merged, reference),
                                    settings.prompt, settings.image_size, settings.steps, settings.seed,
-                                   tolerances.min_psnr_db)
+                                   tolerances.min_psnr_db, n_prompt=settings.n_prompt)
             report.image = image
             report.checks.append(CheckResult("images", PASSED if image.passed else FAILED,
                                              f"PSNR {image.psnr_db:.1f} dB (needs >= {tolerances.min_psnr_db:g}), max "

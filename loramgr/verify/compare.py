@@ -132,13 +132,15 @@ def compare_outputs(injected, reference, manifest: Manifest, image_size: int, se
 
 
 def compare_images(injected_pipeline, reference_pipeline, prompt: str, image_size: int, steps: int, seed: int,
-                   min_psnr_db: float) -> ImageDiff:
+                   min_psnr_db: float, n_prompt: str | None = None) -> ImageDiff:
     """The canny pipeline end to end on the sample picture, same prompt and seed on both sides."""
     from ..pipeline.settings import GenerationSettings
     from ..samples import sample_image
 
     picture = sample_image(image_size)
     settings = GenerationSettings(prompt=prompt, resolution=image_size, steps=steps, seed=seed)
+    if n_prompt is not None:
+        settings.n_prompt = n_prompt
     ours = injected_pipeline(picture, settings).images[0].astype(np.float64)
     theirs = reference_pipeline(picture, settings).images[0].astype(np.float64)
     mse = float(np.mean((ours - theirs) ** 2))

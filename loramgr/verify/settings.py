@@ -42,6 +42,7 @@ class VerifySettings:
     image_size: int = 64
     steps: int = 4
     prompt: str = "a house by a lake, sunny day"
+    n_prompt: str | None = None  # the images check's negative prompt; None: GenerationSettings' default
     use_cache: bool = True
 
     def __post_init__(self):
