@@ -17,6 +17,7 @@ open it. Two kinds of content (docs/lora-format.md is the full contract):
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import BadFileError, LoramgrError
+from .errors import BadFileError, LoramgrError, parse_weight
 from .manifest import Manifest
 from .workspace import atomic_path
 
@@ -65,7 +66,7 @@ class AdapterFile:
 
     @property
     def default_weight(self) -> float:
-        return float(self.metadata.get("loramgr.default_weight", "1.0"))
+        return parse_weight(self.metadata.get("loramgr.default_weight", "1.0"), f"{self.path} default weight")
 
     def check_base(self, manifest: Manifest) -> None:
         """Refuse an adapter converted against another base before any work is done."""
@@ -75,6 +76,7 @@ class AdapterFile:
                 f"(fingerprint {self.base_fingerprint[:12]}), not for base {manifest.name!r} "
                 f"({manifest.fingerprint[:12]}): convert the source again with --base {manifest.name}"
             )
+        check_target_shapes(self.path, self.targets.values(), manifest)
 
 
 def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[AdapterTarget]) -> None:
@@ -125,16 +127,136 @@ def load_adapter(path: Path) -> AdapterFile:
                                  f"loramgr.format_version={meta.get('loramgr.format_version')!r})")
     tensors = {t.name: t for t in model.graph.initializer}
     targets = {}
-    for initializer, entry in json.loads(meta.pop("loramgr.targets", "{}")).items():
+    index = parse_targets(path, meta)
+    meta.pop("loramgr.targets", None)
+    if meta.get("loramgr.kind") not in KINDS:
+        raise BadFileError(path, f"metadata loramgr.kind {meta.get('loramgr.kind')!r} is not one of {', '.join(KINDS)}")
+    for initializer, entry in index.items():
         names = ([initializer] if entry["kind"] == "full"
                  else [f"{initializer}{SEPARATOR}{k}" for k in entry["factors"]])
         try:
             arrays = {k: numpy_helper.to_array(tensors[n]) for k, n in zip(entry["factors"], names)}
         except KeyError as exc:
             raise BadFileError(path, f"tensor {exc.args[0]!r} listed in the metadata is missing") from None
+        except Exception as exc:  # onnx/numpy raise several types for a damaged TensorProto
+            raise BadFileError(path, f"tensor of {initializer!r} cannot be read ({type(exc).__name__})") from None
         targets[initializer] = AdapterTarget(initializer, entry["graph"], entry["param"], entry["kind"],
                                              float(entry["scale"]), arrays, entry.get("dora_rule", "lycoris"))
     return AdapterFile(Path(path), meta["loramgr.kind"], meta, targets)
+
+
+_TARGET_FIELDS = {"graph": str, "param": str, "kind": str, "scale": (int, float), "factors": list}
+_TARGET_KINDS = ("lora", "loha", "lokr", "full")
+
+
+def parse_targets(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
+    """The ``loramgr.targets`` index of a ``.lora``, checked: initializer -> {graph, param, kind, scale, factors}.
+
+    Damaged metadata is refused as a :class:`BadFileError` naming the file, not a traceback.
+    """
+    import math
+
+    try:
+        index = json.loads(metadata.get("loramgr.targets", "{}"))
+    except ValueError:
+        raise BadFileError(path, "metadata loramgr.targets is not valid JSON (damaged file?)") from None
+    if not isinstance(index, dict):
+        raise BadFileError(path, "metadata loramgr.targets is not a JSON object (damaged file?)")
+    for initializer, entry in index.items():
+        if not isinstance(entry, dict):
+            raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}] is not a JSON object")
+        for key, types in _TARGET_FIELDS.items():
+            if not isinstance(entry.get(key), types) or isinstance(entry.get(key), bool):
+                raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}] has no valid {key!r}")
+        if entry["kind"] not in _TARGET_KINDS:
+            raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}]: unknown kind {entry['kind']!r}")
+        if not math.isfinite(entry["scale"]):
+            raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}]: scale {entry['scale']} is not finite")
+        if not all(isinstance(f, str) for f in entry["factors"]) or not entry["factors"]:
+            raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}] has no valid 'factors'")
+    return index
+
+
+def check_target_shapes(path: Path, targets, manifest: Manifest) -> None:
+    """Every target must name a weight of ``manifest`` and its factors must build that weight's shape.
+
+    Only shapes are compared (the rules of ``formats.deltas``, no tensor math), so a
+    damaged or hand-edited file is refused before any session is created.
+    """
+    from .formats.deltas import dora_axis
+
+    for t in targets:
+        graph = manifest.graphs.get(t.graph)
+        entry = graph.weights.get(t.param) if graph is not None else None
+        if entry is None or entry.initializer != t.initializer:
+            raise BadFileError(path, f"target {t.initializer!r} ({t.graph}/{t.param}) is not a weight of base "
+                                     f"{manifest.name!r}")
+        if t.kind == "full":
+            weight = t.tensors.get("weight")
+            if weight is None or tuple(weight.shape) != tuple(entry.shape):
+                got = list(weight.shape) if weight is not None else None
+                raise BadFileError(path, f"tensor {t.initializer!r} has shape {got}, the base weight {list(entry.shape)}")
+            continue
+        shapes = {k: tuple(v.shape) for k, v in t.tensors.items()}
+        try:
+            fits = _delta_shape(t.kind, shapes, tuple(entry.torch_shape))
+            if "dora_scale" in t.tensors:
+                dora_axis(t.tensors["dora_scale"], tuple(entry.torch_shape))
+        except (ValueError, KeyError, IndexError, TypeError):
+            fits = False
+        if not fits:
+            described = ", ".join(f"{k} {list(v)}" for k, v in shapes.items())
+            raise BadFileError(path, f"the factors of {t.param} ({described}) do not make its shape "
+                                     f"{list(entry.torch_shape)} (damaged file?)")
+
+
+def _low_rank_shape(w_a: tuple[int, ...], w_b: tuple[int, ...]) -> tuple[int, int]:
+    if len(w_a) != 2 or len(w_b) < 2 or w_a[1] != w_b[0]:
+        raise ValueError("factors do not chain")
+    return w_a[0], math.prod(w_b[1:])
+
+
+def _tucker_shape(t: tuple[int, ...], w_a: tuple[int, ...], w_b: tuple[int, ...]) -> tuple[int, ...]:
+    if len(t) < 2 or len(w_a) != 2 or len(w_b) != 2 or t[0] != w_a[0] or t[1] != w_b[0]:
+        raise ValueError("factors do not chain")
+    return (w_a[1], w_b[1], *t[2:])
+
+
+def _delta_shape(kind: str, f: dict[str, tuple[int, ...]], shape: tuple[int, ...]) -> bool:
+    """Whether the factors ``f`` (shapes only) build a delta of ``shape``, as formats.deltas computes it."""
+    if kind == "lora":
+        rows, cols = _low_rank_shape(f["up"], f["down"])
+        return rows == shape[0] and rows * cols == math.prod(shape)
+    if kind == "loha":
+        if "t1" in f:
+            w1, w2 = _tucker_shape(f["t1"], f["w1_a"], f["w1_b"]), _tucker_shape(f["t2"], f["w2_a"], f["w2_b"])
+        else:
+            w1, w2 = _low_rank_shape(f["w1_a"], f["w1_b"]), _low_rank_shape(f["w2_a"], f["w2_b"])
+        return math.prod(np.broadcast_shapes(w1, w2)) == math.prod(shape)
+    if kind == "lokr":
+        w1 = f["w1"] if "w1" in f else _low_rank_shape(f["w1_a"], f["w1_b"])
+        if "w2" in f:
+            w2 = f["w2"]
+        elif "t2" in f:
+            w2 = _tucker_shape(f["t2"], f["w2_a"], f["w2_b"])
+        else:
+            w2 = _low_rank_shape(f["w2_a"], f["w2_b"])
+        if len(w1) != 2 or len(w2) < 1:
+            return False
+        return w1[0] * w2[0] == shape[0] and math.prod(w1) * math.prod(w2) == math.prod(shape)
+    return False
+
+
+def check_finite_targets(path: Path, targets) -> None:
+    """Refuse NaN or infinity in any tensor or scale: they would render black images."""
+    import math
+
+    for t in targets:
+        if not math.isfinite(t.scale):
+            raise BadFileError(path, f"{t.param}: scale (alpha / rank) {t.scale} is not a finite number")
+        for key, array in t.tensors.items():
+            if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+                raise BadFileError(path, f"{t.param}: tensor {key!r} holds NaN or infinite values")
 
 
 def _load(path: Path, load_external_data: bool) -> onnx.ModelProto:

@@ -122,6 +122,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n-prompt", default=S.n_prompt)
     p.add_argument("--num-samples", type=int, default=S.num_samples)
     p.add_argument("--resolution", type=int, default=S.resolution)
+    p.add_argument("--max-pixels", type=int, default=S.max_pixels, help="refuse larger outputs (width * height)")
     p.add_argument("--steps", type=int, default=S.steps)
     p.add_argument("--guess-mode", action="store_true")
     p.add_argument("--guess-schedule", choices=("controlnet", "diffusers"), default=S.control_schedule,
@@ -139,6 +140,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="ONNX Runtime graph optimization level (default basic: see docs/design.md)")
     p.add_argument("--no-hot-swap", action="store_true", help="inject at session creation only")
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
+    p.add_argument("--name", help="output file stem (default: date-time-pid, made unique)")
+    p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --name")
     p.add_argument("--json", action="store_true")
 
 
@@ -188,7 +191,7 @@ def _settings(args: argparse.Namespace):
         resolution=args.resolution, steps=args.steps, guess_mode=args.guess_mode, strength=args.strength,
         scale=args.scale, seed=args.seed, eta=args.eta, low_threshold=args.low_threshold,
         high_threshold=args.high_threshold, img2img_strength=args.img2img_strength, scheduler=args.scheduler,
-        control_schedule=args.guess_schedule,
+        control_schedule=args.guess_schedule, max_pixels=args.max_pixels,
     )
 
 
@@ -201,7 +204,8 @@ def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
     options = OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap)
     with console.steps_bar("denoising", enabled=not args.json) as progress:
         reports = generate(ws, args.image, _settings(args), choices, base=args.base, backend=args.backend,
-                           ort_options=options, out_dir=args.out, progress=progress)
+                           ort_options=options, out_dir=args.out, progress=progress, stem=args.name,
+                           overwrite=args.overwrite)
     _print_runs(reports, choices, args.json)
     return 0
 
@@ -326,6 +330,9 @@ def cmd_list(args: argparse.Namespace, ws: Workspace) -> int:
              ", ".join(a["trigger_words"][:3])) for a in data["adapters"]]
     console.out.print(console.table(f"adapters in {ws.adapters}",
                                     ("adapter", "kind", "base", "format", "targets", "size", "trigger words"), rows))
+    if data["problems"]:
+        rows = [(p["kind"], p["name"], p["reason"]) for p in data["problems"]]
+        console.out.print(console.table("[red]entries that cannot be used[/]", ("", "name", "reason"), rows))
     return 0
 
 

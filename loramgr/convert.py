@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter_file import AdapterFile, AdapterTarget, load_adapter, save_adapter
-from .errors import LoramgrError
+from .adapter_file import AdapterFile, AdapterTarget, check_finite_targets, load_adapter, save_adapter
+from .errors import LoramgrError, check_finite, parse_weight
 from .manifest import FUSED, Manifest
 from .merge import AdapterSet, BaseWeights, merge_tensors
 from .workspace import Workspace, check_name, sha256_tree
@@ -82,7 +82,8 @@ def convert_adapter(
     start = time.perf_counter()
     source = Path(source)
     base = resolve_base(workspace, base)
-    name = check_name(name or (source.stem if source.suffix else source.name), "adapter")
+    name = check_name((source.stem if source.suffix else source.name) if name is None else name, "adapter")
+    default_weight = check_finite(default_weight, "--default-weight")
     manifest = Manifest.load(workspace.base_dir(base))
     parsed = read_adapter(source, manifest.param_shapes(), kind=kind,
                           controlnet_config=manifest.configs["controlnet"], strict=strict)
@@ -99,6 +100,7 @@ def convert_adapter(
                 tensors["dora_scale"] = _numpy(delta.dora_scale)
         targets.append(AdapterTarget(entry.initializer, graph, delta.param, delta.kind, delta.scale, tensors,
                                      delta.dora_rule))
+    check_finite_targets(source, targets)
     adapter_kind = "controlnet" if parsed.kind == "controlnet" else "lora"
     metadata = {
         "loramgr.source_name": source.name,
@@ -130,10 +132,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, float | None]:
     name, sep, weight = spec.partition(":")
     if not sep:
         return name, None
-    try:
-        return name, float(weight)
-    except ValueError:
-        raise LoramgrError(f"adapter {spec!r}: weight {weight!r} is not a number (use NAME:0.8)") from None
+    return name, parse_weight(weight, f"adapter {spec!r}")
 
 
 def load_adapter_set(workspace: Workspace, manifest: Manifest, loras: list[str], control: str | None = None

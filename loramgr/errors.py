@@ -21,3 +21,28 @@ class BadFileError(LoramgrError):
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"{path}: {reason}")
+
+
+def check_finite(value: float, what: str) -> float:
+    """``value`` if it is a finite number; NaN or infinity as a weight renders a black image."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise LoramgrError(f"{what}: {value!r} is not a finite number")
+    return float(value)
+
+
+def parse_weight(text: str, what: str) -> float:
+    """A weight given as text (``NAME:0.8``, ``--default-weight``, metadata): a finite float.
+
+    ``nan``, ``inf`` and numbers too large for a float (``1e309``) are refused.
+    """
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise LoramgrError(f"{what}: weight {text!r} is not a number (use NAME:0.8)") from None
+    import math
+
+    if not math.isfinite(value):
+        raise LoramgrError(f"{what}: weight {text!r} is not a finite number (use NAME:0.8)")
+    return value

@@ -45,10 +45,13 @@ from .errors import LoramgrError
 from .manifest import (
     FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, GraphInfo, IOSpec, Manifest, WeightEntry,
 )
-from .workspace import Workspace, atomic_dir, sha256_file
+from .workspace import Workspace, atomic_dir, honour_umask, sha256_file
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 DEFAULT_OPSET = 17
+# Opsets the export is known to work with: the graphs need opset 14+ ops, and torch's
+# TorchScript exporter writes at most torch.onnx's ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET.
+MIN_OPSET = 14
 DATA_FILE = "model.onnx_data"
 ExportStep = Callable[[str], None]
 
@@ -276,7 +279,7 @@ def _export_graph(spec: GraphSpec, folder: Path, opset: int, on_step: ExportStep
         folder.mkdir(parents=True)
         onnx.save_model(model, str(folder / "model.onnx"), save_as_external_data=True,
                         all_tensors_to_one_file=True, location=DATA_FILE, size_threshold=0)
-        (folder / DATA_FILE).chmod(0o644)
+        honour_umask(folder / DATA_FILE, 0o666)  # onnx may write it 0600
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     del model
@@ -346,6 +349,19 @@ def export_components(
     return manifest
 
 
+def max_opset() -> int:
+    from torch.onnx import _constants
+
+    return int(getattr(_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", _constants.ONNX_MAX_OPSET))
+
+
+def check_opset(opset: int) -> None:
+    """Refuse an opset the exporter cannot write (or the graphs cannot use) before anything is loaded."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= max_opset():
+        raise LoramgrError(f"--opset {opset!r}: choose an opset from {MIN_OPSET} to {max_opset()} "
+                           f"(default {DEFAULT_OPSET})")
+
+
 def export_base(
     workspace: Workspace, name: str, *, model: str | Path | None = None, controlnet: str | Path | None = None,
     arch: str | None = None, seed: int = 0, dtype: str = "fp32", opset: int = DEFAULT_OPSET,
@@ -371,6 +387,7 @@ def export_base(
     from .models.loading import load_components, load_controlnet
     from .models.tokenizer import fit_tokenizer, load_tokenizer
 
+    check_opset(opset)
     target = workspace.base_dir(name)
     if (model is None) == (arch is None):
         raise LoramgrError("export needs either --model SRC (with --controlnet SRC) or --arch tiny|sd15 --random")

@@ -7,10 +7,10 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .adapter_file import read_metadata
-from .errors import LoramgrError
+from .adapter_file import parse_targets, read_metadata
+from .errors import BadFileError, LoramgrError, parse_weight
 from .manifest import Manifest
-from .workspace import Workspace
+from .workspace import Workspace, stale_temps
 
 
 def block_of(param: str) -> str:
@@ -56,19 +56,19 @@ def base_details(workspace: Workspace, name: str) -> dict:
 def adapter_summary(workspace: Workspace, name: str) -> dict:
     path = workspace.adapter_path(name)
     meta = read_metadata(path)
-    targets = json.loads(meta.get("loramgr.targets", "{}"))
+    targets = parse_targets(path, meta)
     return {
         "name": name, "kind": meta.get("loramgr.kind"), "base": meta.get("loramgr.base_name"),
         "format": meta.get("loramgr.source_format", ""), "source": meta.get("loramgr.source_name", ""),
         "size_bytes": path.stat().st_size, "targets": len(targets),
-        "trigger_words": json.loads(meta.get("loramgr.trigger_words", "[]")),
-        "default_weight": float(meta.get("loramgr.default_weight", "1.0")),
+        "trigger_words": _json_list(path, meta, "loramgr.trigger_words"),
+        "default_weight": parse_weight(meta.get("loramgr.default_weight", "1.0"), f"{path} default weight"),
     }
 
 
 def adapter_details(workspace: Workspace, name: str) -> dict:
     meta = read_metadata(workspace.adapter_path(name))
-    targets = json.loads(meta.get("loramgr.targets", "{}"))
+    targets = parse_targets(workspace.adapter_path(name), meta)
     return {
         **adapter_summary(workspace, name),
         "source_sha256": meta.get("loramgr.source_sha256", ""),
@@ -79,11 +79,48 @@ def adapter_details(workspace: Workspace, name: str) -> dict:
     }
 
 
+def _json_list(path: Path, meta: dict[str, str], key: str) -> list:
+    try:
+        value = json.loads(meta.get(key, "[]"))
+    except ValueError:
+        value = None
+    if not isinstance(value, list):
+        raise BadFileError(path, f"metadata {key} is not a JSON list")
+    return value
+
+
+def _readable(summary, workspace: Workspace, kind: str, name: str, problems: list[dict]) -> dict | None:
+    """``summary(workspace, name)``, or ``None`` with the reason added to ``problems``."""
+    try:
+        return summary(workspace, name)
+    except (LoramgrError, OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        reason = exc.reason if isinstance(exc, BadFileError) else (str(exc) or type(exc).__name__)
+        path = workspace.base_models / name if kind == "base" else workspace.adapters / f"{name}.lora"
+        problems.append({"kind": kind, "name": name, "path": str(path), "reason": reason.splitlines()[0]})
+        return None
+
+
+def leftovers(workspace: Workspace) -> list[dict]:
+    """Temporary entries interrupted exports/converts left (removed on the next write of the same name)."""
+    found = []
+    for folder in (workspace.base_models, workspace.adapters):
+        for entry, reason in stale_temps(folder):
+            size = _folder_size(entry) if entry.is_dir() else entry.lstat().st_size
+            found.append({"kind": "temporary", "name": entry.name, "path": str(entry), "size_bytes": size,
+                          "reason": f"{reason}; removed by the next write of that name, or delete it"})
+    return found
+
+
 def inventory(workspace: Workspace) -> dict:
+    """Every base and adapter; entries that cannot be read are listed under ``problems`` with the reason."""
+    problems: list[dict] = []
+    bases = [_readable(base_summary, workspace, "base", n, problems) for n in workspace.base_names()]
+    adapters = [_readable(adapter_summary, workspace, "adapter", n, problems) for n in workspace.adapter_names()]
     return {
         "home": str(workspace.home),
-        "bases": [base_summary(workspace, n) for n in workspace.base_names()],
-        "adapters": [adapter_summary(workspace, n) for n in workspace.adapter_names()],
+        "bases": [b for b in bases if b is not None],
+        "adapters": [a for a in adapters if a is not None],
+        "problems": problems + leftovers(workspace),
     }
 
 

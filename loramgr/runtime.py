@@ -116,7 +116,7 @@ def generate(
         ['.png', '.png']
     """
     from .pipeline.images import load_image
-    from .pipeline.outputs import save_result
+    from .pipeline.outputs import claim_stems, save_result
     from .pipeline.settings import check_inputs
 
     start = time.perf_counter()
@@ -127,6 +127,7 @@ def generate(
     pixels = load_image(image)
     check_inputs(pixels, settings)
     sets = [load_adapter_set(workspace, manifest, list(c.loras), c.control) for c in choices]
+    stems = claim_stems(out_dir, stem, [c.label() for c in choices], settings.num_samples, overwrite)
     swappable: dict[str, set[str]] = {}
     for adapter_set in sets:
         for graph, names in adapter_set.touched().items():
@@ -134,7 +135,6 @@ def generate(
     runner = open_runner(base_dir, sets[0], backend, ort_options, swappable)
     pipeline = make_pipeline(base_dir, manifest, runner)
     load_timings = {"open_s": time.perf_counter() - start, **_session_timings(runner)}
-    stem = stem or time.strftime("%Y%m%d-%H%M%S")
     reports = []
     try:
         for i, (choice, adapter_set) in enumerate(zip(choices, sets)):
@@ -147,8 +147,7 @@ def generate(
             metadata = {"base": base, "base_fingerprint": manifest.fingerprint, "backend": backend,
                         "image": str(image), "adapters": adapters, "control": choice.control or "canny",
                         "load_timings": load}  # the pipeline's phases are the sidecar's own "timings"
-            run_stem = stem if len(choices) == 1 else f"{stem}-{i}-{choice.label().replace(':', '_')}"
-            files = save_result(result, out_dir, run_stem, metadata, overwrite=overwrite)
+            files = save_result(result, out_dir, stems[i], metadata, overwrite=overwrite)
             timings["run_s"] = time.perf_counter() - run_start
             reports.append(RunReport(base, backend, adapters, files, timings))
     finally:

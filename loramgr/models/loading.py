@@ -93,7 +93,7 @@ def load_controlnet(src: Path, config: dict | None = None) -> ControlNetModel:
         if not folder.is_dir():
             raise BadFileError(src, "neither a ControlNet folder (config.json) nor a pipeline folder with controlnet/")
         _check_folder_part(folder, "controlnet")
-        return _prepared(ControlNetModel.from_pretrained(folder, local_files_only=True), src, "controlnet")
+        return _prepared(_from_pretrained(ControlNetModel, folder), src, "controlnet")
 
     check_weights_file(src, CONTROLNET_SUFFIXES, "a diffusers folder, .safetensors or .pth ControlNet")
     state = _read_state_dict(src)
@@ -327,13 +327,30 @@ def _load_folder(src: Path) -> dict:
     parts = BASE_COMPONENTS + (("controlnet",) if (src / "controlnet").is_dir() else ())
     for name in parts:
         _check_folder_part(src / name, name)
-    scheduler_config = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    try:
+        scheduler_config = json.loads((src / "scheduler" / "scheduler_config.json").read_text())
+    except ValueError:
+        raise BadFileError(src / "scheduler" / "scheduler_config.json", "not a JSON file") from None
+    if not isinstance(scheduler_config, dict):
+        raise BadFileError(src / "scheduler" / "scheduler_config.json", "not a JSON object")
     scheduler_class = getattr(diffusers, scheduler_config.get("_class_name", ""), None)
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
         raise BadFileError(src / "scheduler", f"unknown scheduler class {scheduler_config.get('_class_name')!r}")
     classes = {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel,
                "tokenizer": CLIPTokenizer, "scheduler": scheduler_class, "controlnet": ControlNetModel}
-    return {name: classes[name].from_pretrained(src, subfolder=name, local_files_only=True) for name in parts}
+    return {name: _from_pretrained(classes[name], src / name) for name in parts}
+
+
+def _from_pretrained(cls, folder: Path):
+    """``cls.from_pretrained(folder)``; a corrupt or refused weights file or a non-JSON config is a BadFileError.
+
+    The loaders raise OSError (unreadable weights, a pickle ``weights_only`` refuses),
+    ValueError/JSONDecodeError (configs) or others; each means a folder we cannot use.
+    """
+    try:
+        return cls.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, RuntimeError, TypeError, KeyError, EOFError) as error:
+        raise BadFileError(folder, f"cannot be loaded as {cls.__name__} ({_first_line(error)})") from error
 
 
 def _check_folder_part(folder: Path, name: str) -> None:

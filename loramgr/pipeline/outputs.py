@@ -8,6 +8,10 @@ means every file it lists is complete.
 from __future__ import annotations
 
 import json
+import os
+import re
+import time
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from ..errors import LoramgrError
-from ..workspace import atomic_path
+from ..workspace import atomic_path, check_name
 from .controlnet import GenerationResult
 
 
@@ -26,6 +30,45 @@ def output_paths(out_dir: Path, stem: str, num_samples: int) -> dict[str, list[P
         "edge_map": [out_dir / f"{stem}-edges.png"],
         "sidecar": [out_dir / f"{stem}.json"],
     }
+
+
+def default_stem() -> str:
+    """``YYYYmmdd-HHMMSS-PID``: the process id keeps two runs started in the same second apart."""
+    return f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def claim_stems(out_dir: str | Path, stem: str | None, labels: Sequence[str], num_samples: int,
+                overwrite: bool = False) -> list[str]:
+    """One free output stem per run (``labels``: the runs' adapter sets), checked before anything is generated.
+
+    ``stem`` is the user's ``--name`` (``None``: :func:`default_stem`); with several
+    runs each gets ``STEM-i-LABEL``. A chosen stem must be free unless ``overwrite``; a
+    default one gets a ``-2``, ``-3``... suffix until every file of every run is free.
+    """
+    out_dir = Path(out_dir)
+    chosen = stem is not None
+    base = check_name(stem, "output") if chosen else default_stem()
+
+    def stems_for(prefix: str) -> list[str]:
+        if len(labels) == 1:
+            return [prefix]
+        return [f"{prefix}-{i}-{re.sub(r'[^A-Za-z0-9_.+-]', '_', label)}" for i, label in enumerate(labels)]
+
+    def taken(candidates: Sequence[str]) -> list[Path]:
+        return [p for stem in candidates for group in output_paths(out_dir, stem, num_samples).values()
+                for p in group if p.exists()]
+
+    if chosen:
+        stems = stems_for(base)
+        existing = [] if overwrite else taken(stems)
+        if existing:
+            raise LoramgrError(f"{existing[0]} already exists: choose another --name or pass --overwrite")
+        return stems
+    for n in range(1, 10_000):
+        stems = stems_for(base if n == 1 else f"{base}-{n}")
+        if not taken(stems):
+            return stems
+    raise LoramgrError(f"no free output name for {base} in {out_dir}: choose one with --name")
 
 
 def save_result(
@@ -45,7 +88,7 @@ def save_result(
     every = [p for group in paths.values() for p in group]
     existing = [p for p in every if p.exists()]
     if existing and not overwrite:
-        raise LoramgrError(f"{existing[0]} already exists; choose another name or overwrite")
+        raise LoramgrError(f"{existing[0]} already exists: choose another --name or pass --overwrite")
     for image, path in zip([*result.images, result.edge_map], [*paths["images"], *paths["edge_map"]]):
         _write_png(image, path)
     height, width = result.edge_map.shape[:2]

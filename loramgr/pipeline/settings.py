@@ -18,6 +18,9 @@ from .schedulers import SCHEDULERS, takes_eta
 # "controlnet": guess-mode scales strength * 0.825 ** (12 - i), as ControlNet's process();
 # "diffusers": strength * logspace(-1, 0, 13), as diffusers' ControlNetModel (for parity).
 CONTROL_SCHEDULES = ("controlnet", "diffusers")
+# The largest output (width * height) generated without asking: every buffer of the pipeline
+# grows with it and attention with its square (1536 x 1536; SD1.5 is trained at 512 x 512).
+DEFAULT_MAX_PIXELS = 1536 * 1536
 
 
 @dataclass
@@ -48,6 +51,7 @@ class GenerationSettings:
     img2img_strength: float | None = None
     scheduler: str = "ddim"
     control_schedule: str = "controlnet"
+    max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger outputs (width * height) before anything is allocated
 
 
 def check_inputs(image: np.ndarray, settings: GenerationSettings) -> None:
@@ -67,6 +71,8 @@ def check_inputs(image: np.ndarray, settings: GenerationSettings) -> None:
             raise LoramgrError(f"{name} must be a string, got {getattr(s, name)!r}")
     _check_int("num_samples", s.num_samples, 1)
     _check_int("resolution", s.resolution, 64)
+    _check_int("max_pixels", s.max_pixels, 64 * 64)
+    check_output_size(image.shape[0], image.shape[1], s.resolution, s.max_pixels)
     _check_int("steps", s.steps, 1)
     _check_int("seed", s.seed, 0, 2**64 - 1)
     _check_int("low_threshold", s.low_threshold, 1, 255)
@@ -99,6 +105,24 @@ def check_inputs(image: np.ndarray, settings: GenerationSettings) -> None:
                 f"img2img_strength={s.img2img_strength} with steps={s.steps} leaves no denoising step; "
                 f"use img2img_strength >= {1 / s.steps:g} or more steps"
             )
+
+
+def output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """The generated (height, width): short side ``resolution``, both rounded to 64, as ``resize_image``."""
+    k = float(resolution) / min(height, width)
+    return int(np.round(height * k / 64.0)) * 64, int(np.round(width * k / 64.0)) * 64
+
+
+def check_output_size(height: int, width: int, resolution: int, max_pixels: int = DEFAULT_MAX_PIXELS,
+                      override: str | None = "--max-pixels") -> None:
+    """Refuse an output over ``max_pixels`` (a huge resolution or an extreme aspect ratio) before allocating it."""
+    out_h, out_w = output_size(height, width, resolution)
+    if out_h * out_w > max_pixels:
+        raise LoramgrError(
+            f"resolution {resolution} on a {width}x{height} image gives a {out_w}x{out_h} output "
+            f"({out_h * out_w / 1e6:.1f} Mpx), over the limit of {max_pixels / 1e6:.1f} Mpx: use a smaller "
+            f"resolution or a less elongated image" + (f", or raise the limit with {override}" if override else "")
+        )
 
 
 def _check_int(name: str, value: object, minimum: int, maximum: int | None = None) -> None:

@@ -53,3 +53,6 @@ class VerifySettings:
             raise LoramgrError(f"--reference {self.reference!r}: choose one of {', '.join(ROUTES)}")
         if self.image_size < 64 or self.image_size % 64:
             raise LoramgrError(f"image size {self.image_size}: use a multiple of 64 (at least 64)")
+        from ..pipeline.settings import check_output_size
+
+        check_output_size(self.image_size, self.image_size, self.image_size, override=None)
