@@ -3,8 +3,10 @@
 The Python API lives in focused modules (the CLI is a thin layer over them):
 
 - :mod:`loramgr.export` — ``export_base``: a base once, with a verified weight map.
-- :mod:`loramgr.convert` — ``convert_adapter``, ``bake``: adapters into ``.lora`` files.
-- :mod:`loramgr.runtime` — ``open_runner``, ``generate``: sessions with adapters, the canny pipeline.
+- :mod:`loramgr.convert` — ``convert_adapter``: adapters into ``.lora`` files; :mod:`loramgr.bake` — ``bake``.
+- :mod:`loramgr.adapters` — ``AdapterSet``, ``AdapterChoice``, ``load_adapter_set``: which adapters run together.
+- :mod:`loramgr.backends` — ``open_runner``: a base on ONNX Runtime or TensorRT behind one ``Runner`` interface.
+- :mod:`loramgr.runtime` — ``Generator`` (in memory), ``generate`` (files): the canny pipeline with adapters.
 - :mod:`loramgr.verify` — ``verify``: injected weights against a merged export.
 """
 

@@ -13,6 +13,8 @@ import sys
 from collections.abc import Sequence
 
 from . import console
+from .backends import BACKENDS
+from .backends.options import OPTIMIZATION_LEVELS
 from .errors import LoramgrError
 from .workspace import Workspace
 
@@ -61,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("adapters", nargs="*", metavar="NAME[:WEIGHT]")
     p.add_argument("--control", metavar="NAME", help="a converted ControlNet to verify with the LoRAs")
     p.add_argument("--base")
-    p.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "tensorrt"), default="ort-cpu")
+    _add_backend_arguments(p)
     p.add_argument("--reference", choices=("auto", "diffusers", "formulas"), default="auto",
                    help="who merges LoRAs for the reference (auto: diffusers where it reads the format correctly)")
     p.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
@@ -135,14 +137,42 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--high-threshold", type=int, default=S.high_threshold)
     p.add_argument("--img2img-strength", type=float, default=None)
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler)
-    p.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "tensorrt"), default="ort-cpu")
-    p.add_argument("--ort-opt", choices=("disabled", "basic", "extended", "all"), default="basic",
-                   help="ONNX Runtime graph optimization level (default basic: see docs/design.md)")
-    p.add_argument("--no-hot-swap", action="store_true", help="inject at session creation only")
+    _add_backend_arguments(p)
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     p.add_argument("--name", help="output file stem (default: date-time-pid, made unique)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --name")
     p.add_argument("--json", action="store_true")
+
+
+def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
+    """``--backend`` and each backend's options (they become one OrtOptions or TrtOptions)."""
+    p.add_argument("--backend", choices=BACKENDS, default="ort-cpu")
+    p.add_argument("--ort-opt", choices=OPTIMIZATION_LEVELS, default="basic",
+                   help="ONNX Runtime graph optimization level (default basic: see docs/design.md)")
+    p.add_argument("--no-hot-swap", action="store_true", help="ONNX Runtime: inject at session creation only")
+    p.add_argument("--precision", choices=("fp32", "fp16"),
+                   help="TensorRT engines' precision (default: what build-engine built, else fp32)")
+    for bound in ("min", "opt", "max"):
+        p.add_argument(f"--{bound}", metavar="BxHxW",
+                       help=f"TensorRT profile {bound} shape as in build-engine (default: what build-engine built)")
+
+
+def _backend_options(args: argparse.Namespace):
+    """The options object of ``args.backend``: OrtOptions for ort-*, TrtOptions for tensorrt."""
+    if args.backend == "tensorrt":
+        from .backends.tensorrt import DEFAULT_PROFILE, ShapeProfile, TrtOptions
+
+        profile = None
+        if args.min or args.opt or args.max:
+            profile = ShapeProfile.parse(args.min or str(DEFAULT_PROFILE.min), args.opt or str(DEFAULT_PROFILE.opt),
+                                         args.max or str(DEFAULT_PROFILE.max))
+        return TrtOptions(args.precision, profile)
+    from .backends.options import OrtOptions
+
+    given = [f"--{o}" for o in ("precision", "min", "opt", "max") if getattr(args, o) is not None]
+    if given:
+        raise LoramgrError(f"{', '.join(given)}: TensorRT options, but --backend is {args.backend}")
+    return OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap)
 
 
 def cmd_convert(args: argparse.Namespace, ws: Workspace) -> int:
@@ -172,7 +202,7 @@ def cmd_convert(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 def cmd_bake(args: argparse.Namespace, ws: Workspace) -> int:
-    from .convert import bake
+    from .bake import bake
 
     written = bake(ws, args.output, args.lora, base=args.base, control=args.control)
     if args.json:
@@ -183,28 +213,30 @@ def cmd_bake(args: argparse.Namespace, ws: Workspace) -> int:
     return 0
 
 
+# run's options named otherwise than the GenerationSettings field they set
+_SETTING_OPTIONS = {"control_schedule": "guess_schedule"}
+
+
 def _settings(args: argparse.Namespace):
+    """GenerationSettings from ``run``'s options, field by field (every field has an option)."""
+    from dataclasses import fields
+
     from .pipeline.settings import GenerationSettings
 
-    return GenerationSettings(
-        prompt=args.prompt, a_prompt=args.a_prompt, n_prompt=args.n_prompt, num_samples=args.num_samples,
-        resolution=args.resolution, steps=args.steps, guess_mode=args.guess_mode, strength=args.strength,
-        scale=args.scale, seed=args.seed, eta=args.eta, low_threshold=args.low_threshold,
-        high_threshold=args.high_threshold, img2img_strength=args.img2img_strength, scheduler=args.scheduler,
-        control_schedule=args.guess_schedule, max_pixels=args.max_pixels,
-    )
+    return GenerationSettings(**{f.name: getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
+                                 for f in fields(GenerationSettings)})
 
 
 def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
-    from .backends.onnxruntime import OrtOptions
-    from .runtime import AdapterChoice, generate
+    from .adapters import AdapterChoice
+    from .runtime import generate
 
     choices = [AdapterChoice(tuple(args.lora), args.control)]
     choices += [AdapterChoice.parse(spec, ws) for spec in args.sweep]
-    options = OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap)
+    options = _backend_options(args)
     with console.steps_bar("denoising", enabled=not args.json) as progress:
         reports = generate(ws, args.image, _settings(args), choices, base=args.base, backend=args.backend,
-                           ort_options=options, out_dir=args.out, progress=progress, stem=args.name,
+                           options=options, out_dir=args.out, progress=progress, stem=args.name,
                            overwrite=args.overwrite)
     _print_runs(reports, choices, args.json)
     return 0
@@ -237,7 +269,7 @@ def cmd_verify(args: argparse.Namespace, ws: Workspace) -> int:
                               seed=args.seed, image_size=args.size, steps=args.steps, use_cache=not args.no_cache)
     with console.steps("verify", enabled=not args.json) as step:
         report = verify(ws, args.adapters, base=args.base, control=args.control, backend=args.backend,
-                        sources=sources, settings=settings, on_step=step)
+                        sources=sources, settings=settings, options=_backend_options(args), on_step=step)
     if args.json:
         console.print_json(report.to_dict())
     else:
@@ -274,11 +306,12 @@ def cmd_demo(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 def cmd_build_engine(args: argparse.Namespace, ws: Workspace) -> int:
-    from .backends.tensorrt_engines import ShapeProfile, build_engines
+    from .backends.tensorrt import ShapeProfile, TrtOptions, build_engines
+    from .bases import OpenBase
 
-    profile = ShapeProfile.parse(args.min, args.opt, args.max)
+    options = TrtOptions("fp16" if args.fp16 else "fp32", ShapeProfile.parse(args.min, args.opt, args.max))
     with console.steps(f"build-engine {args.base}", enabled=not args.json) as step:
-        paths = build_engines(ws.base_dir(args.base), fp16=args.fp16, profile=profile, on_step=step)
+        paths = build_engines(OpenBase.resolve(ws, args.base), options, on_step=step)
     if args.json:
         console.print_json({g: str(p) for g, p in paths.items()})
     else:

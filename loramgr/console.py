@@ -57,18 +57,6 @@ def steps(title: str, enabled: bool = True) -> Iterator:
 
 
 @contextlib.contextmanager
-def bar(title: str, total: int, enabled: bool = True) -> Iterator:
-    """A progress bar of ``total`` units; yields ``advance(n=1)``."""
-    if not enabled:
-        yield lambda n=1: None
-        return
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=err, transient=False) as progress:
-        task = progress.add_task(title, total=total)
-        yield lambda n=1: progress.advance(task, n)
-
-
-@contextlib.contextmanager
 def steps_bar(title: str, enabled: bool = True) -> Iterator:
     """A bar for repeated runs of known length: yields ``progress(completed, total)`` hooks' target."""
     if not enabled:

@@ -1,10 +1,9 @@
-"""Adapters in and out of the workspace: ``convert`` sources into ``.lora``, ``bake`` sets into full tensors.
+"""Adapters into the workspace: ``convert`` sources into ``adapters/NAME.lora``.
 
 ``convert_adapter`` reads any supported LoRA / ControlNet file against a base's weight
 map (the formats layer) and writes ``adapters/NAME.lora`` with the factors addressed
-by the base's initializer names. ``bake`` merges a set of adapters with their weights
-into the plain replacement tensors an ONNX Runtime user passes to
-``AddExternalInitializers`` from any language.
+by the base's initializer names. Merging adapters into full tensors is
+:mod:`loramgr.bake`'s job.
 """
 
 from __future__ import annotations
@@ -18,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .adapter_file import AdapterFile, AdapterTarget, check_finite_targets, load_adapter, save_adapter
-from .errors import LoramgrError, check_finite, parse_weight
-from .manifest import FUSED, Manifest
-from .merge import AdapterSet, BaseWeights, merge_tensors
-from .workspace import Workspace, check_name, sha256_tree
+from .adapter_file import AdapterTarget, check_finite_targets, save_adapter
+from .errors import check_finite
+from .manifest import Manifest
+from .workspace import Workspace, check_name, resolve_base, sha256_tree
 
 
 @dataclass
@@ -42,21 +40,6 @@ class ConversionReport:
     size_bytes: int
     seconds: float
     trigger_words: list[str] = field(default_factory=list)
-
-
-def resolve_base(workspace: Workspace, base: str | None) -> str:
-    """``base`` if given (and present), else the workspace's only base."""
-    names = workspace.base_names()
-    if base is not None:
-        if base not in names:
-            raise LoramgrError(f"no base named {base!r} in {workspace.base_models} "
-                               f"(bases: {', '.join(names) or 'none; run loramgr export first'})")
-        return base
-    if len(names) == 1:
-        return names[0]
-    if not names:
-        raise LoramgrError(f"no base in {workspace.base_models}: run `loramgr export` (or `loramgr demo`) first")
-    raise LoramgrError(f"{len(names)} bases in {workspace.base_models} ({', '.join(names)}): choose one with --base")
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
@@ -125,76 +108,3 @@ def convert_adapter(
         source_bytes=source_bytes, size_bytes=path.stat().st_size, seconds=time.perf_counter() - start,
         trigger_words=parsed.trigger_words,
     )
-
-
-def parse_adapter_spec(spec: str) -> tuple[str, float | None]:
-    """``NAME[:WEIGHT]`` -> (name, weight or None for the adapter's default)."""
-    name, sep, weight = spec.partition(":")
-    if not sep:
-        return name, None
-    return name, parse_weight(weight, f"adapter {spec!r}")
-
-
-def load_adapter_set(workspace: Workspace, manifest: Manifest, loras: list[str], control: str | None = None
-                     ) -> AdapterSet:
-    """Load ``NAME[:WEIGHT]`` LoRAs and an optional ControlNet adapter, checked against ``manifest``.
-
-    ``control`` of ``None`` or ``"canny"`` keeps the base's own ControlNet.
-    """
-    chosen: list[tuple[AdapterFile, float]] = []
-    for spec in loras:
-        name, weight = parse_adapter_spec(spec)
-        adapter = _load_named(workspace, name)
-        if adapter.kind == "controlnet":
-            raise LoramgrError(f"{name} is a ControlNet adapter: pass it with --control {name}")
-        chosen.append((adapter, adapter.default_weight if weight is None else weight))
-    if control not in (None, "canny"):
-        adapter = _load_named(workspace, control)
-        if adapter.kind != "controlnet":
-            raise LoramgrError(f"--control {control}: {adapter.path} is a {adapter.kind} adapter, not a ControlNet")
-        chosen.insert(0, (adapter, 1.0))
-    for adapter, _ in chosen:
-        adapter.check_base(manifest)
-    return AdapterSet(tuple(chosen))
-
-
-def _load_named(workspace: Workspace, name: str) -> AdapterFile:
-    path = Path(name) if name.endswith(".lora") else workspace.adapter_path(name)
-    if not path.is_file():
-        available = ", ".join(workspace.adapter_names()) or "none; run loramgr convert first"
-        raise LoramgrError(f"unknown adapter {name!r}: no {path} (adapters: {available})")
-    return load_adapter(path)
-
-
-def bake(workspace: Workspace, output: Path, loras: list[str], *, base: str | None = None,
-         control: str | None = None) -> dict[str, Path]:
-    """Merge adapters into full replacement tensors named as the base's initializers.
-
-    Writes ``output`` for the UNet+ControlNet graph and, when the set changes the text
-    encoder, ``<output stem>.text_encoder.lora`` beside it (ONNX Runtime refuses
-    initializers a graph does not have, so each graph gets its own file). Returns
-    graph -> path.
-    """
-    base = resolve_base(workspace, base)
-    base_dir = workspace.base_dir(base)
-    manifest = Manifest.load(base_dir)
-    adapter_set = load_adapter_set(workspace, manifest, loras, control)
-    if not adapter_set.adapters:
-        raise LoramgrError("bake needs at least one --lora or --control adapter")
-    output = Path(output)
-    if output.suffix != ".lora":
-        raise LoramgrError(f"-o {output}: the output file must end in .lora")
-    tensors = merge_tensors(BaseWeights(manifest, base_dir), adapter_set)
-    recipe = json.dumps([{"name": a.name, "weight": w, "sha256": a.metadata.get("loramgr.source_sha256", "")}
-                         for a, w in adapter_set.adapters])
-    written = {}
-    for graph, named in tensors.items():
-        path = output if graph == FUSED else output.with_name(f"{output.stem}.{graph}.lora")
-        by_init = manifest.graphs[graph].by_initializer()
-        targets = [AdapterTarget(n, graph, by_init[n], "full", 1.0, {"weight": a}) for n, a in named.items()]
-        metadata = {"loramgr.base_name": base, "loramgr.base_fingerprint": manifest.fingerprint,
-                    "loramgr.graph": graph, "loramgr.baked_from": recipe}
-        save_adapter(path, "baked", metadata, targets)
-        written[graph] = path
-    return written
-

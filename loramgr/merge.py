@@ -9,39 +9,16 @@ is cast once to the base dtype.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .adapter_file import AdapterFile, AdapterTarget
+from .adapter_file import AdapterTarget
+from .adapters import AdapterSet, Names
 from .errors import LoramgrError
 from .formats import WeightDelta, merge_weight
 from .manifest import Manifest, WeightEntry
-
-
-@dataclass(frozen=True)
-class AdapterSet:
-    """Adapters with their weights, in the order they are applied; at most one ControlNet."""
-
-    adapters: tuple[tuple[AdapterFile, float], ...] = ()
-
-    def __post_init__(self):
-        controlnets = [a.name for a, _ in self.adapters if a.kind == "controlnet"]
-        if len(controlnets) > 1:
-            raise LoramgrError(f"only one ControlNet can be active, got {', '.join(controlnets)}")
-        for adapter, weight in self.adapters:
-            if adapter.kind != "lora" and weight != 1.0:
-                raise LoramgrError(f"{adapter.name}: a {adapter.kind} adapter replaces weights; its weight must be 1, got {weight}")
-
-    def touched(self) -> dict[str, set[str]]:
-        """Graph -> initializer names this set changes."""
-        out: dict[str, set[str]] = defaultdict(set)
-        for adapter, _ in self.adapters:
-            for t in adapter.targets.values():
-                out[t.graph].add(t.initializer)
-        return out
 
 
 class BaseWeights:
@@ -77,7 +54,7 @@ def _as_delta(target: AdapterTarget, entry: WeightEntry) -> WeightDelta:
                        torch.from_numpy(np.array(dora)) if dora is not None else None, target.dora_rule)
 
 
-def merge_tensors(base: BaseWeights, adapter_set: AdapterSet, only: dict[str, set[str]] | None = None
+def merge_tensors(base: BaseWeights, adapter_set: AdapterSet, only: Names | None = None
                   ) -> dict[str, dict[str, np.ndarray]]:
     """Graph -> {initializer: merged tensor} for every initializer the set touches.
 

@@ -1,47 +1,51 @@
 """Open a base with adapters on a backend, and run the canny pipeline on it.
 
-This is the layer ``loramgr run`` and ``loramgr demo`` call: it resolves names in the
-workspace, checks every adapter against the base's fingerprint before any session is
-created, picks the backend, and writes the pipeline's outputs with a sidecar that
-records every parameter, adapter (with weight and sha256) and timing.
+Two entry points, one code path:
+
+* :class:`Generator` keeps one runner and one pipeline open for a base and, per call,
+  takes an adapter choice, an input image (or a precomputed control map) and
+  :class:`~loramgr.pipeline.settings.GenerationSettings`, and returns a
+  :class:`Generation` in memory: the images, the control map, the adapters applied
+  (name, weight, sha256) and the timings. Nothing is written. This is what a
+  long-lived service calls; calls from several threads are safe, and each image comes
+  from exactly the adapter set its call asked for (the generation holds the runner's
+  set until its last decode, see :mod:`loramgr.backends.base`).
+* :func:`generate` (``loramgr run``, ``loramgr demo``) is a thin layer over it that
+  reads the image file and writes each generation's PNGs and JSON sidecar, so the CLI
+  and the service give identical images for identical requests.
+
+Both resolve names in the workspace and check every adapter against the base's
+fingerprint before any session is created.
+
+Example:
+    >>> from loramgr.pipeline.settings import GenerationSettings
+    >>> with Generator.open(Workspace.resolve(), choices=[AdapterChoice(("blindbox:0.8",))]) as gen:
+    ...     out = gen.generate(AdapterChoice(("blindbox:0.8",)), GenerationSettings(prompt="a bird"), image=pixels)
+    >>> out.adapters[0]["name"], len(out.images)
+    ('blindbox', 1)
 """
 
 from __future__ import annotations
 
+import threading
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .backends.onnxruntime import OrtOptions, OrtRunner
-from .convert import load_adapter_set, resolve_base
-from .errors import LoramgrError
-from .manifest import Manifest
-from .merge import AdapterSet
+import numpy as np
+
+from .adapters import AdapterChoice, AdapterSet, load_adapter_set, union_touched
+from .backends import BACKENDS, open_runner
+from .backends.base import Runner, seconds
+from .bases import OpenBase
 from .workspace import Workspace
 
-BACKENDS = ("ort-cpu", "ort-cuda", "tensorrt")
+__all__ = ["BACKENDS", "AdapterChoice", "Generation", "Generator", "RunReport", "generate", "make_pipeline",
+           "open_runner"]
 
 
-def open_runner(base_dir: Path, adapter_set: AdapterSet, backend: str = "ort-cpu",
-                ort_options: OrtOptions | None = None, swappable: dict[str, set[str]] | None = None):
-    """A :class:`~loramgr.backends.base.Runner` over ``base_dir`` with ``adapter_set`` applied.
-
-    ``swappable`` names the weights later :meth:`set_adapters` calls may change, so
-    that they happen in place (hot swap) instead of re-creating sessions.
-    """
-    if backend in ("ort-cpu", "ort-cuda"):
-        options = ort_options or OrtOptions()
-        options = OrtOptions(provider=backend.removeprefix("ort-"), optimization=options.optimization,
-                             intra_op_threads=options.intra_op_threads, hot_swap=options.hot_swap)
-        return OrtRunner.open(base_dir, adapter_set, options, swappable=swappable)
-    if backend == "tensorrt":
-        from .backends.tensorrt import TrtRunner
-
-        return TrtRunner.open(base_dir, adapter_set)
-    raise LoramgrError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-
-
-def make_pipeline(base_dir: Path, manifest: Manifest, runner):
+def make_pipeline(base: OpenBase, runner: Runner):
     """The canny pipeline over ``runner`` with the base's tokenizer and scheduler config."""
     import json
 
@@ -49,37 +53,124 @@ def make_pipeline(base_dir: Path, manifest: Manifest, runner):
 
     from .pipeline.controlnet import ControlNetPipeline
 
-    tokenizer = CLIPTokenizer.from_pretrained(base_dir / "tokenizer", local_files_only=True)
-    scheduler_config = json.loads((base_dir / "scheduler" / "scheduler_config.json").read_text())
-    return ControlNetPipeline(runner, tokenizer, scheduler_config, manifest.vae_scaling_factor)
+    tokenizer = CLIPTokenizer.from_pretrained(base.dir / "tokenizer", local_files_only=True)
+    scheduler_config = json.loads((base.dir / "scheduler" / "scheduler_config.json").read_text())
+    return ControlNetPipeline(runner, tokenizer, scheduler_config, base.manifest.vae_scaling_factor)
 
 
-@dataclass(frozen=True)
-class AdapterChoice:
-    """One adapter set to run: LoRAs as ``NAME[:WEIGHT]`` and a ControlNet (``None``/``canny``: the base's)."""
+@dataclass
+class Generation:
+    """One generation, in memory: what :meth:`Generator.generate` returns.
 
-    loras: tuple[str, ...] = ()
-    control: str | None = None
+    ``images``: ``num_samples`` HxWx3 uint8 RGB; ``control_map``: the HWC3 edge map the
+    ControlNet saw; ``adapters``: name, kind, weight, source name and sha256 of every
+    adapter applied; ``timings``: seconds of the pipeline phases plus ``step_s``,
+    ``run_s`` and how the set was loaded (``open_s`` and session timings on the first
+    call, ``swap_s`` after a switch).
+    """
+
+    images: list[np.ndarray]
+    control_map: np.ndarray
+    adapters: list[dict]
+    settings: object
+    timesteps: list[float]
+    timings: dict[str, float]
+    load: dict[str, float]
+    result: object  # the pipeline's GenerationResult (what save_result writes)
+
+
+class Generator:
+    """One runner and one pipeline kept open for a base; generations in memory, per adapter choice.
+
+    ``choices`` declares the adapter choices expected up front: they are loaded and
+    checked now, the runner opens with the first, and every weight any of them touches
+    becomes swappable, so switching between them is a hot swap. Other choices work too
+    (loaded on first use; a switch to weights outside the swappable set re-creates
+    sessions on ONNX Runtime).
+    """
+
+    def __init__(self, workspace: Workspace, base: OpenBase, runner: Runner, pipeline, open_s: float,
+                 sets: dict | None = None):
+        self.workspace = workspace
+        self.base = base
+        self.runner = runner
+        self.pipeline = pipeline
+        self._sets: dict[tuple, AdapterSet] = dict(sets or {})
+        self._switch = threading.Lock()  # "switch, then hold" is one step per call
+        self._open_timings: dict[str, float] | None = {"open_s": open_s, **seconds(runner.timings)}
 
     @classmethod
-    def parse(cls, spec: str, workspace: Workspace) -> "AdapterChoice":
-        """``blindbox:0.8,moxin:0.5,hed`` (a ControlNet name switches the ControlNet); ``none``: the plain base."""
-        from .adapter_file import read_metadata
+    def open(cls, workspace: Workspace, base: str | OpenBase | None = None, backend: str = "ort-cpu",
+             options=None, *, choices: Sequence[AdapterChoice | AdapterSet] = ()) -> "Generator":
+        """Open ``base`` (or the workspace's only base) on ``backend`` with that backend's ``options``."""
+        start = time.perf_counter()
+        opened = base if isinstance(base, OpenBase) else OpenBase.resolve(workspace, base)
+        sets = {}
+        for choice in choices:
+            if not isinstance(choice, AdapterSet):
+                sets[_key(choice)] = load_adapter_set(workspace, opened.manifest, choice.loras, choice.control)
+        loaded = [c if isinstance(c, AdapterSet) else sets[_key(c)] for c in choices]
+        first = loaded[0] if loaded else AdapterSet()
+        runner = open_runner(opened, first, backend, options, union_touched(loaded))
+        try:
+            pipeline = make_pipeline(opened, runner)
+        except BaseException:
+            runner.close()
+            raise
+        return cls(workspace, opened, runner, pipeline, time.perf_counter() - start, sets)
 
-        loras, control = [], None
-        for item in filter(None, (i.strip() for i in spec.split(","))):
-            if item in ("none", "canny"):
-                continue
-            name = item.partition(":")[0]
-            path = workspace.adapter_path(name)
-            if path.is_file() and read_metadata(path).get("loramgr.kind") == "controlnet":
-                control = name
-            else:
-                loras.append(item)
-        return cls(tuple(loras), control)
+    def adapter_set(self, choice: AdapterChoice | AdapterSet | None) -> AdapterSet:
+        """The loaded set of ``choice`` (loaded and checked against the base once, then kept)."""
+        if isinstance(choice, AdapterSet):
+            return choice
+        choice = choice or AdapterChoice()
+        key = _key(choice)
+        if key not in self._sets:
+            self._sets[key] = load_adapter_set(self.workspace, self.base.manifest, choice.loras, choice.control)
+        return self._sets[key]
 
-    def label(self) -> str:
-        return "+".join([*self.loras, *([self.control] if self.control else [])]) or "base"
+    def generate(self, choice: AdapterChoice | AdapterSet | None, settings, image: np.ndarray | None = None, *,
+                 control_map: np.ndarray | None = None, progress=None) -> Generation:
+        """Generate with ``choice`` applied, from ``image`` (HxWxC uint8) or a precomputed ``control_map``."""
+        from .pipeline.settings import check_inputs
+
+        check_inputs(image if image is not None else control_map, settings)
+        adapter_set = self.adapter_set(choice)
+        lease = None
+        with self._switch:  # "switch, then hold" is one step among this Generator's calls
+            while lease is None:
+                if self.runner.adapter_set is adapter_set:
+                    load, self._open_timings = self._open_timings or {"swap_s": 0.0}, None
+                else:
+                    load, self._open_timings = {"swap_s": self.runner.set_adapters(adapter_set)}, None
+                candidate = self.runner.hold()
+                if candidate.__enter__() is adapter_set:
+                    lease = candidate  # no swap happens until this call is done
+                else:  # someone swapped the runner directly in between: release and switch again
+                    candidate.__exit__(None, None, None)
+        try:
+            start = time.perf_counter()
+            result = self.pipeline(image, settings, progress, control_map=control_map)
+        finally:
+            lease.__exit__(None, None, None)
+        timings = {**load, **result.timings}
+        timings["step_s"] = result.timings.get("denoise", 0.0) / max(1, len(result.timesteps))
+        timings["run_s"] = time.perf_counter() - start
+        return Generation(result.images, result.edge_map, adapter_set.describe(), result.settings, result.timesteps,
+                          timings, load, result)
+
+    def close(self) -> None:
+        self.runner.close()
+
+    def __enter__(self) -> "Generator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _key(choice: AdapterChoice) -> tuple:
+    return (tuple(choice.loras), choice.control if choice.control not in (None, "canny") else None)
 
 
 @dataclass
@@ -91,22 +182,18 @@ class RunReport:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def describe_adapters(adapter_set: AdapterSet) -> list[dict]:
-    return [{"name": a.name, "kind": a.kind, "weight": w, "source": a.metadata.get("loramgr.source_name", ""),
-             "source_sha256": a.metadata.get("loramgr.source_sha256", "")} for a, w in adapter_set.adapters]
-
-
 def generate(
     workspace: Workspace, image: str | Path, settings, choices: list[AdapterChoice] | None = None, *,
-    base: str | None = None, backend: str = "ort-cpu", ort_options: OrtOptions | None = None,
+    base: str | None = None, backend: str = "ort-cpu", options=None,
     out_dir: str | Path = "outputs", stem: str | None = None, progress=None, overwrite: bool = False,
 ) -> list[RunReport]:
-    """Run the canny pipeline once per adapter choice, on one runner.
+    """Run the canny pipeline once per adapter choice, on one :class:`Generator`, and write the files.
 
     The runner is opened with the first choice and switched to the next ones with
     ``set_adapters``; every weight any choice touches is declared swappable up front,
     so with hot swap (the ONNX Runtime default) each switch rewrites buffers in place.
     All adapters are loaded and checked against the base before any session exists.
+    ``options``: the backend's options object (``OrtOptions`` or ``TrtOptions``).
 
     Example:
         >>> from loramgr.pipeline.settings import GenerationSettings
@@ -119,44 +206,18 @@ def generate(
     from .pipeline.outputs import claim_stems, save_result
     from .pipeline.settings import check_inputs
 
-    start = time.perf_counter()
     choices = choices or [AdapterChoice()]
-    base = resolve_base(workspace, base)
-    base_dir = workspace.base_dir(base)
-    manifest = Manifest.load(base_dir)
+    opened = OpenBase.resolve(workspace, base)
     pixels = load_image(image)
     check_inputs(pixels, settings)
-    sets = [load_adapter_set(workspace, manifest, list(c.loras), c.control) for c in choices]
     stems = claim_stems(out_dir, stem, [c.label() for c in choices], settings.num_samples, overwrite)
-    swappable: dict[str, set[str]] = {}
-    for adapter_set in sets:
-        for graph, names in adapter_set.touched().items():
-            swappable.setdefault(graph, set()).update(names)
-    runner = open_runner(base_dir, sets[0], backend, ort_options, swappable)
-    pipeline = make_pipeline(base_dir, manifest, runner)
-    load_timings = {"open_s": time.perf_counter() - start, **_session_timings(runner)}
     reports = []
-    try:
-        for i, (choice, adapter_set) in enumerate(zip(choices, sets)):
-            load = dict(load_timings) if i == 0 else {"swap_s": runner.set_adapters(adapter_set)}
-            run_start = time.perf_counter()
-            result = pipeline(pixels, settings, progress)
-            timings = {**load, **result.timings}
-            timings["step_s"] = result.timings.get("denoise", 0.0) / max(1, len(result.timesteps))
-            adapters = describe_adapters(adapter_set)
-            metadata = {"base": base, "base_fingerprint": manifest.fingerprint, "backend": backend,
-                        "image": str(image), "adapters": adapters, "control": choice.control or "canny",
-                        "load_timings": load}  # the pipeline's phases are the sidecar's own "timings"
-            files = save_result(result, out_dir, stems[i], metadata, overwrite=overwrite)
-            timings["run_s"] = time.perf_counter() - run_start
-            reports.append(RunReport(base, backend, adapters, files, timings))
-    finally:
-        runner.close()
+    with Generator.open(workspace, opened, backend, options, choices=choices) as generator:
+        for i, choice in enumerate(choices):
+            made = generator.generate(choice, settings, pixels, progress=progress)
+            metadata = {"base": opened.name, "base_fingerprint": opened.manifest.fingerprint, "backend": backend,
+                        "image": str(image), "adapters": made.adapters, "control": choice.control or "canny",
+                        "load_timings": made.load}  # the pipeline's phases are the sidecar's own "timings"
+            files = save_result(made.result, out_dir, stems[i], metadata, overwrite=overwrite)
+            reports.append(RunReport(opened.name, backend, made.adapters, files, made.timings))
     return reports
-
-
-def _session_timings(runner) -> dict[str, float]:
-    timings = getattr(runner, "timings", None)
-    if timings is None:
-        return {}
-    return {k: v for k, v in asdict(timings).items() if isinstance(v, float)}

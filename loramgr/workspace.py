@@ -73,6 +73,25 @@ class Workspace:
             return []
         return sorted(p.stem for p in self.adapters.glob("*.lora") if p.is_file())
 
+    def resolve_base(self, base: str | None = None) -> str:
+        """``base`` if given (and present), else the workspace's only base."""
+        return resolve_base(self, base)
+
+
+def resolve_base(workspace: Workspace, base: str | None) -> str:
+    """``base`` if given (and present), else the workspace's only base."""
+    names = workspace.base_names()
+    if base is not None:
+        if base not in names:
+            raise LoramgrError(f"no base named {base!r} in {workspace.base_models} "
+                               f"(bases: {', '.join(names) or 'none; run loramgr export first'})")
+        return base
+    if len(names) == 1:
+        return names[0]
+    if not names:
+        raise LoramgrError(f"no base in {workspace.base_models}: run `loramgr export` (or `loramgr demo`) first")
+    raise LoramgrError(f"{len(names)} bases in {workspace.base_models} ({', '.join(names)}): choose one with --base")
+
 
 def check_name(name: str, what: str) -> str:
     """Names become file names, so they are restricted to a safe alphabet (the whole name: no trailing newline)."""

@@ -284,6 +284,9 @@ class RecordingRunner:
     def vae_encode(self, image):
         return self.runner.vae_encode(image)
 
+    def hold(self):
+        return self.runner.hold()
+
 
 def test_runner_inputs_and_progress(pipe, image):
     recorder = RecordingRunner(pipe.runner)

@@ -17,7 +17,9 @@ import torch
 
 from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
 from loramgr.cli import main
-from loramgr.convert import bake, convert_adapter, load_adapter_set
+from loramgr.adapters import load_adapter_set, union_touched
+from loramgr.bake import bake
+from loramgr.convert import convert_adapter
 from loramgr.export import export_base
 from loramgr.manifest import FUSED, Manifest
 from loramgr.pipeline.control import control_scales
@@ -75,7 +77,7 @@ def test_ort_pipeline_matches_diffusers(tiny_workspace, reference, overrides):
     image = sample_image(96)
     settings = GenerationSettings(prompt="a house", seed=3, **FAST, **overrides)
     runner = _runner(tiny_workspace)
-    ours = make_pipeline(tiny_workspace.base_dir("tiny"), runner.manifest, runner)(image, settings).images
+    ours = make_pipeline(runner.base, runner)(image, settings).images
     assert_same_images(ours, diffusers_images(reference, image, settings), max_diff=2)
 
 
@@ -103,10 +105,10 @@ def test_two_loras_and_a_controlnet_match_diffusers(tiny_workspace, tiny_folder,
     image = sample_image(96)
     settings = GenerationSettings(prompt="a house", seed=5, **FAST)
     runner = _runner(tiny_workspace, ["rt_a:0.8", "rt_b:0.5"], "rt_hed")
-    ours = make_pipeline(tiny_workspace.base_dir("tiny"), runner.manifest, runner)(image, settings).images
+    ours = make_pipeline(runner.base, runner)(image, settings).images
     assert_same_images(ours, diffusers_images(reference, image, settings), max_diff=2)
     plain = _runner(tiny_workspace)
-    base_images = make_pipeline(tiny_workspace.base_dir("tiny"), plain.manifest, plain)(image, settings).images
+    base_images = make_pipeline(plain.base, plain)(image, settings).images
     assert np.abs(ours[0].astype(int) - base_images[0].astype(int)).mean() > 5  # the adapters matter
 
 
@@ -135,11 +137,7 @@ def test_hot_swap_equals_fresh_sessions(tiny_workspace, adapters):
     ws = tiny_workspace
     manifest = Manifest.load(ws.base_dir("tiny"))
     sets = [load_adapter_set(ws, manifest, loras, control) for loras, control in SEQUENCE]
-    swappable: dict[str, set[str]] = {}
-    for s in sets:
-        for graph, names in s.touched().items():
-            swappable.setdefault(graph, set()).update(names)
-    hot = OrtRunner.open(ws.base_dir("tiny"), sets[0], OrtOptions(), swappable=swappable)
+    hot = OrtRunner.open(ws.base_dir("tiny"), sets[0], OrtOptions(), swappable=union_touched(sets))
     sessions_before = dict(hot._sessions)
     feeds = _feeds()
     seen = []
@@ -284,3 +282,153 @@ def test_run_cli_writes_images_sidecar_and_sweeps(tiny_workspace, adapters, tmp_
     images = [np.asarray(Image.open(tmp_path / "out" / json.loads(s.read_text())["images"][0])) for s in sidecars]
     assert all(im.shape == (64, 64, 3) for im in images)
     assert np.abs(images[0].astype(int) - images[2].astype(int)).mean() > 5
+
+
+# -- one adapter set per image, under concurrent swaps ------------------------------------------
+
+STRESS = {"resolution": 64, "steps": 3, "n_prompt": "lowres"}
+
+
+def _stress(ws: Workspace, hot_swap: bool, generations: int, swaps: int):
+    """A generation loop in one thread, set_adapters in another (bounded both); every image must be
+    bit-identical to the fresh-session reference of the set its generation held."""
+    from loramgr.adapters import AdapterSet
+
+    manifest = Manifest.load(ws.base_dir("tiny"))
+    sets = {"a": load_adapter_set(ws, manifest, ["rt_a:1.0"]), "b": load_adapter_set(ws, manifest, ["rt_a:-1.0"]),
+            "plain": AdapterSet()}
+    image, settings = sample_image(64), GenerationSettings(prompt="a house", seed=5, **STRESS)
+    expected = {}
+    for name, adapter_set in sets.items():
+        with OrtRunner.open(ws.base_dir("tiny"), adapter_set, OrtOptions(hot_swap=False)) as fresh:
+            expected[name] = np.stack(make_pipeline(fresh.base, fresh)(image, settings).images)
+    assert not np.array_equal(expected["a"], expected["b"]) and not np.array_equal(expected["a"], expected["plain"])
+    runner = OrtRunner.open(ws.base_dir("tiny"), sets["a"], OrtOptions(hot_swap=hot_swap),
+                            swappable=sets["a"].touched())
+    pipeline = make_pipeline(runner.base, runner)
+    made, errors, swapped = [], [], threading.Event()
+
+    def generate_loop():
+        try:
+            while len(made) < generations or not swapped.is_set():
+                result = pipeline(image, settings)
+                made.append((result.adapter_set, np.stack(result.images)))
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+
+    thread = threading.Thread(target=generate_loop)
+    thread.start()
+    order = ["b", "a", "plain", "a"]
+    try:
+        for i in range(swaps):
+            target = sets[order[i % len(order)]]
+            runner.set_adapters(target)
+            assert runner.adapter_set is target  # set_adapters returned: the runner is on the new set
+    finally:
+        swapped.set()
+        thread.join()
+    assert not errors, errors
+    names = {id(s): n for n, s in sets.items()}
+    seen = set()
+    for held, images in made:
+        name = names[id(held)]
+        seen.add(name)
+        np.testing.assert_array_equal(images, expected[name], err_msg=f"an image not made by {name} alone")
+    return seen
+
+
+def test_every_image_comes_from_one_set_with_hot_swap(tiny_workspace, adapters):
+    seen = _stress(tiny_workspace, hot_swap=True, generations=8, swaps=12)
+    assert len(seen) >= 2  # the swaps did land between generations
+
+
+def test_every_image_comes_from_one_set_when_sessions_are_recreated(tiny_workspace, adapters):
+    seen = _stress(tiny_workspace, hot_swap=False, generations=5, swaps=6)
+    assert len(seen) >= 2
+
+
+def test_a_swap_inside_a_generations_lease_is_refused(tiny_workspace, adapters):
+    from loramgr.errors import LoramgrError
+
+    runner = _runner(tiny_workspace, ["rt_a:0.8"])
+    with runner.hold() as held:
+        assert held is runner.adapter_set
+        runner.predict_noise(**_feeds())  # graph calls re-enter the lease
+        with pytest.raises(LoramgrError, match="inside runner.hold"):
+            runner.set_adapters(held)
+    runner.set_adapters(held)  # outside the block it goes through
+    runner.close()
+
+
+# -- the runner contract and the in-memory entry point ----------------------------------------
+
+
+def test_every_backend_satisfies_the_runner_protocol(tiny_workspace):
+    from loramgr.backends.base import Runner
+    from loramgr.backends.tensorrt import TrtRunner
+    from loramgr.backends.torch_runner import TorchRunner
+
+    methods = ("encode_text", "predict_noise", "vae_decode", "vae_encode", "set_adapters", "hold", "swappable",
+               "close", "__enter__", "__exit__")
+    for cls in (OrtRunner, TrtRunner, TorchRunner):
+        missing = [m for m in methods if not callable(getattr(cls, m, None))]
+        assert not missing, f"{cls.__name__} lacks {missing}"
+    with _runner(tiny_workspace) as runner:
+        assert isinstance(runner, Runner)
+        assert runner.swappable() == {} and isinstance(runner.timings.session_s, float)
+
+
+def test_generator_in_memory_equals_the_files_of_generate(tiny_workspace, adapters, tmp_path):
+    from PIL import Image
+
+    from loramgr.adapters import AdapterChoice
+    from loramgr.runtime import Generator, generate
+
+    image = sample_image(64)
+    Image.fromarray(image).save(tmp_path / "in.png")
+    settings = GenerationSettings(prompt="a house", seed=2, **STRESS)
+    choices = [AdapterChoice(("rt_a:0.8",)), AdapterChoice(("rt_b:0.5",), "rt_hed")]
+    reports = generate(tiny_workspace, tmp_path / "in.png", settings, choices, base="tiny", out_dir=tmp_path / "out",
+                       stem="run")
+    files = [np.asarray(Image.open(r.files[0])) for r in reports]
+    with Generator.open(tiny_workspace, "tiny", choices=choices) as generator:
+        made = [generator.generate(c, settings, image) for c in choices]
+        again = generator.generate(choices[0], settings, control_map=made[0].control_map)  # no input image
+    for generation, png in zip(made, files):
+        np.testing.assert_array_equal(generation.images[0], png)
+    assert made[0].adapters[0]["name"] == "rt_a" and made[0].adapters[0]["weight"] == 0.8
+    assert len(made[0].adapters[0]["source_sha256"]) == 64
+    assert [a["name"] for a in made[1].adapters] == ["rt_hed", "rt_b"]
+    assert "open_s" in made[0].timings and "swap_s" in made[1].timings and made[1].timings["run_s"] > 0
+    np.testing.assert_array_equal(again.images[0], made[0].images[0])  # the control map stands for the image
+    np.testing.assert_array_equal(again.control_map, made[0].control_map)
+
+
+def test_generator_calls_from_two_threads_each_get_their_set(tiny_workspace, adapters):
+    from loramgr.adapters import AdapterChoice
+    from loramgr.runtime import Generator
+
+    image = sample_image(64)
+    settings = GenerationSettings(prompt="a house", seed=4, **STRESS)
+    choices = [AdapterChoice(("rt_a:1.0",)), AdapterChoice(("rt_a:-1.0",))]
+    with Generator.open(tiny_workspace, "tiny", choices=choices) as generator:
+        expected = [generator.generate(c, settings, image).images[0] for c in choices]
+        got, errors = {0: [], 1: []}, []
+
+        def work(i):
+            try:
+                for _ in range(3):
+                    got[i].append(generator.generate(choices[i], settings, image).images[0])
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors, errors
+    assert not np.array_equal(expected[0], expected[1])
+    for i in (0, 1):
+        for image_made in got[i]:
+            np.testing.assert_array_equal(image_made, expected[i])

@@ -24,18 +24,20 @@ import torch
 from onnx import numpy_helper
 
 from loramgr.adapter_file import AdapterTarget, load_adapter, save_adapter
-from loramgr.backends import tensorrt_engines as engines
+from loramgr.adapters import AdapterSet
+from loramgr.backends.tensorrt import engines
 from loramgr.backends.tensorrt import (
     EngineSession, TrtOptions, TrtRunner, check_refittable, load_engine, missing_values, prepare_weight,
     read_constants, refit_plan, refit_tensors, refit_weights, weight_dtype,
 )
-from loramgr.backends.tensorrt_engines import (
+from loramgr.backends.tensorrt import (
     DEFAULT_PROFILE, EngineKey, Precision, RuntimeInfo, Shape, ShapeProfile, build_engines, check_input_shapes,
-    engine_key, engine_status, import_tensorrt, input_shapes, plan_precision, save_engine,
+    engine_key, engine_keys, engine_status, import_tensorrt, input_shapes, plan_precision, record_options,
+    resolve_options, save_engine,
 )
 from loramgr.errors import LoramgrError
 from loramgr.manifest import FUSED, GRAPHS, TEXT_ENCODER, Manifest
-from loramgr.merge import AdapterSet, BaseWeights, merge_tensors
+from loramgr.merge import BaseWeights, merge_tensors
 
 TO_Q = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
 TO_K = "unet.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight"
@@ -426,6 +428,29 @@ def test_a_failed_write_never_leaves_an_old_key_vouching_for_the_plan(tiny, tmp_
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_run_after_build_engine_asks_the_cache_for_the_same_keys(tiny, tmp_path):
+    """`build-engine --fp16 --min/--opt/--max`, then `run --backend tensorrt` with no TensorRT options:
+    the run resolves its options from the cache's record and wants exactly the keys just built."""
+    folder = tmp_path / "engines"
+    built = TrtOptions("fp16", TINY_PROFILE)  # what cmd_build_engine makes of --fp16 and a custom profile
+    for key in engine_keys(tiny.manifest, built, RUNTIME, has_fp16_flag=True).values():
+        save_engine(folder, key, b"serialized engine")
+    record_options(folder, built)  # build_engines' last step
+    run = resolve_options(folder, TrtOptions())  # what TrtRunner.open does with the CLI's unset options
+    assert run == built
+    for key in engine_keys(tiny.manifest, run, RUNTIME, has_fp16_flag=True).values():
+        assert engine_status(folder, key).current, key.graph
+    # Options given explicitly still win, field by field: the other field comes from the record.
+    assert resolve_options(folder, TrtOptions(precision="fp32")) == TrtOptions("fp32", TINY_PROFILE)
+    assert resolve_options(folder, TrtOptions(profile=DEFAULT_PROFILE)) == TrtOptions("fp16", DEFAULT_PROFILE)
+    # No record (an empty cache) or a damaged one: the defaults, as before.
+    assert resolve_options(tmp_path / "none", TrtOptions()) == TrtOptions("fp32", DEFAULT_PROFILE)
+    (folder / "options.json").write_text("{not json")
+    assert resolve_options(folder, None) == TrtOptions("fp32", DEFAULT_PROFILE)
+    with pytest.raises(LoramgrError, match="precision 'fp8'"):
+        TrtOptions("fp8")
+
+
 # -- what is missing without TensorRT or a GPU ------------------------------------------------
 
 
@@ -459,12 +484,12 @@ def test_cpu_torch_build_is_called_out():
 
 def test_entry_points_fail_cleanly_without_tensorrt(no_tensorrt, tiny):
     with pytest.raises(LoramgrError, match="no TensorRT Python module"):
-        build_engines(tiny.dir, profile=TINY_PROFILE)
+        build_engines(tiny.dir, TrtOptions(profile=TINY_PROFILE))
     with pytest.raises(LoramgrError, match="no TensorRT Python module"):
         TrtRunner.open(tiny.dir)
     bad = ShapeProfile(Shape(1, 8, 8), Shape(2, 12, 8), Shape(2, 16, 16))
     with pytest.raises(LoramgrError, match="--opt 2x12x8"):  # arguments are checked before the runtime
-        build_engines(tiny.dir, profile=bad)
+        build_engines(tiny.dir, TrtOptions(profile=bad))
     assert not (tiny.dir / "engines").exists()
 
 
@@ -509,18 +534,18 @@ def gpu_base(tiny, tmp_path_factory):
 @needs_trt_gpu
 def test_engines_are_built_once_and_rebuilt_when_stale(gpu_base):
     steps: list[str] = []
-    paths = build_engines(gpu_base, profile=TINY_PROFILE, on_step=steps.append)
+    paths = build_engines(gpu_base, TrtOptions("fp32", TINY_PROFILE), on_step=steps.append)
     assert sorted(paths) == sorted(GRAPHS) and all(p.is_file() for p in paths.values())
     assert sum("building" in s for s in steps) == len(GRAPHS)
     steps.clear()
-    build_engines(gpu_base, profile=TINY_PROFILE, on_step=steps.append)
+    build_engines(gpu_base, TrtOptions("fp32", TINY_PROFILE), on_step=steps.append)
     assert steps == [f"{g}: cached engine is current" for g in GRAPHS]
     steps.clear()
     bigger = ShapeProfile(TINY_PROFILE.min, TINY_PROFILE.opt, Shape(2, 24, 24))
-    build_engines(gpu_base, profile=bigger, on_step=steps.append)
+    build_engines(gpu_base, TrtOptions("fp32", bigger), on_step=steps.append)
     assert f"{TEXT_ENCODER}: cached engine is current" in steps
     assert sum("building" in s and "input_shapes" in s for s in steps) == len(GRAPHS) - 1
-    build_engines(gpu_base, profile=TINY_PROFILE)  # back, for the tests below
+    build_engines(gpu_base, TrtOptions("fp32", TINY_PROFILE))  # back, for the tests below
 
 
 @pytest.mark.gpu
@@ -534,7 +559,7 @@ def test_refit_matches_onnx_runtime_and_an_engine_built_from_the_merged_export(g
     with OrtRunner.open(gpu_base, full) as ort_runner:
         reference = ort_runner.predict_noise(**feeds)
         text_reference = ort_runner.encode_text(torch.arange(154).reshape(2, 77) % 500)
-    with TrtRunner.open(gpu_base, full, TrtOptions(profile=TINY_PROFILE)) as runner:
+    with TrtRunner.open(gpu_base, full, TrtOptions("fp32", TINY_PROFILE)) as runner:
         assert runner.unrefittable == {FUSED: set(), TEXT_ENCODER: set()}, runner.unrefittable
         refitted = runner.predict_noise(**feeds)
         assert refitted.is_cuda
@@ -563,7 +588,7 @@ def test_switching_adapters_back_and_forth_gives_the_same_outputs(gpu_base, adap
     full = AdapterSet(((adapters.a, 0.8), (adapters.b, 0.5), (adapters.controlnet, 1.0)))
     only_b = AdapterSet(((adapters.b, 1.0),))
     feeds = _feeds(seed=1)
-    with TrtRunner.open(gpu_base, full, TrtOptions(profile=TINY_PROFILE)) as runner:
+    with TrtRunner.open(gpu_base, full, TrtOptions("fp32", TINY_PROFILE)) as runner:
         first = runner.predict_noise(**feeds).clone()
         runner.set_adapters(only_b)
         other = runner.predict_noise(**feeds).clone()
@@ -574,7 +599,7 @@ def test_switching_adapters_back_and_forth_gives_the_same_outputs(gpu_base, adap
         assert float((again - first).abs().max()) <= 1e-6 * float(first.abs().max())
         runner.set_adapters(AdapterSet())
         plain = runner.predict_noise(**feeds)
-    with TrtRunner.open(gpu_base, None, TrtOptions(profile=TINY_PROFILE)) as fresh:
+    with TrtRunner.open(gpu_base, None, TrtOptions("fp32", TINY_PROFILE)) as fresh:
         assert float((fresh.predict_noise(**feeds) - plain).abs().max()) <= 1e-6 * float(plain.abs().max())
     assert len(runner.timings.swaps) == 4
 
@@ -610,7 +635,7 @@ def test_fp16_engines_against_onnx_runtime_fp32(route, gpu_base, adapters, tmp_p
         manifest = Manifest.load(base)
         adapter_set = AdapterSet(tuple((_write(tmp_path, a.name, a.kind, manifest, list(a.targets.values())), w)
                                        for a, w in full.adapters))  # the same adapters, for the fp16 base
-    with TrtRunner.open(base, adapter_set, TrtOptions(fp16=True, profile=TINY_PROFILE)) as runner:
+    with TrtRunner.open(base, adapter_set, TrtOptions("fp16", TINY_PROFILE)) as runner:
         _close(runner.predict_noise(**feeds), reference, FP16_TOL)
         _close(runner.vae_decode(feeds["sample"]), image_reference, FP16_TOL)
         with pytest.raises(LoramgrError, match="outside the engine's profile"):

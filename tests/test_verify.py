@@ -24,10 +24,11 @@ from format_writers import (
     cloneofsimo_file, cloneofsimo_walk, kohya_name, lora_factors, lycoris_file, peft_layers, save,
 )
 from loramgr.adapter_file import AdapterFile, load_adapter
-from loramgr.convert import convert_adapter, load_adapter_set
+from loramgr.adapters import AdapterSet, load_adapter_set
+from loramgr.convert import convert_adapter
 from loramgr.errors import LoramgrError
 from loramgr.manifest import FUSED, TEXT_ENCODER, GraphInfo, Manifest, WeightEntry
-from loramgr.merge import AdapterSet, BaseWeights, merge_tensors
+from loramgr.merge import BaseWeights, merge_tensors
 from loramgr.samples import write_controlnet, write_kohya_lora
 from loramgr.verify import TOLERANCES, VerifySettings, render_report, verify
 from loramgr.verify import formulas

@@ -1,30 +1,62 @@
-"""The one interface every backend implements, so the pipeline never knows which runs.
+"""The one interface every backend implements, so the pipeline and the runtime never know which runs.
+
+The contract (:class:`Runner`) follows Polygraphy's runner base: one interface, one
+folder or module per backend behind it (``onnxruntime``, ``tensorrt/``, ``torch_runner``),
+and optional libraries (TensorRT) imported only when their backend is opened
+(:func:`loramgr.backends.open_runner`).
 
 Tensors cross this interface as ``torch.Tensor`` (CPU or CUDA): the schedulers the
 pipeline uses are diffusers' torch schedulers, and a GPU backend can keep latents on
 the device (ONNX Runtime IO binding, TensorRT device pointers) without round trips.
+
+**One adapter set per image.** A generation makes many graph calls (text encoder, one
+UNet call per step, VAE decode); a swap between two of them would give an image from
+no adapter set. So a generation holds the runner's current set for all of its calls
+with ``with runner.hold() as adapter_set:`` (the pipeline does, for a whole
+``__call__``), and ``set_adapters`` waits until no generation holds it. The lease is
+re-entrant: graph calls inside it take it again without deadlock. :class:`AdapterLease`
+is the shared implementation.
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+import contextlib
+import threading
+from collections.abc import Iterator
+from dataclasses import asdict, is_dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
+
+from ..errors import LoramgrError
+
+if TYPE_CHECKING:
+    from ..adapters import AdapterSet, Names
 
 
 @runtime_checkable
 class Runner(Protocol):
-    """What the pipeline needs from a backend: the four graphs of a base.
+    """What the pipeline and the runtime need from a backend: the four graphs of a base, adapters, lifetime.
 
-    Shapes (B = batch, h/w = latent size = image size / 8, D = text width):
+    Graph calls (B = batch, h/w = latent size = image size / 8, D = text width):
       - ``encode_text(input_ids [B,77] int64) -> [B,77,D] float32``
       - ``predict_noise(sample [B,4,h,w], timestep [B], encoder_hidden_states [B,77,D],
         controlnet_cond [B,3,8h,8w] in [0,1], control_scales [B,13]) -> [B,4,h,w]``
       - ``vae_decode(latent [B,4,h,w], already divided by the scaling factor) -> [B,3,8h,8w] in [-1,1]``
       - ``vae_encode(image [B,3,8h,8w] in [-1,1]) -> (mean, std) each [B,4,h,w]``
+
+    Adapters and lifetime:
+      - ``adapter_set``: the set applied now;
+      - ``set_adapters(adapter_set) -> seconds``: switch sets (waits for a generation holding the current one);
+      - ``hold()``: context manager yielding the current set, which no swap changes until it exits;
+      - ``swappable() -> {graph: initializer names}``: the weights a swap changes in place;
+      - ``timings``: a dataclass of seconds (``float`` fields) spent opening and swapping;
+      - ``close()``, and ``with runner:`` closes on exit.
     """
 
     device: torch.device
+    adapter_set: AdapterSet
+    timings: Any
 
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor: ...
 
@@ -40,3 +72,78 @@ class Runner(Protocol):
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor: ...
 
     def vae_encode(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+    def set_adapters(self, adapter_set: AdapterSet) -> float: ...
+
+    def hold(self) -> contextlib.AbstractContextManager[AdapterSet]: ...
+
+    def swappable(self) -> Names: ...
+
+    def close(self) -> None: ...
+
+    def __enter__(self) -> "Runner": ...
+
+    def __exit__(self, *exc) -> None: ...
+
+
+def seconds(timings: Any) -> dict[str, float]:
+    """The ``float`` fields of a runner's ``timings`` dataclass (lists of swaps left out)."""
+    if timings is None or not is_dataclass(timings):
+        return {}
+    return {k: v for k, v in asdict(timings).items() if isinstance(v, float)}
+
+
+class AdapterLease:
+    """The lease of a runner's adapter set: generations hold it, swaps wait for it.
+
+    ``_lease`` is re-entrant and held by :meth:`hold` (a whole generation) and by every
+    graph call (one call, when no generation holds it), so a graph call never runs on
+    half-written weights, and never on another set than the one its generation started
+    with. ``_swap`` serializes swaps, so a swap may prepare its tensors (merge) before it
+    takes the lease, while a generation still runs. A swap from inside a generation's
+    own lease is refused: it would change the set that generation holds.
+    """
+
+    def _init_lease(self) -> None:
+        self._lease = threading.RLock()
+        self._swap = threading.Lock()
+        self._no_swap = threading.Event()  # cleared while a swap waits or runs: no new generation starts
+        self._no_swap.set()
+        self._holders = threading.local()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[AdapterSet]:
+        """Hold the current adapter set: no swap happens until the block exits.
+
+        A new (outermost) hold waits while a swap is pending, so swaps are not starved by
+        back-to-back generations; holds nested in one thread (graph calls inside a
+        generation) never wait for a swap.
+        """
+        depth = getattr(self._holders, "depth", 0)
+        if depth == 0:
+            self._no_swap.wait()
+        with self._lease:
+            self._holders.depth = depth + 1
+            try:
+                yield self.adapter_set
+            finally:
+                self._holders.depth = depth
+
+    @contextlib.contextmanager
+    def _swapping(self) -> Iterator[None]:
+        """Serialize swaps and hold back new generations; refuse a swap inside this thread's own :meth:`hold`."""
+        if getattr(self._holders, "depth", 0):
+            raise LoramgrError("set_adapters inside runner.hold(): a generation holds the adapter set; "
+                               "swap after it, outside the `with` block")
+        with self._swap:
+            self._no_swap.clear()
+            try:
+                yield
+            finally:
+                self._no_swap.set()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

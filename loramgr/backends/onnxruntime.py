@@ -20,34 +20,35 @@ create the sessions against 3.1 s for ``basic`` and gained ~7% per step on CPU
 (docs/benchmarks.md); with hot swap a session is created once, but its creation is
 still on the critical path of ``loramgr run``. ``--ort-opt all`` is there for long
 batch jobs without hot swap.
+
+Either way a swap waits for the generation holding the current set
+(:class:`~loramgr.backends.base.AdapterLease`), and re-created sessions replace the old
+ones in one step under that lease, so no graph call runs on a session without its
+adapters, and no image mixes two sets.
 """
 
 from __future__ import annotations
 
 import tempfile
-import threading
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..adapters import AdapterSet, Names, touched_names
+from ..bases import OpenBase, as_open_base
 from ..errors import LoramgrError
-from ..manifest import FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, Manifest
-from ..merge import AdapterSet, BaseWeights, check_shapes, merge_tensors
+from ..manifest import FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
+from ..merge import BaseWeights, check_shapes, merge_tensors
 from ..workspace import atomic_path
+from .base import AdapterLease
+from .options import OPTIMIZATION_LEVELS, PROVIDERS, OrtOptions
 
-OPTIMIZATION_LEVELS = ("disabled", "basic", "extended", "all")
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
-@dataclass(frozen=True)
-class OrtOptions:
-    provider: str = "cpu"  # "cpu" | "cuda"
-    optimization: str = "basic"
-    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one thread per physical core)
-    hot_swap: bool = True
+__all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OrtOptions", "OrtRunner", "SessionTimings", "plain_session", "providers",
+           "session_options"]
 
 
 @dataclass
@@ -65,7 +66,8 @@ def _ort():
     return onnxruntime
 
 
-def _session_options(options: OrtOptions, *, no_prepacking: bool):
+def session_options(options: OrtOptions, *, no_prepacking: bool, config: Mapping[str, str] | None = None):
+    """``SessionOptions`` for ``options``; ``config``: extra session config entries (the bench's settings)."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -78,10 +80,13 @@ def _session_options(options: OrtOptions, *, no_prepacking: bool):
     so.intra_op_num_threads = options.intra_op_threads
     if no_prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
+    for key, value in (config or {}).items():
+        so.add_session_config_entry(key, value)
     return so
 
 
-def _providers(options: OrtOptions) -> list:
+def providers(options: OrtOptions) -> list:
+    """The execution providers of ``options.provider`` (CUDA falls back to CPU for unsupported nodes)."""
     ort = _ort()
     if options.provider not in PROVIDERS:
         raise LoramgrError(f"unknown ONNX Runtime provider {options.provider!r}: choose {', '.join(PROVIDERS)}")
@@ -94,7 +99,13 @@ def _providers(options: OrtOptions) -> list:
     return [wanted] if options.provider == "cpu" else [wanted, "CPUExecutionProvider"]
 
 
-class OrtRunner:
+def plain_session(path: Path, options: OrtOptions, config: Mapping[str, str] | None = None):
+    """An InferenceSession of one ONNX file with ``options`` and no adapters."""
+    return _ort().InferenceSession(str(path), session_options(options, no_prepacking=False, config=config),
+                                   providers=providers(options))
+
+
+class OrtRunner(AdapterLease):
     """The four graphs of a base as ONNX Runtime sessions, with adapters applied.
 
     Example:
@@ -103,55 +114,52 @@ class OrtRunner:
         >>> runner.set_adapters(AdapterSet())  # back to the plain base, same sessions
     """
 
-    def __init__(self, base_dir: Path, manifest: Manifest, options: OrtOptions):
-        self.base_dir = Path(base_dir)
-        self.manifest = manifest
+    def __init__(self, base: OpenBase, options: OrtOptions):
+        self.base = base
+        self.base_dir = base.dir
+        self.manifest = base.manifest
         self.options = options
         self.device = torch.device("cuda" if options.provider == "cuda" else "cpu")
         self.timings = SessionTimings()
         self.adapter_set = AdapterSet()
         self._sessions: dict[str, object] = {}
         self._buffers: dict[str, dict[str, object]] = {}  # hot swap: graph -> initializer -> owned OrtValue
-        self._lock = threading.Lock()  # a swap waits for the run in progress, and the reverse
+        self._init_lease()
 
     @classmethod
-    def open(cls, base_dir: Path, adapter_set: AdapterSet | None = None, options: OrtOptions | None = None,
-             *, swappable: dict[str, set[str]] | None = None) -> "OrtRunner":
+    def open(cls, base: OpenBase | Path, adapter_set: AdapterSet | None = None, options: OrtOptions | None = None,
+             *, swappable: Names | None = None) -> "OrtRunner":
         """Create the sessions with ``adapter_set`` applied.
 
         With hot swap, ``swappable`` (graph -> initializer names) declares which weights
         later swaps may change, besides those the first set touches. A later swap that
         needs a weight outside them re-creates the sessions (still correct, just slower).
         """
-        options = options or OrtOptions()
-        runner = cls(base_dir, Manifest.load(Path(base_dir)), options)
+        runner = cls(as_open_base(base), options or OrtOptions())
         runner._create(adapter_set or AdapterSet(), swappable)
         return runner
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _create(self, adapter_set: AdapterSet, swappable: dict[str, set[str]] | None) -> None:
+    def _create(self, adapter_set: AdapterSet, swappable: Names | None) -> None:
+        """New sessions for ``adapter_set``; they replace the old ones in one step, under the lease."""
         ort = _ort()
         start = time.perf_counter()
         hot = self.options.hot_swap
-        names: dict[str, set[str]] = {}
-        if hot:
-            for graph, touched in [*(swappable or {}).items(), *adapter_set.touched().items()]:
-                names.setdefault(graph, set()).update(touched)
+        names = touched_names(swappable, adapter_set) if hot else {}
         tensors = self._merge(adapter_set, names)
-        self.timings.merge_s = time.perf_counter() - start
+        merge_s = time.perf_counter() - start
         start = time.perf_counter()
-        self._sessions.clear()
-        self._buffers = {}
+        sessions: dict[str, object] = {}
+        buffers: dict[str, dict[str, object]] = {}
         for graph in (FUSED, TEXT_ENCODER):
             graph_tensors = tensors.get(graph, {})
-            so = _session_options(self.options, no_prepacking=hot and bool(graph_tensors))
+            so = session_options(self.options, no_prepacking=hot and bool(graph_tensors))
             if hot and graph_tensors:
                 # ONNX Runtime reads these buffers at every run; a swap rewrites them in place.
                 device = "cuda" if self.options.provider == "cuda" else "cpu"
-                self._buffers[graph] = {
-                    n: ort.OrtValue.ortvalue_from_numpy(a, device) for n, a in graph_tensors.items()}
-                for name, value in self._buffers[graph].items():
+                buffers[graph] = {n: ort.OrtValue.ortvalue_from_numpy(a, device) for n, a in graph_tensors.items()}
+                for name, value in buffers[graph].items():
                     so.add_initializer(name, value)
                 _check_buffers_survive(self.base_dir, self.manifest.graphs[graph].path, self.options,
                                        set(graph_tensors))
@@ -159,12 +167,18 @@ class OrtRunner:
                 so.add_external_initializers(
                     list(graph_tensors), [ort.OrtValue.ortvalue_from_numpy(a) for a in graph_tensors.values()]
                 )
-            self._sessions[graph] = ort.InferenceSession(
-                str(self.base_dir / self.manifest.graphs[graph].path), so, providers=_providers(self.options))
-        self.adapter_set = adapter_set
+            sessions[graph] = ort.InferenceSession(str(self.base.graph_path(graph)), so,
+                                                   providers=providers(self.options))
+        with self._lease:  # no graph call sees a mix of old and new sessions, or none at all
+            for graph in (VAE_DECODER, VAE_ENCODER):  # they carry no adapters: kept
+                if graph in self._sessions:
+                    sessions[graph] = self._sessions[graph]
+            self._sessions, self._buffers = sessions, buffers
+            self.adapter_set = adapter_set
+        self.timings.merge_s = merge_s
         self.timings.session_s = time.perf_counter() - start
 
-    def _merge(self, adapter_set: AdapterSet, only: dict[str, set[str]]) -> dict[str, dict[str, np.ndarray]]:
+    def _merge(self, adapter_set: AdapterSet, only: Names) -> dict[str, dict[str, np.ndarray]]:
         """Merged tensors for ``adapter_set`` (plus ``only`` at base value), checked for ORT.
 
         The base maps are opened for the merge only: kept open, the pages a merge reads
@@ -176,53 +190,48 @@ class OrtRunner:
         return tensors
 
     def _session(self, graph: str):
+        """The session of ``graph``; call with the lease held."""
         if graph not in self._sessions:  # the VAE graphs carry no adapters: created on first use
-            so = _session_options(self.options, no_prepacking=False)
-            self._sessions[graph] = _ort().InferenceSession(
-                str(self.base_dir / self.manifest.graphs[graph].path), so, providers=_providers(self.options))
+            self._sessions[graph] = plain_session(self.base.graph_path(graph), self.options)
         return self._sessions[graph]
 
-    def swappable(self) -> dict[str, set[str]]:
+    def swappable(self) -> Names:
         return {g: set(b) for g, b in self._buffers.items()}
 
     def set_adapters(self, adapter_set: AdapterSet) -> float:
         """Switch to ``adapter_set``; returns the seconds it took.
 
         In place when every weight the old and the new set touch is a swappable buffer,
-        else by re-creating the sessions. Waits for a run in progress, and no run starts
-        while buffers are half written.
+        else by re-creating the sessions. Waits for the generation (or graph call) holding
+        the current set; no graph call starts while buffers are half written.
         """
         start = time.perf_counter()
-        needed = adapter_set.touched()
-        for graph, names in self.adapter_set.touched().items():
-            needed.setdefault(graph, set()).update(names)
-        in_place = self.options.hot_swap and all(
-            names <= set(self._buffers.get(graph, {})) for graph, names in needed.items())
-        if in_place:
-            # Only the weights the old or the new set touch can differ from what the buffers
-            # hold; everything else already holds its base value. Merge outside the lock,
-            # so runs go on until the copies start.
-            tensors = self._merge(adapter_set, needed)
-        with self._lock:
+        with self._swapping():
+            needed = touched_names(adapter_set, self.adapter_set)
+            in_place = self.options.hot_swap and all(
+                names <= set(self._buffers.get(graph, {})) for graph, names in needed.items())
             if in_place:
-                for graph, named in tensors.items():
-                    for name, value in named.items():
-                        self._buffers[graph][name].update_inplace(value)
-                self.adapter_set = adapter_set
+                # Only the weights the old or the new set touch can differ from what the buffers
+                # hold; everything else already holds its base value. Merged before the lease
+                # is taken, so a generation goes on until the copies start.
+                tensors = self._merge(adapter_set, needed)
+                with self._lease:
+                    for graph, named in tensors.items():
+                        for name, value in named.items():
+                            self._buffers[graph][name].update_inplace(value)
+                    self.adapter_set = adapter_set
             else:
-                swappable = {g: set(n) for g, n in needed.items()}
-                for graph, names in self.swappable().items():
-                    swappable.setdefault(graph, set()).update(names)
-                self._create(adapter_set, swappable)
+                with self._lease:  # re-created while no generation runs: sessions are GBs
+                    self._create(adapter_set, touched_names(needed, self.swappable()))
         elapsed = time.perf_counter() - start
         self.timings.swaps.append(elapsed)
         return elapsed
 
-    # -- Runner interface --------------------------------------------------------------------
+    # -- graph calls ---------------------------------------------------------------------------
 
     def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-        session = self._session(graph)
-        with self._lock:
+        with self.hold():  # re-entrant: inside a generation's lease this takes it again
+            session = self._session(graph)
             if self.device.type == "cuda":
                 return _run_io_binding(session, feeds, self.device)
             outputs = session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
@@ -247,14 +256,9 @@ class OrtRunner:
         return mean, std
 
     def close(self) -> None:
-        self._sessions.clear()
-        self._buffers.clear()
-
-    def __enter__(self) -> "OrtRunner":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
+        with self._lease:
+            self._sessions.clear()
+            self._buffers.clear()
 
 
 def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions, names: set[str]) -> None:
@@ -275,7 +279,7 @@ def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions,
     if cache.is_file():
         kept = set(json.loads(cache.read_text()))
     else:
-        so = _session_options(options, no_prepacking=True)
+        so = session_options(options, no_prepacking=True)
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")

@@ -7,18 +7,31 @@ own pipeline and is the "diffusers torch" side of every comparison and benchmark
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
+from ..adapters import AdapterSet, Names
+from ..errors import LoramgrError
 from ..models.fused import TextEncoder, UNetControlNet, VaeDecoder, VaeEncoder
+from .base import AdapterLease
 
 COMPONENTS = ("unet", "controlnet", "vae", "text_encoder")
 
 
-class TorchRunner:
+@dataclass
+class TorchTimings:
+    """Nothing is opened or swapped by the runner itself: the modules come loaded."""
+
+
+class TorchRunner(AdapterLease):
     """:class:`~loramgr.backends.base.Runner` over torch modules, on their device and dtype.
 
     Inputs are moved to the modules' device and floating inputs cast to their dtype
-    (fp16 modules work); outputs are float32, as the interface promises.
+    (fp16 modules work); outputs are float32, as the interface promises. Adapters are
+    merged into the modules before they come here (diffusers / PEFT, by the caller), so
+    the runner's own adapter set is always the empty one and ``set_adapters`` accepts
+    only that.
     """
 
     def __init__(self, unet_controlnet: UNetControlNet, text_encoder: TextEncoder,
@@ -30,6 +43,9 @@ class TorchRunner:
         weight = next(unet_controlnet.parameters())
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
+        self.adapter_set = AdapterSet()
+        self.timings = TorchTimings()
+        self._init_lease()
 
     @classmethod
     def from_components(cls, components: dict) -> TorchRunner:
@@ -50,6 +66,18 @@ class TorchRunner:
             VaeDecoder(vae).eval(),
             VaeEncoder(vae).eval(),
         )
+
+    def set_adapters(self, adapter_set: AdapterSet) -> float:
+        if adapter_set.adapters:
+            raise LoramgrError("the torch reference runner applies no adapters: merge them into the modules "
+                               "(diffusers / PEFT) before TorchRunner.from_components")
+        return 0.0
+
+    def swappable(self) -> Names:
+        return {}
+
+    def close(self) -> None:
+        """The modules belong to the caller; nothing to release here."""
 
     @torch.inference_mode()
     def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..backends.base import Runner
 from ..errors import LoramgrError
-from .canny import detect_edges
+from .canny import HWC3, detect_edges
 from .control import control_scales
 from .schedulers import make_scheduler, step_kwargs
 from .settings import GenerationSettings, check_inputs
@@ -47,6 +47,7 @@ class GenerationResult:
     settings: GenerationSettings
     timesteps: list[float]
     timings: dict[str, float] = field(default_factory=dict)
+    adapter_set: object = None  # the runner's AdapterSet every graph call of this generation ran with
 
 
 class ControlNetPipeline:
@@ -71,11 +72,29 @@ class ControlNetPipeline:
         self.vae_scaling_factor = vae_scaling_factor
 
     def __call__(
-        self, image: np.ndarray, settings: GenerationSettings, progress: ProgressHook | None = None
+        self, image: np.ndarray | None, settings: GenerationSettings, progress: ProgressHook | None = None,
+        control_map: np.ndarray | None = None,
     ) -> GenerationResult:
-        """Generate ``settings.num_samples`` images from ``image`` (HxWxC uint8 RGB)."""
+        """Generate ``settings.num_samples`` images from ``image`` (HxWxC uint8 RGB).
+
+        ``control_map``: an edge map computed before (HxW or HxWx3 uint8, sides multiples
+        of 64), used as is instead of the canny edges of ``image``; ``image`` may then be
+        ``None`` unless ``settings.img2img_strength`` is set.
+
+        The whole generation holds the runner's adapter set (``runner.hold()``): a swap
+        asked for meanwhile waits for the last decode, so every image comes from one set.
+        """
         # 1. Check inputs
-        check_inputs(image, settings)
+        check_inputs(image if image is not None or control_map is None else control_map, settings)
+        if control_map is not None:
+            check_inputs(control_map, settings)
+        with self.runner.hold() as adapter_set:
+            result = self._generate(image, control_map, settings, progress)
+        result.adapter_set = adapter_set
+        return result
+
+    def _generate(self, image: np.ndarray | None, control_map: np.ndarray | None, settings: GenerationSettings,
+                  progress: ProgressHook | None) -> GenerationResult:
         clock = _Stopwatch(self.runner.device)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         n = settings.num_samples
@@ -85,7 +104,7 @@ class ControlNetPipeline:
         clock.lap("encode_prompt")
 
         # 3. Prepare control image and scales
-        resized, edge_map = detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
+        resized, edge_map = self.prepare_control(image, control_map, settings)
         control = self.image_to_tensor(edge_map).expand(2 * n, -1, -1, -1)
         scales = control_scales(n, settings.strength, settings.guess_mode, settings.control_schedule)
         scales = scales.to(self.runner.device)
@@ -96,7 +115,8 @@ class ControlNetPipeline:
         timesteps = self.prepare_timesteps(scheduler, settings)
 
         # 5. Prepare latents
-        latents = self.prepare_latents(scheduler, timesteps, resized, settings, generator)
+        latents = self.prepare_latents(scheduler, timesteps, edge_map if resized is None else resized, settings,
+                                       generator)
         clock.lap("prepare_latents")
 
         # 6. Denoise
@@ -117,6 +137,27 @@ class ControlNetPipeline:
         images = self.decode_latents(latents)
         clock.lap("decode")
         return GenerationResult(images, edge_map, replace(settings), [float(t) for t in timesteps], clock.timings)
+
+    def prepare_control(self, image: np.ndarray | None, control_map: np.ndarray | None,
+                        settings: GenerationSettings) -> tuple[np.ndarray | None, np.ndarray]:
+        """The resized input image (``None`` without one) and the HWC3 edge map the ControlNet sees."""
+        if control_map is None:
+            return detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
+        edge_map = HWC3(control_map)
+        height, width = edge_map.shape[:2]
+        if height % 64 or width % 64:
+            raise LoramgrError(f"control map of {width}x{height} px: both sides must be multiples of 64")
+        if image is None:
+            if settings.img2img_strength is not None:
+                raise LoramgrError("img2img_strength needs an input image besides the control map")
+            return None, edge_map
+        import cv2
+
+        resized = HWC3(image)
+        if resized.shape[:2] != (height, width):
+            shrink = resized.shape[0] * resized.shape[1] > height * width
+            resized = cv2.resize(resized, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+        return resized, edge_map
 
     def encode_prompt(self, settings: GenerationSettings) -> torch.Tensor:
         """``[2N, 77, D]`` embeddings of ``n_prompt`` (N rows) then ``prompt, a_prompt`` (N rows)."""
@@ -176,7 +217,7 @@ class ControlNetPipeline:
         to the first timestep with a second ``randn`` ([N, ...]).
         """
         n, device = settings.num_samples, self.runner.device
-        height, width = image.shape[:2]
+        height, width = image.shape[:2]  # the resized input image, or the control map without one
         shape = (n, LATENT_CHANNELS, height // VAE_SCALE_FACTOR, width // VAE_SCALE_FACTOR)
         if settings.img2img_strength is None:
             noise = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)

@@ -6,14 +6,14 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from ..convert import load_adapter_set, resolve_base
+from ..adapters import AdapterSet, load_adapter_set
+from ..backends import BACKENDS, open_runner
+from ..bases import OpenBase
 from ..errors import LoramgrError
 from ..inventory import block_of
-from ..manifest import Manifest
-from ..merge import AdapterSet, BaseWeights, merge_tensors
-from ..runtime import BACKENDS, make_pipeline, open_runner
+from ..merge import BaseWeights, merge_tensors
+from ..runtime import make_pipeline
 from ..workspace import Workspace
 from .compare import compare_images, compare_outputs, compare_tensors, untouched_mismatches
 from .merged import merged_export
@@ -21,21 +21,19 @@ from .reference import AdapterReference, Step, source_of
 from .report import FAILED, PASSED, SKIPPED, CheckResult, VerifyReport
 from .settings import TOLERANCES, VerifySettings
 
-if TYPE_CHECKING:
-    from ..backends.onnxruntime import OrtOptions
-
 
 def verify(
     workspace: Workspace, adapters: Sequence[str], *, base: str | None = None, control: str | None = None,
     backend: str = "ort-cpu", sources: Mapping[str, str | Path] | None = None,
-    settings: VerifySettings = VerifySettings(), ort_options: OrtOptions | None = None, on_step: Step | None = None,
+    settings: VerifySettings = VerifySettings(), options=None, on_step: Step | None = None,
 ) -> VerifyReport:
     """Check ``adapters`` (``NAME[:WEIGHT]``) and ``control`` on ``base`` against a reference merge.
 
     The reference is the base's source torch model with the adapters' *source files*
     merged by diffusers or by :mod:`loramgr.verify.formulas`, exported like a base
     (cached). ``sources`` maps adapter name -> source path where the path recorded at
-    conversion is not right. Returns a report; ``report.passed`` says whether every
+    conversion is not right. ``options``: the backend's options object (``OrtOptions``,
+    ``TrtOptions``) for the sessions of the outputs and images checks. Returns a report; ``report.passed`` says whether every
     check passed. User errors (unknown names, a missing or changed source file) raise
     :class:`~loramgr.errors.LoramgrError`.
 
@@ -49,9 +47,8 @@ def verify(
     clock = time.perf_counter()
     if backend not in BACKENDS:
         raise LoramgrError(f"--backend {backend!r}: choose one of {', '.join(BACKENDS)}")
-    base = resolve_base(workspace, base)
-    base_dir = workspace.base_dir(base)
-    manifest = Manifest.load(base_dir)
+    opened = OpenBase.resolve(workspace, base)
+    base, base_dir, manifest = opened.name, opened.dir, opened.manifest
     adapter_set = load_adapter_set(workspace, manifest, list(adapters), control)
     if not adapter_set.adapters:
         raise LoramgrError("verify needs at least one adapter: NAME[:WEIGHT] or --control NAME")
@@ -70,7 +67,8 @@ def verify(
     if folder is None:
         report.checks += [CheckResult(c, SKIPPED, "no complete reference to compare with") for c in settings.checks]
         return report
-    merged = Manifest.load(folder)
+    merged_base = OpenBase.open(folder)
+    merged = merged_base.manifest
     weights = BaseWeights(manifest, base_dir)
 
     # 3. Tensors: every injected weight, and every other weight bit for bit
@@ -86,30 +84,33 @@ def verify(
 
     # 4. Graph outputs and 5. images: an injected session against a plain one on the merged export
     if {"outputs", "images"} & set(settings.checks):
-        _compare_sessions(report, base_dir, manifest, adapter_set, folder, merged, backend, ort_options, settings, on_step)
+        _compare_sessions(report, opened, adapter_set, merged_base, backend, options, settings, on_step)
         timings["sessions_s"] = time.perf_counter() - clock
     return report
 
 
-def _compare_sessions(report: VerifyReport, base_dir: Path, manifest: Manifest, adapter_set: AdapterSet, folder: Path,
-                      merged: Manifest, backend: str, ort_options: OrtOptions | None, settings: VerifySettings,
-                      on_step: Step | None) -> None:
+def _compare_sessions(report: VerifyReport, opened: OpenBase, adapter_set: AdapterSet, merged: OpenBase,
+                      backend: str, options, settings: VerifySettings, on_step: Step | None) -> None:
     tolerances = report.tolerances
     if on_step:
         on_step(f"opening {backend} sessions")
-    injected = open_runner(base_dir, adapter_set, backend, ort_options)
-    reference = open_runner(folder, AdapterSet(), backend, ort_options)
+    if backend == "tensorrt":  # both sides in the precision and profile the base's engines were built with
+        from ..backends.tensorrt import engines_dir, resolve_options
+
+        options = resolve_options(engines_dir(opened.dir), options)
+    injected = open_runner(opened, adapter_set, backend, options)
+    reference = open_runner(merged, AdapterSet(), backend, options)
     try:
         if "outputs" in settings.checks:
             if on_step:
                 on_step("comparing graph outputs")
-            report.outputs = compare_outputs(injected, reference, manifest, settings.image_size, settings.seed,
+            report.outputs = compare_outputs(injected, reference, opened.manifest, settings.image_size, settings.seed,
                                              tolerances.output_rtol)
             report.checks.append(_outputs_check(report))
         if "images" in settings.checks:
             if on_step:
                 on_step("generating the sample image twice")
-            image = compare_images(make_pipeline(base_dir, manifest, injected), make_pipeline(folder, merged, reference),
+            image = compare_images(make_pipeline(opened, injected), make_pipeline(merged, reference),
                                    settings.prompt, settings.image_size, settings.steps, settings.seed,
                                    tolerances.min_psnr_db, n_prompt=settings.n_prompt)
             report.image = image

@@ -20,7 +20,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from ..manifest import Manifest
-from ..merge import AdapterSet
+from ..adapters import AdapterSet
 from ..workspace import Workspace, atomic_dir
 from .reference import AdapterReference, Step, build_reference, load_source_model
 

@@ -1,7 +1,7 @@
 """The reference's name resolution: adapter module names -> the source model's modules.
 
 Written apart from ``loramgr.formats.names`` on purpose: tables here come from
-REFERENCE.md section 2 and the formats' own projects, and every lookup is against the
+docs/verify.md (what the reference reads) and the formats' own projects, and every lookup is against the
 module tree of the torch model the reference merges into (:class:`Namespace`), so a
 name loramgr resolves wrongly shows up as a mismatch instead of being agreed with.
 """
@@ -18,7 +18,7 @@ UNET, TEXT = "unet.", "text_model."  # the base namespace: UNet weights, text-en
 KOHYA_PREFIXES = {"lora_unet_": "unet", "lora_te_": "text", "lora_te1_": "text"}
 DOTTED_PREFIXES = (("unet.", ("unet",)), ("text_encoder.", ("text",)), ("base_model.model.", ("unet", "text")),
                    ("", ("unet", "text")))
-# SD1.5's LDM (original checkpoint) block names, from the layout in REFERENCE.md section 2.
+# SD1.5's LDM (original checkpoint) block names (docs/lora-format.md, docs/verify.md: LDM block names).
 LDM_RESNET_PARTS = {"conv1": "in_layers.2", "conv2": "out_layers.3", "time_emb_proj": "emb_layers.1",
                     "conv_shortcut": "skip_connection"}
 LDM_FIXED = {"conv_in": "input_blocks.0.0", "conv_out": "out.2", "time_embedding.linear_1": "time_embed.0",

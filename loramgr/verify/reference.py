@@ -6,7 +6,7 @@ which runs PEFT's merge) where diffusers reads the file's spelling correctly, el
 diffusers. Adapters are applied one at a time in the set's order (the ControlNet first),
 as loramgr merges them, so order-dependent DoRA rescales compare like with like.
 
-Libraries can silently do nothing (REFERENCE.md: diffusers registers 0 modules for the
+Libraries can silently do nothing (docs/verify.md, "Counting": diffusers registers 0 modules for the
 old processor format without ``unet.``), so every step is counted: the modules the
 reference applied against the modules its reading of the file found, and the weights
 that actually changed, by content digest, across the whole model.
@@ -25,7 +25,7 @@ import torch
 from ..adapter_file import AdapterFile
 from ..errors import LoramgrError
 from ..manifest import Manifest
-from ..merge import AdapterSet
+from ..adapters import AdapterSet
 from ..workspace import sha256_tree
 from . import formulas
 from .names import TEXT, UNET, Namespace

@@ -3,7 +3,7 @@
 Verification is only worth something if the reference does not share loramgr's bugs,
 so the file the user converted is read again without any of the formats layer: key
 spellings are matched against tables written here from the published formats
-(REFERENCE.md section 2), and module names are resolved by :mod:`.names` against the
+(docs/verify.md lists them), and module names are resolved by :mod:`.names` against the
 *source torch model's* module tree, not against the base's weight map. What comes out
 is deliberately raw: the file's factors as they are, plus the scale the format defines;
 :mod:`.formulas` turns them into weights.

@@ -1,5 +1,8 @@
 """TensorRT engines of a base: built once from the base ONNX, cached, and checked before use.
 
+Also the backend's options (:class:`TrtOptions`) and the TensorRT module import, the one
+place ``tensorrt`` is imported (lazily: loramgr runs without it).
+
 Build (docs/tensorrt.md has the design and the sources):
 
 * ``trt.OnnxParser.parse_from_file`` on the base's ``model.onnx``, so TensorRT finds the
@@ -17,12 +20,13 @@ Cache: ``base_models/NAME/engines/GRAPH.plan`` plus ``GRAPH.json``, a sidecar ho
 the :class:`EngineKey` the plan was built for. A plan is used only when its sidecar
 holds exactly the key wanted now (GPU, compute capability, TensorRT, precision, input
 shapes, base fingerprint, graph, loramgr's engine format); anything else is rebuilt.
+``engines/options.json`` records the options the cache is current for; options left
+unset at open take those values (:func:`resolve_options`).
 """
 
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -31,9 +35,11 @@ from types import ModuleType
 
 import torch
 
-from ..errors import LoramgrError
-from ..manifest import FUSED, GRAPHS, TEXT_ENCODER, IOSpec, Manifest
-from ..workspace import atomic_path
+from ...bases import OpenBase, as_open_base
+from ...errors import LoramgrError
+from ...manifest import FUSED, GRAPHS, TEXT_ENCODER, Manifest
+from ...workspace import atomic_path
+from .profiles import DEFAULT_PROFILE, ShapeProfile, input_shapes
 
 TRT_MODULES = ("tensorrt", "tensorrt_rtx")
 REFITTABLE = (FUSED, TEXT_ENCODER)
@@ -90,96 +96,6 @@ def trt_logger(trt: ModuleType):
     return _LOGGERS[trt.__name__]
 
 
-# -- shape profiles -----------------------------------------------------------------------
-
-_SHAPE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Graph batch (2 per image with classifier-free guidance) and latent size (image / 8)."""
-
-    batch: int
-    height: int
-    width: int
-
-    def __str__(self) -> str:
-        return f"{self.batch}x{self.height}x{self.width}"
-
-
-@dataclass(frozen=True)
-class ShapeProfile:
-    """The min / opt / max shapes an engine accepts; TensorRT tunes its kernels for ``opt``."""
-
-    min: Shape
-    opt: Shape
-    max: Shape
-
-    @classmethod
-    def parse(cls, min: str, opt: str, max: str) -> "ShapeProfile":
-        """From ``BATCHxLATENT_HxLATENT_W`` strings (``--min 1x32x32``), validated."""
-        profile = cls(_parse_shape(min, "--min"), _parse_shape(opt, "--opt"), _parse_shape(max, "--max"))
-        profile.check()
-        return profile
-
-    def check(self) -> None:
-        """Batch >= 1, latent sizes multiples of 8 (SD1.5 downsamples 3 times), min <= opt <= max."""
-        for option, shape in (("--min", self.min), ("--opt", self.opt), ("--max", self.max)):
-            if shape.batch < 1:
-                raise LoramgrError(f"{option} {shape}: batch must be at least 1")
-            for what, size in (("height", shape.height), ("width", shape.width)):
-                if size < 8 or size % 8:
-                    raise LoramgrError(
-                        f"{option} {shape}: latent {what} {size} must be a positive multiple of 8 "
-                        f"(image {what} {size * 8} px, a multiple of 64)")
-        for what in ("batch", "height", "width"):
-            low, mid, high = (getattr(s, what) for s in (self.min, self.opt, self.max))
-            if not low <= mid <= high:
-                raise LoramgrError(f"{what} must grow from --min to --opt to --max, got {low}, {mid}, {high} "
-                                   f"(--min {self.min} --opt {self.opt} --max {self.max})")
-
-    def __str__(self) -> str:
-        return f"min {self.min}, opt {self.opt}, max {self.max}"
-
-
-def _parse_shape(text: str, option: str) -> Shape:
-    match = _SHAPE_RE.match(text)
-    if not match:
-        raise LoramgrError(f"{option} {text!r}: write BATCHxLATENT_HEIGHTxLATENT_WIDTH, e.g. 2x64x64 for "
-                           "one 512x512 image with guidance")
-    return Shape(*(int(g) for g in match.groups()))
-
-
-# 256 px to 768 px images, tuned for one 512 px image with classifier-free guidance.
-DEFAULT_PROFILE = ShapeProfile(Shape(1, 32, 32), Shape(2, 64, 64), Shape(4, 96, 96))
-
-
-def _axis_size(axis: int | str, shape: Shape) -> int:
-    sizes = {"batch": shape.batch, "latent_height": shape.height, "latent_width": shape.width,
-             "height": 8 * shape.height, "width": 8 * shape.width}
-    if isinstance(axis, int):
-        return axis
-    if axis not in sizes:
-        raise LoramgrError(f"the base has a dynamic axis {axis!r} loramgr does not know: re-export the base")
-    return sizes[axis]
-
-
-def input_shapes(inputs: list[IOSpec], profile: ShapeProfile) -> dict[str, list[list[int]]]:
-    """Input name -> [min, opt, max] dims, from the manifest's named dynamic axes."""
-    return {spec.name: [[_axis_size(a, s) for a in spec.shape] for s in (profile.min, profile.opt, profile.max)]
-            for spec in inputs}
-
-
-def check_input_shapes(graph: str, shapes: dict[str, list[list[int]]], actual: dict[str, tuple[int, ...]]) -> None:
-    """Refuse an input outside the engine's profile with the fix, before TensorRT does."""
-    for name, dims in actual.items():
-        low, _, high = shapes[name]
-        if len(dims) != len(low) or any(not lo <= d <= hi for d, lo, hi in zip(dims, low, high)):
-            raise LoramgrError(
-                f"{graph} input {name} has shape {list(dims)}, outside the engine's profile {low}..{high}: "
-                "build the engines with --min/--max covering it")
-
-
 # -- precision ----------------------------------------------------------------------------
 
 
@@ -205,6 +121,64 @@ def plan_precision(base_dtype: str, fp16: bool, has_fp16_flag: bool) -> Precisio
         "--fp16 on an fp32 base needs TensorRT's FP16 builder flag, which this TensorRT does not have "
         "(TensorRT 11 and TensorRT-RTX build strongly typed networks only): export the base with "
         "`loramgr export --dtype fp16` and build its engines")
+
+
+# -- options ------------------------------------------------------------------------------
+
+PRECISIONS = ("fp32", "fp16")
+OPTIONS_FILE = "options.json"
+
+
+@dataclass(frozen=True)
+class TrtOptions:
+    """The ``tensorrt`` backend's one options object: precision and shape profile of the engines.
+
+    ``None`` means "as the engines in the cache were built" (by ``loramgr build-engine``
+    or an earlier run), else fp32 and :data:`DEFAULT_PROFILE`: so ``build-engine --fp16``
+    followed by ``run --backend tensorrt`` asks the cache for the engines just built
+    instead of rebuilding them in fp32. :func:`resolve_options` fills the ``None`` fields.
+    """
+
+    precision: str | None = None  # "fp32" | "fp16" | None
+    profile: ShapeProfile | None = None
+
+    def __post_init__(self):
+        if self.precision not in (None, *PRECISIONS):
+            raise LoramgrError(f"TensorRT precision {self.precision!r}: choose {' or '.join(PRECISIONS)}")
+
+    @property
+    def fp16(self) -> bool:
+        return self.precision == "fp16"
+
+
+def options_path(folder: Path) -> Path:
+    return Path(folder) / OPTIONS_FILE
+
+
+def resolve_options(folder: Path, options: TrtOptions | None = None) -> TrtOptions:
+    """``options`` with every ``None`` field taken from the options the cache in ``folder`` was built with.
+
+    Without a record (or with a damaged one) the defaults apply: fp32, :data:`DEFAULT_PROFILE`.
+    """
+    options = options or TrtOptions()
+    recorded = TrtOptions("fp32", DEFAULT_PROFILE)
+    path = options_path(folder)
+    if path.is_file():
+        try:
+            data = json.loads(path.read_text())
+            recorded = TrtOptions(data["precision"], ShapeProfile.parse(*data["profile"]))
+        except (ValueError, KeyError, TypeError, LoramgrError):
+            pass
+    return TrtOptions(options.precision or recorded.precision, options.profile or recorded.profile)
+
+
+def record_options(folder: Path, options: TrtOptions) -> None:
+    """Write the (resolved) options the engines in ``folder`` are now current for."""
+    profile = options.profile
+    data = {"precision": options.precision, "profile": [str(profile.min), str(profile.opt), str(profile.max)]}
+    folder.mkdir(parents=True, exist_ok=True)
+    with atomic_path(options_path(folder)) as tmp:
+        tmp.write_text(json.dumps(data, indent=1))
 
 
 # -- cache keys ---------------------------------------------------------------------------
@@ -250,6 +224,13 @@ def engine_key(manifest: Manifest, graph: str, precision: Precision, profile: Sh
         compute_capability=runtime.compute_capability, precision=asdict(precision),
         refittable=graph in REFITTABLE, input_shapes=input_shapes(manifest.graphs[graph].inputs, profile),
     )
+
+
+def engine_keys(manifest: Manifest, options: TrtOptions, runtime: RuntimeInfo, has_fp16_flag: bool,
+                graphs: tuple[str, ...] = GRAPHS) -> dict[str, EngineKey]:
+    """Graph -> the key a cached engine must hold for resolved ``options`` (what build and open both ask for)."""
+    precision = plan_precision(manifest.dtype, options.fp16, has_fp16_flag)
+    return {graph: engine_key(manifest, graph, precision, options.profile, runtime) for graph in graphs}
 
 
 def engines_dir(base_dir: Path) -> Path:
@@ -313,36 +294,41 @@ def save_engine(folder: Path, key: EngineKey, plan) -> Path:
 # -- building -----------------------------------------------------------------------------
 
 
-def build_engines(base_dir: Path, *, fp16: bool = False, profile: ShapeProfile = DEFAULT_PROFILE,
-                  on_step: BuildStep | None = None, graphs: tuple[str, ...] = GRAPHS) -> dict[str, Path]:
+def build_engines(base: OpenBase | Path, options: TrtOptions | None = None, *, on_step: BuildStep | None = None,
+                  graphs: tuple[str, ...] = GRAPHS) -> dict[str, Path]:
     """Make sure every graph of a base has a current engine; return graph -> plan path.
 
-    Cached engines whose key matches are reused; missing, stale or foreign ones are built.
+    ``options`` are resolved against the cache first (:func:`resolve_options`); cached
+    engines whose key matches are reused; missing, stale or foreign ones are built. The
+    resolved options are recorded, so a later open with unset options finds these engines.
 
     Example:
-        >>> paths = build_engines(ws.base_dir("sd15"), fp16=True, profile=DEFAULT_PROFILE, on_step=print)
+        >>> paths = build_engines(ws.base_dir("sd15"), TrtOptions("fp16", DEFAULT_PROFILE), on_step=print)
         >>> sorted(paths)
         ['text_encoder', 'unet_controlnet', 'vae_decoder', 'vae_encoder']
     """
     step = on_step or (lambda _: None)
-    profile.check()
+    base = as_open_base(base)
+    folder = engines_dir(base.dir)
+    if options is not None and options.profile is not None:
+        options.profile.check()
+    options = resolve_options(folder, options)
     trt = import_tensorrt()
-    manifest = Manifest.load(Path(base_dir))
-    precision = plan_precision(manifest.dtype, fp16, hasattr(trt.BuilderFlag, "FP16"))
-    runtime = runtime_info(trt)
-    folder = engines_dir(base_dir)
-    for graph in graphs:
-        key = engine_key(manifest, graph, precision, profile, runtime)
+    keys = engine_keys(base.manifest, options, runtime_info(trt), hasattr(trt.BuilderFlag, "FP16"), graphs)
+    for graph, key in keys.items():
         status = engine_status(folder, key)
         if status.current:
             step(f"{graph}: cached engine is current")
             continue
-        step(f"{graph}: building a {precision.name}{' refittable' if key.refittable else ''} engine ({status.reason})")
+        precision = key.precision["name"]
+        step(f"{graph}: building a {precision}{' refittable' if key.refittable else ''} engine ({status.reason})")
         start = time.perf_counter()
-        plan = build_plan(trt, Path(base_dir) / manifest.graphs[graph].path, key.input_shapes, precision,
+        plan = build_plan(trt, base.graph_path(graph), key.input_shapes, Precision(**key.precision),
                           refittable=key.refittable)
         path = save_engine(folder, key, plan)
         step(f"{graph}: built in {time.perf_counter() - start:.1f} s, {path.stat().st_size / 2**20:.1f} MiB")
+    if set(graphs) == set(GRAPHS):
+        record_options(folder, options)
     return {graph: plan_path(folder, graph) for graph in graphs}
 
 

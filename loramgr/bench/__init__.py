@@ -1,0 +1,86 @@
+"""``loramgr bench``: conversion, swap, step and memory figures, measured side by side.
+
+The machines these numbers come from are often shared (2 cores, other jobs running),
+so absolute seconds drift from minute to minute. Every comparison is therefore made
+in one run with its variants interleaved repeat by repeat (A, B, C, A, B, C, ...) and
+reported as medians and as ratios of those medians: a drift then hits every variant
+alike. docs/benchmarks.md has the measured figures and the commands behind them.
+
+The package: :mod:`.harness` (timing, machine), :mod:`.fixtures` (base, LoRAs, inputs),
+:mod:`.measurements` (convert, swap, step, GPU), :mod:`.memory` (the child-process
+probe), :mod:`.goals` and :mod:`.rendering`; :func:`run_bench` runs them in order.
+
+1. convert: ``convert_adapter`` on kohya LoRAs of rank 4 and 128 (UNet + text encoder);
+2. swap to a LoRA: (a) new sessions on a merged export, at ORT levels ``all`` and
+   ``basic``; (b) new sessions with the merged tensors injected; (c) a hot swap on an
+   open runner, with the share of it spent merging;
+3. step: one UNet+ControlNet call (CFG batch of 2) in ONNX Runtime against diffusers
+   torch on the same weights and inputs, plus ORT settings as rows of their own;
+4. memory: peak RSS of a ``run`` with two LoRAs, in a child process, against the size
+   of the base's weight files;
+5. step and swap on CUDA, where torch and onnxruntime both see a GPU.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from ..adapters import load_adapter_set
+from ..errors import LoramgrError
+from ..manifest import Manifest
+from ..models.architectures import ARCHITECTURES
+from ..workspace import Workspace
+from .fixtures import (
+    LARGE, LORA_WEIGHT, OTHER_STEP_IMAGES, RANKS, SMALL, STEP_IMAGE, StepInputs, _adapter_name, _ensure_base,
+    _sample_loras, merged_base,
+)
+from .goals import goals
+from .harness import Step, interleaved, machine_info, versions
+from .measurements import _ort_settings, bench_convert, bench_gpu, bench_step, bench_swap
+from .memory import bench_memory, memory_probe
+from .rendering import render_bench
+
+__all__ = ["LARGE", "RANKS", "SMALL", "StepInputs", "bench_convert", "bench_gpu", "bench_memory", "bench_step",
+           "bench_swap", "goals", "interleaved", "memory_probe", "merged_base", "render_bench", "run_bench"]
+
+
+def run_bench(workspace: Workspace, arch: str = "tiny", *, repeats: int = 3, on_step: Step | None = None) -> dict:
+    """Measure conversion, swaps, step time and memory on ``bench-<arch>``; a JSON-able dict.
+
+    The base (random weights), the sample LoRAs and the merged copy are cached in the
+    workspace, so a second run only measures.
+
+    Example:
+        >>> result = run_bench(Workspace.resolve("/tmp/bench-ws"), "tiny", repeats=1)
+        >>> result["swap"]["times"]["hot_swap_r4"]["median_s"] > 0
+        True
+    """
+    if arch not in ARCHITECTURES:
+        raise LoramgrError(f"--arch {arch!r}: choose one of {', '.join(ARCHITECTURES)}")
+    if not isinstance(repeats, int) or repeats < 1:
+        raise LoramgrError(f"--repeats must be a positive integer, got {repeats!r}")
+    step = on_step or (lambda _: None)
+    start = time.perf_counter()
+    result: dict = {"arch": arch, "repeats": repeats, "machine": machine_info(), "versions": versions()}
+    base, export_s = _ensure_base(workspace, arch, step)
+    base_dir = workspace.base_dir(base)
+    manifest = Manifest.load(base_dir)
+    result["base"] = {"name": base, "export_s": export_s, "fingerprint": manifest.fingerprint}
+    sources = _sample_loras(workspace, arch, manifest)
+    step(f"convert: rank {' and '.join(map(str, RANKS))}, {repeats}x")
+    result["convert"] = bench_convert(workspace, base, sources, repeats)
+    sets = {rank: load_adapter_set(workspace, manifest, [f"{_adapter_name(base, rank)}:{LORA_WEIGHT}"])
+            for rank in RANKS}
+    result["swap"] = bench_swap(workspace, base_dir, manifest, sets, repeats, "cpu", step)
+    inputs = StepInputs.random(manifest, STEP_IMAGE[arch])
+    result["step"] = bench_step(base_dir, manifest, inputs, repeats, "cpu", step,
+                                _ort_settings(base_dir, manifest, sets))
+    result["step_other_sizes"] = [bench_step(base_dir, manifest, StepInputs.random(manifest, image), repeats, "cpu",
+                                             step) for image in OTHER_STEP_IMAGES.get(arch, ())]
+    result["memory"] = bench_memory(workspace, base, manifest, step)
+    result["gpu"] = bench_gpu(workspace, base_dir, manifest, sets, inputs, repeats, step)
+    result["goals"] = goals(result)
+    result["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    result["seconds"] = time.perf_counter() - start
+    return result

@@ -1,0 +1,94 @@
+"""``loramgr bench``'s tables: one rich table per measurement, captioned with the machine and versions."""
+
+from __future__ import annotations
+
+from ..console import human_size, table
+from .fixtures import LARGE, SMALL
+
+
+def _caption(result: dict) -> str:
+    m, v = result["machine"], result["versions"]
+    load = (f", load {m['load_average'][0]:.1f} -> {result['load_average_end'][0]:.1f}"
+            if m["load_average"] and result["load_average_end"] else "")
+    return (f"{m['cpu']}, {m['physical_cores']} cores ({m['logical_cpus']} logical), "
+            f"{m['ram_bytes'] / 2**30:.0f} GiB RAM{load}; torch {v['torch']} ({v['torch_threads']} threads), "
+            f"onnxruntime {v['onnxruntime']}, diffusers {v['diffusers']}; "
+            f"{result['arch']}, medians of {result['repeats']}")
+
+def _s(timing: dict) -> str:
+    return f"{timing['median_s']:.3f}"
+
+def _convert_table(result: dict):
+    return table("convert: kohya LoRA (UNet + text encoder) -> .lora",
+                 ["rank", "seconds", "weights", "source", ".lora"],
+                 [[c["rank"], _s(c), sum(c["modules"].values()), human_size(c["source_bytes"]),
+                   human_size(c["lora_bytes"])] for c in result["convert"].values()])
+
+def _swap_table(swap: dict, where: str = "CPU"):
+    t, small, large = swap["times"], f"hot_swap_r{SMALL}", f"hot_swap_r{LARGE}"
+    diff = swap["max_abs_diff"]
+    return table(
+        f"swap to a rank-{SMALL} LoRA, UNet+ControlNet and text encoder ({where})",
+        ["route", "seconds", "(c) is faster by"],
+        [["(a) new sessions on a merged export, ORT all", _s(t["merged_export_all"]),
+          f"{swap['speedup_vs_merged_all']:.1f}x"],
+         ["(a) new sessions on a merged export, ORT basic", _s(t["merged_export_basic"]),
+          f"{swap['speedup_vs_merged_basic']:.1f}x"],
+         ["(b) new sessions, injection (merge + create)", _s(t["injection"]), f"{swap['speedup_vs_injection']:.1f}x"],
+         [f"(c) hot swap r{LARGE} -> r{SMALL}", _s(t[small]), ""],
+         ["    of which merge_tensors", _s(t[f"{small}_merge"]), f"{swap['hot_swap_merge_share']:.0%} of (c)"],
+         [f"(c) hot swap r{SMALL} -> r{LARGE}", _s(t[large]), ""],
+         [f"hot swap r{LARGE} -> r{SMALL}, torch on 1 thread (setting)", _s(t[f"{small}_torch1"]), ""],
+         [f"hot swap r{SMALL} -> r{LARGE}, torch on 1 thread (setting)", _s(t[f"{large}_torch1"]), ""],
+         [f"buffers a hot swap rewrites: {swap['buffers']['count']} ({human_size(swap['buffers']['bytes'])})", "", ""],
+         [f"max |diff| of outputs vs (b): (a) {diff['merged_export_vs_injection']:.1e}, "
+          f"(c) {diff['hot_swap_vs_injection']:.1e}", "", ""]])
+
+def _step_table(step: dict, where: str = "CPU"):
+    vs_torch = step["vs_torch"]
+    rows = [["diffusers torch (inference_mode)", _s(vs_torch["torch"]), "1.00x"],
+            ["loramgr ORT defaults (basic)", _s(vs_torch["ort"]), f"{vs_torch['speedup']:.2f}x"]]
+    rows += [[f"ORT {label}", _s(row), f"{row['speedup_vs_torch']:.2f}x ({row['speedup_vs_default']:.2f}x "
+              "vs defaults, side by side)"] for label, row in step.get("ort_settings", {}).items()]
+    return table(f"step: UNet+ControlNet, batch 2 (CFG), {step['image']}x{step['image']} "
+                 f"(latents {step['latent'][2]}x{step['latent'][3]}) ({where})",
+                 ["runner", "seconds", "faster than torch by"], rows)
+
+def _memory_table(mem: dict):
+    weights = mem["base_weights_bytes"]
+    return table("memory: peak RSS of a run with 2 LoRAs (child process)", ["what", "size", "x base weights"],
+                 [["base weights (external data files)", human_size(weights), "1.00x"],
+                  [f"peak RSS, run at {mem['run']['resolution']}px, {mem['run']['steps']} steps",
+                   human_size(mem["peak_rss_bytes"]), f"{mem['ratio']:.2f}x"],
+                  *[[f"  at the sampled peak: {label}", human_size(mem["at_peak"][key]),
+                     f"{mem['at_peak'][key] / weights:.2f}x"]
+                    for label, key in (("anonymous", "RssAnon"), ("mapped files", "RssFile")) if key in mem["at_peak"]],
+                  ["peak RSS of the imports alone", human_size(mem["imports_rss_bytes"]),
+                   f"{mem['imports_rss_bytes'] / weights:.2f}x"]])
+
+def _goals_table(result: dict):
+    def verdict(goal: dict) -> str:
+        if not goal["applies"]:
+            return "not judged (sd15 goal)"
+        return "pass" if goal["passed"] else "FAIL"
+
+    return table("goals (sd15, CPU)", ["goal", "measured", "result"],
+                 [[g["goal"], g["measured"], verdict(g)] for g in result["goals"]])
+
+def _tables(result: dict) -> list:
+    tables = [_convert_table(result), _swap_table(result["swap"]), _step_table(result["step"]),
+              *map(_step_table, result["step_other_sizes"]), _memory_table(result["memory"])]
+    gpu = result["gpu"]
+    if gpu["measured"]:
+        tables += [_swap_table(gpu["swap"], gpu["device"]), _step_table(gpu["step"], gpu["device"])]
+    else:
+        tables.append(table("GPU", ["what", "measured"], [["swap, step", gpu["reason"]]]))
+    return tables + [_goals_table(result)]
+
+def render_bench(result: dict, console) -> None:
+    """Print the result of :func:`run_bench` as rich tables, each captioned with the machine and versions."""
+    caption = _caption(result)
+    for t in _tables(result):
+        t.caption = caption
+        t.caption_justify = "left"
+        console.print(t)
