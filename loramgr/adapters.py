@@ -76,7 +76,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, float | None]:
     name, sep, weight = spec.partition(":")
     if not sep:
         return name, None
-    return name, parse_weight(weight, f"adapter {spec!r}")
+    return name, parse_weight(weight, f"adapter {spec!r}", " (use NAME:0.8)")
 
 
 def load_adapter_set(workspace: Workspace, manifest: Manifest, loras: Iterable[str], control: str | None = None

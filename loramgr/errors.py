@@ -7,6 +7,8 @@ other exception is a bug in loramgr and keeps its traceback.
 
 from __future__ import annotations
 
+import math
+import numbers
 from pathlib import Path
 
 
@@ -25,14 +27,12 @@ class BadFileError(LoramgrError):
 
 def check_finite(value: float, what: str) -> float:
     """``value`` if it is a finite number; NaN or infinity as a weight renders a black image."""
-    import math
-
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise LoramgrError(f"{what}: {value!r} is not a finite number")
     return float(value)
 
 
-def parse_weight(text: str, what: str) -> float:
+def parse_weight(text: str, what: str, hint: str = "") -> float:
     """A weight given as text (``NAME:0.8``, ``--default-weight``, metadata): a finite float.
 
     ``nan``, ``inf`` and numbers too large for a float (``1e309``) are refused.
@@ -40,9 +40,7 @@ def parse_weight(text: str, what: str) -> float:
     try:
         value = float(text)
     except (TypeError, ValueError):
-        raise LoramgrError(f"{what}: weight {text!r} is not a number (use NAME:0.8)") from None
-    import math
-
+        raise LoramgrError(f"{what}: weight {text!r} is not a number{hint}") from None
     if not math.isfinite(value):
-        raise LoramgrError(f"{what}: weight {text!r} is not a finite number (use NAME:0.8)")
+        raise LoramgrError(f"{what}: weight {text!r} is not a finite number{hint}")
     return value
