@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .adapter_file import AdapterFile, load_adapter
-from .errors import LoramgrError, parse_weight
+from .errors import LoramgrError, check_finite, parse_weight
 from .manifest import Manifest
 from .workspace import Workspace
 
@@ -33,6 +33,7 @@ class AdapterSet:
         if len(controlnets) > 1:
             raise LoramgrError(f"only one ControlNet can be active, got {', '.join(controlnets)}")
         for adapter, weight in self.adapters:
+            check_finite(weight, f"{adapter.name} weight")  # a NaN weight renders a black image
             if adapter.kind != "lora" and weight != 1.0:
                 raise LoramgrError(f"{adapter.name}: a {adapter.kind} adapter replaces weights; its weight must be 1, got {weight}")
 

@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .pipeline.schedulers import SCHEDULERS
+    from .pipeline.settings import PREPROCESSORS
     from .pipeline.settings import GenerationSettings as S
 
     p.add_argument("--base")
@@ -118,7 +119,12 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep", action="append", default=[], metavar="A:W,B:W,CONTROL",
                    help="run again with another adapter set on the same session (hot swap); repeatable; "
                         "items are NAME[:WEIGHT] (a ControlNet name switches the ControlNet), 'none' = plain base")
-    p.add_argument("--image", required=True)
+    p.add_argument("--image", help="input image: the output size, the canny source, img2img's start")
+    p.add_argument("--control-image", metavar="FILE",
+                   help="make the control map from this image instead of --image (with --preprocessor none: "
+                        "a map made before, e.g. depth or pose for a converted ControlNet)")
+    p.add_argument("--preprocessor", choices=PREPROCESSORS, default=S.preprocessor,
+                   help="canny: ControlNet's canny annotator; none: the control image is the map")
     p.add_argument("--prompt", required=True)
     p.add_argument("--a-prompt", default=S.a_prompt)
     p.add_argument("--n-prompt", default=S.n_prompt)
@@ -236,7 +242,7 @@ def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
     options = _backend_options(args)
     with console.steps_bar("denoising", enabled=not args.json) as progress:
         reports = generate(ws, args.image, _settings(args), choices, base=args.base, backend=args.backend,
-                           options=options, out_dir=args.out, progress=progress, stem=args.name,
+                           options=options, control_image=args.control_image, out_dir=args.out, progress=progress, stem=args.name,
                            overwrite=args.overwrite)
     _print_runs(reports, choices, args.json)
     return 0

@@ -39,6 +39,7 @@ from .adapters import AdapterChoice, AdapterSet, load_adapter_set, union_touched
 from .backends import BACKENDS, open_runner
 from .backends.base import Runner, seconds
 from .bases import OpenBase
+from .errors import LoramgrError
 from .workspace import Workspace
 
 __all__ = ["BACKENDS", "AdapterChoice", "Generation", "Generator", "RunReport", "generate", "make_pipeline",
@@ -130,11 +131,17 @@ class Generator:
         return self._sets[key]
 
     def generate(self, choice: AdapterChoice | AdapterSet | None, settings, image: np.ndarray | None = None, *,
-                 control_map: np.ndarray | None = None, progress=None) -> Generation:
-        """Generate with ``choice`` applied, from ``image`` (HxWxC uint8) or a precomputed ``control_map``."""
+                 control_image: np.ndarray | None = None, progress=None) -> Generation:
+        """Generate with ``choice`` applied, from ``image`` and/or ``control_image`` (HxWxC uint8).
+
+        ``control_image`` is what the control map is made from when it is not ``image``
+        (``settings.preprocessor``: ``canny`` or ``none`` for a map made before).
+        """
         from .pipeline.settings import check_inputs
 
-        check_inputs(image if image is not None else control_map, settings)
+        for given in (image, control_image):
+            if given is not None:
+                check_inputs(given, settings)
         adapter_set = self.adapter_set(choice)
         lease = None
         with self._switch:  # "switch, then hold" is one step among this Generator's calls
@@ -150,7 +157,7 @@ class Generator:
                     candidate.__exit__(None, None, None)
         try:
             start = time.perf_counter()
-            result = self.pipeline(image, settings, progress, control_map=control_map)
+            result = self.pipeline(image, settings, progress, control_image=control_image)
         finally:
             lease.__exit__(None, None, None)
         timings = {**load, **result.timings}
@@ -183,8 +190,8 @@ class RunReport:
 
 
 def generate(
-    workspace: Workspace, image: str | Path, settings, choices: list[AdapterChoice] | None = None, *,
-    base: str | None = None, backend: str = "ort-cpu", options=None,
+    workspace: Workspace, image: str | Path | None, settings, choices: list[AdapterChoice] | None = None, *,
+    base: str | None = None, backend: str = "ort-cpu", options=None, control_image: str | Path | None = None,
     out_dir: str | Path = "outputs", stem: str | None = None, progress=None, overwrite: bool = False,
 ) -> list[RunReport]:
     """Run the canny pipeline once per adapter choice, on one :class:`Generator`, and write the files.
@@ -194,6 +201,8 @@ def generate(
     so with hot swap (the ONNX Runtime default) each switch rewrites buffers in place.
     All adapters are loaded and checked against the base before any session exists.
     ``options``: the backend's options object (``OrtOptions`` or ``TrtOptions``).
+    ``control_image``: the file the control map is made from, when not ``image``
+    (``settings.preprocessor`` says how); either file may be ``None``, not both.
 
     Example:
         >>> from loramgr.pipeline.settings import GenerationSettings
@@ -208,15 +217,22 @@ def generate(
 
     choices = choices or [AdapterChoice()]
     opened = OpenBase.resolve(workspace, base)
-    pixels = load_image(image)
-    check_inputs(pixels, settings)
+    if image is None and control_image is None:
+        raise LoramgrError("no input: give --image, --control-image, or both")
+    pixels = None if image is None else load_image(image)
+    control_pixels = None if control_image is None else load_image(control_image)
+    for given in (pixels, control_pixels):
+        if given is not None:
+            check_inputs(given, settings)
     stems = claim_stems(out_dir, stem, [c.label() for c in choices], settings.num_samples, overwrite)
     reports = []
     with Generator.open(workspace, opened, backend, options, choices=choices) as generator:
         for i, choice in enumerate(choices):
-            made = generator.generate(choice, settings, pixels, progress=progress)
+            made = generator.generate(choice, settings, pixels, control_image=control_pixels, progress=progress)
             metadata = {"base": opened.name, "base_fingerprint": opened.manifest.fingerprint, "backend": backend,
-                        "image": str(image), "adapters": made.adapters, "control": choice.control or "canny",
+                        "image": None if image is None else str(image),
+                        "control_image": None if control_image is None else str(control_image),
+                        "adapters": made.adapters, "control": choice.control or "canny",
                         "load_timings": made.load}  # the pipeline's phases are the sidecar's own "timings"
             files = save_result(made.result, out_dir, stems[i], metadata, overwrite=overwrite)
             reports.append(RunReport(opened.name, backend, made.adapters, files, made.timings))

@@ -11,11 +11,18 @@ from loramgr.pipeline.schedulers import scheduler_class
 from loramgr.pipeline.settings import GenerationSettings
 
 
-def diffusers_images(reference, image: np.ndarray, settings: GenerationSettings) -> np.ndarray:
-    """The same generation with diffusers' own pipeline: same edge map, prompts, seed, scheduler."""
+def diffusers_images(reference, image: np.ndarray, settings: GenerationSettings,
+                     control_map: np.ndarray | None = None) -> np.ndarray:
+    """The same generation with diffusers' own pipeline: same edge map, prompts, seed, scheduler.
+
+    ``control_map``: a map made before (at the output size), given to diffusers as its
+    control image instead of the canny edges of ``image``.
+    """
     from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
 
     resized, edges = detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
+    if control_map is not None:
+        edges = control_map
     components = {
         **reference.components,
         "scheduler": scheduler_class(settings.scheduler).from_config(reference.scheduler.config),

@@ -10,6 +10,7 @@ conditional rows and loramgr on all 2N rows with zero scales: max 1).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -214,6 +215,45 @@ def test_matches_diffusers(pipe, reference, image, overrides):
 def test_matches_diffusers_with_scheduler(pipe, reference, image, scheduler, img2img_strength):
     settings = GenerationSettings(prompt="a bird", scheduler=scheduler, img2img_strength=img2img_strength, **FAST)
     assert_same_images(pipe(image, settings).images, diffusers_images(reference, image, settings))
+
+
+def _depth_like_map(height: int, width: int) -> np.ndarray:
+    """A smooth, full-range map unlike any canny output (a stand-in for depth / pose / hed)."""
+    y, x = np.mgrid[0:height, 0:width]
+    field = 127.5 + 127.5 * np.sin(x / 7.0) * np.cos(y / 11.0)
+    return np.repeat(field.astype(np.uint8)[:, :, None], 3, axis=2)
+
+
+@pytest.mark.parametrize("img2img_strength", [None, 0.6], ids=["txt2img", "img2img"])
+def test_precomputed_map_matches_diffusers(pipe, reference, image, img2img_strength):
+    """--preprocessor none: the map goes to the ControlNet as it is, exactly as diffusers' control image."""
+    settings = GenerationSettings(prompt="a bird", preprocessor="none", img2img_strength=img2img_strength, **FAST)
+    size = detect_edges(image, settings.resolution, 100, 200)[0].shape[:2]
+    control = _depth_like_map(*size)
+    made = pipe(image, settings, control_image=control)
+    np.testing.assert_array_equal(made.edge_map, control)
+    assert_same_images(made.images, diffusers_images(reference, image, settings, control_map=control))
+    canny = pipe(image, dataclasses.replace(settings, preprocessor="canny"))
+    assert np.abs(np.stack(made.images).astype(int) - np.stack(canny.images)).mean() > 1  # the map mattered
+
+
+def test_control_image_sizes(pipe, image):
+    """The output size follows the input image; a map of another size is resized to it (bilinear)."""
+    settings = GenerationSettings(prompt="a bird", preprocessor="none", **FAST)
+    size = detect_edges(image, settings.resolution, 100, 200)[0].shape[:2]
+    small = _depth_like_map(size[0] // 2, size[1] // 2)
+    resized, control = pipe.prepare_control(image, small, settings)
+    assert resized.shape[:2] == control.shape[:2] == size
+    np.testing.assert_array_equal(control, cv2.resize(small, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
+    # without an input image the map sets the size; canny on a separate control image
+    resized, control = pipe.prepare_control(None, _depth_like_map(*size), settings)
+    assert resized is None and control.shape[:2] == size
+    resized, control = pipe.prepare_control(image, image[::-1], dataclasses.replace(settings, preprocessor="canny"))
+    np.testing.assert_array_equal(control, detect_edges(image[::-1], settings.resolution, 100, 200)[1])
+    with pytest.raises(LoramgrError, match="img2img_strength needs an input image"):
+        pipe(None, dataclasses.replace(settings, img2img_strength=0.5), control_image=small)
+    with pytest.raises(LoramgrError, match="unknown preprocessor 'depth'"):
+        pipe(image, dataclasses.replace(settings, preprocessor="depth"))
 
 
 def test_torch_runner_is_a_runner(pipe):

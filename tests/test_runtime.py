@@ -7,6 +7,8 @@ same tensors reach the same kernels; only how they got there differs).
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import threading
 
@@ -284,6 +286,34 @@ def test_run_cli_writes_images_sidecar_and_sweeps(tiny_workspace, adapters, tmp_
     assert np.abs(images[0].astype(int) - images[2].astype(int)).mean() > 5
 
 
+def test_run_cli_control_image_without_preprocessor(tiny_workspace, adapters, tmp_path, capsys):
+    """--control-image with --preprocessor none: the file is the map (a converted ControlNet's input)."""
+    from PIL import Image
+
+    from loramgr.pipeline.canny import detect_edges
+
+    source = sample_image(64)
+    Image.fromarray(source).save(tmp_path / "in.png")
+    edges = detect_edges(source, 64, 100, 200)[1]
+    Image.fromarray(edges).save(tmp_path / "map.png")
+    common = ["run", "--prompt", "a house", "--n-prompt", "bad", "--resolution", "64", "--steps", "3",
+              "--out", str(tmp_path / "out"), "--lora", "rt_a:0.8", "--control", "rt_hed"]
+    assert _cli(tiny_workspace, *common, "--image", str(tmp_path / "in.png"), "--name", "canny") == 0
+    assert _cli(tiny_workspace, *common, "--control-image", str(tmp_path / "map.png"), "--preprocessor", "none",
+                "--name", "map") == 0
+    capsys.readouterr()
+    sidecar = json.loads((tmp_path / "out" / "map.json").read_text())
+    assert sidecar["settings"]["preprocessor"] == "none" and sidecar["metadata"]["image"] is None
+    assert sidecar["metadata"]["control_image"] == str(tmp_path / "map.png")
+    # the canny map of the image, given as a finished map, gives the same image as the canny run
+    canny, mapped = (np.asarray(Image.open(tmp_path / "out" / json.loads((tmp_path / "out" / f"{n}.json")
+                                                                         .read_text())["images"][0]))
+                     for n in ("canny", "map"))
+    np.testing.assert_array_equal(canny, mapped)
+    assert _cli(tiny_workspace, *common, "--name", "none") == 2
+    assert "no input: give --image, --control-image, or both" in capsys.readouterr().err
+
+
 # -- one adapter set per image, under concurrent swaps ------------------------------------------
 
 STRESS = {"resolution": 64, "steps": 3, "n_prompt": "lowres"}
@@ -393,7 +423,8 @@ def test_generator_in_memory_equals_the_files_of_generate(tiny_workspace, adapte
     files = [np.asarray(Image.open(r.files[0])) for r in reports]
     with Generator.open(tiny_workspace, "tiny", choices=choices) as generator:
         made = [generator.generate(c, settings, image) for c in choices]
-        again = generator.generate(choices[0], settings, control_map=made[0].control_map)  # no input image
+        map_only = dataclasses.replace(settings, preprocessor="none")  # no input image, the map as is
+        again = generator.generate(choices[0], map_only, control_image=made[0].control_map)
     for generation, png in zip(made, files):
         np.testing.assert_array_equal(generation.images[0], png)
     assert made[0].adapters[0]["name"] == "rt_a" and made[0].adapters[0]["weight"] == 0.8

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import cv2
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
@@ -20,10 +21,10 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..backends.base import Runner
 from ..errors import LoramgrError
-from .canny import HWC3, detect_edges
+from .canny import HWC3, detect_edges, resize_image
 from .control import control_scales
 from .schedulers import make_scheduler, step_kwargs
-from .settings import GenerationSettings, check_inputs
+from .settings import GenerationSettings, check_inputs, output_size
 
 logger = logging.getLogger(__name__)
 
@@ -73,27 +74,32 @@ class ControlNetPipeline:
 
     def __call__(
         self, image: np.ndarray | None, settings: GenerationSettings, progress: ProgressHook | None = None,
-        control_map: np.ndarray | None = None,
+        control_image: np.ndarray | None = None,
     ) -> GenerationResult:
         """Generate ``settings.num_samples`` images from ``image`` (HxWxC uint8 RGB).
 
-        ``control_map``: an edge map computed before (HxW or HxWx3 uint8, sides multiples
-        of 64), used as is instead of the canny edges of ``image``; ``image`` may then be
-        ``None`` unless ``settings.img2img_strength`` is set.
+        ``control_image``: the image the control map is made from, when it is not
+        ``image`` (``settings.preprocessor``: ``canny`` runs the annotator on it, ``none``
+        takes it as a finished map: depth, pose, hed, ...). ``image`` may then be ``None``
+        unless ``settings.img2img_strength`` is set. See :meth:`prepare_control` for sizes.
 
         The whole generation holds the runner's adapter set (``runner.hold()``): a swap
         asked for meanwhile waits for the last decode, so every image comes from one set.
         """
         # 1. Check inputs
-        check_inputs(image if image is not None or control_map is None else control_map, settings)
-        if control_map is not None:
-            check_inputs(control_map, settings)
+        if image is None and control_image is None:
+            raise LoramgrError("no input: give an image or a control image")
+        if image is None and settings.img2img_strength is not None:
+            raise LoramgrError("img2img_strength needs an input image besides the control image")
+        for given in (image, control_image):
+            if given is not None:
+                check_inputs(given, settings)
         with self.runner.hold() as adapter_set:
-            result = self._generate(image, control_map, settings, progress)
+            result = self._generate(image, control_image, settings, progress)
         result.adapter_set = adapter_set
         return result
 
-    def _generate(self, image: np.ndarray | None, control_map: np.ndarray | None, settings: GenerationSettings,
+    def _generate(self, image: np.ndarray | None, control_image: np.ndarray | None, settings: GenerationSettings,
                   progress: ProgressHook | None) -> GenerationResult:
         clock = _Stopwatch(self.runner.device)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
@@ -104,7 +110,7 @@ class ControlNetPipeline:
         clock.lap("encode_prompt")
 
         # 3. Prepare control image and scales
-        resized, edge_map = self.prepare_control(image, control_map, settings)
+        resized, edge_map = self.prepare_control(image, control_image, settings)
         control = self.image_to_tensor(edge_map).expand(2 * n, -1, -1, -1)
         scales = control_scales(n, settings.strength, settings.guess_mode, settings.control_schedule)
         scales = scales.to(self.runner.device)
@@ -138,25 +144,31 @@ class ControlNetPipeline:
         clock.lap("decode")
         return GenerationResult(images, edge_map, replace(settings), [float(t) for t in timesteps], clock.timings)
 
-    def prepare_control(self, image: np.ndarray | None, control_map: np.ndarray | None,
+    def prepare_control(self, image: np.ndarray | None, control_image: np.ndarray | None,
                         settings: GenerationSettings) -> tuple[np.ndarray | None, np.ndarray]:
-        """The resized input image (``None`` without one) and the HWC3 edge map the ControlNet sees."""
-        if control_map is None:
-            return detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
-        edge_map = HWC3(control_map)
-        height, width = edge_map.shape[:2]
-        if height % 64 or width % 64:
-            raise LoramgrError(f"control map of {width}x{height} px: both sides must be multiples of 64")
-        if image is None:
-            if settings.img2img_strength is not None:
-                raise LoramgrError("img2img_strength needs an input image besides the control map")
-            return None, edge_map
-        import cv2
+        """The resized input image (``None`` without one) and the HWC3 map the ControlNet sees.
 
-        resized = HWC3(image)
-        if resized.shape[:2] != (height, width):
-            shrink = resized.shape[0] * resized.shape[1] > height * width
-            resized = cv2.resize(resized, (width, height), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LANCZOS4)
+        The output size comes from ``image`` when there is one, else from the control
+        image: short side ``resolution``, both sides multiples of 64 (``resize_image``).
+        The map is made from ``control_image`` (else ``image``) by the preprocessor and,
+        when its size differs, brought to the output size with bilinear interpolation, as
+        ControlNet's annotator demos do; a map already at the output size is used as is.
+        """
+        source = image if control_image is None else control_image
+        if settings.preprocessor == "canny":
+            resized_source, edge_map = detect_edges(source, settings.resolution, settings.low_threshold,
+                                                    settings.high_threshold)
+        else:
+            resized_source, edge_map = None, HWC3(source)
+        if image is None:
+            resized = None
+            size = output_size(*edge_map.shape[:2], settings.resolution)
+        else:
+            resized = resized_source if control_image is None and resized_source is not None \
+                else resize_image(HWC3(image), settings.resolution)
+            size = resized.shape[:2]
+        if edge_map.shape[:2] != size:
+            edge_map = cv2.resize(edge_map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR)
         return resized, edge_map
 
     def encode_prompt(self, settings: GenerationSettings) -> torch.Tensor:

@@ -18,6 +18,9 @@ from .schedulers import SCHEDULERS, takes_eta
 # "controlnet": guess-mode scales strength * 0.825 ** (12 - i), as ControlNet's process();
 # "diffusers": strength * logspace(-1, 0, 13), as diffusers' ControlNetModel (for parity).
 CONTROL_SCHEDULES = ("controlnet", "diffusers")
+# What turns the control image into the map the ControlNet sees: "canny" runs ControlNet's
+# canny annotator on it; "none" takes it as a map made before (depth, pose, hed, scribble, ...).
+PREPROCESSORS = ("canny", "none")
 # The largest output (width * height) generated without asking: every buffer of the pipeline
 # grows with it and attention with its square (1536 x 1536; SD1.5 is trained at 512 x 512).
 DEFAULT_MAX_PIXELS = 1536 * 1536
@@ -29,7 +32,8 @@ class GenerationSettings:
 
     ``strength`` scales the ControlNet residuals; ``scale`` is the classifier-free
     guidance scale; ``img2img_strength`` (``None`` for text-to-image) starts denoising
-    from the noised input image, as diffusers' img2img ``strength``.
+    from the noised input image, as diffusers' img2img ``strength``. ``preprocessor``
+    says how the control image becomes the control map (:data:`PREPROCESSORS`).
     """
 
     prompt: str
@@ -51,6 +55,7 @@ class GenerationSettings:
     img2img_strength: float | None = None
     scheduler: str = "ddim"
     control_schedule: str = "controlnet"
+    preprocessor: str = "canny"
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger outputs (width * height) before anything is allocated
 
 
@@ -88,6 +93,8 @@ def check_inputs(image: np.ndarray, settings: GenerationSettings) -> None:
     _check_real("eta", s.eta, minimum=0.0)
     if s.scheduler not in SCHEDULERS:
         raise LoramgrError(f"unknown scheduler {s.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if s.preprocessor not in PREPROCESSORS:
+        raise LoramgrError(f"unknown preprocessor {s.preprocessor!r}; choose one of {', '.join(PREPROCESSORS)}")
     if s.control_schedule not in CONTROL_SCHEDULES:
         raise LoramgrError(
             f"unknown control_schedule {s.control_schedule!r}; choose one of {', '.join(CONTROL_SCHEDULES)}"
