@@ -74,6 +74,11 @@ def check_base_files(folder: Path, manifest: Manifest, *, progress: bool = True)
             check_size(data, graph.data_size, fix, at_least=end)
             files.append((data, graph.data_sha256))
     verified = VerifiedFiles(folder / VERIFIED_CACHE)
-    hashed = [verified.check(path, sha256, fix, progress=progress) for path, sha256 in files if sha256]
-    if any(hashed):
-        verified.save()
+    hashed = False
+    try:
+        for path, sha256 in files:
+            if sha256:
+                hashed = verified.check(path, sha256, fix, progress=progress) or hashed
+    finally:  # what was found sound is remembered even when a later file is refused
+        if hashed:
+            verified.save()

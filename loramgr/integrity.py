@@ -80,8 +80,11 @@ class VerifiedFiles:
         stat = path.stat()
         if self.is_verified(path, stat, sha256):
             return False
-        with _hash_bar(path, stat.st_size, progress) as on_progress:
-            actual = sha256_with_progress(path, on_progress)
+        try:
+            with _hash_bar(path, stat.st_size, progress) as on_progress:
+                actual = sha256_with_progress(path, on_progress)
+        except OSError as exc:
+            raise BadFileError(path, f"cannot be read ({exc.strerror or type(exc).__name__}): {fix}") from None
         if actual != sha256:
             raise BadFileError(path, f"content changed since it was written (sha256 {actual[:12]}, recorded "
                                      f"{sha256[:12]}): the file is damaged, {fix}")
@@ -118,10 +121,12 @@ def check_size(path: Path, size: int | None, fix: str, *, at_least: int = 0) -> 
     """Refuse a missing file, one whose size is not ``size``, or (no size recorded) one under ``at_least`` bytes."""
     try:
         actual = path.stat().st_size
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         raise BadFileError(path, f"missing: {fix}") from None
+    except OSError as exc:
+        raise BadFileError(path, f"cannot be read ({exc.strerror or type(exc).__name__}): {fix}") from None
     if size is not None and actual != size:
-        raise BadFileError(path, f"is {actual:,} bytes, {size:,} were written ({'truncated' if actual < size else 'damaged'}"
-                                 f" file): {fix}")
+        how = "truncated" if actual < size else "damaged"
+        raise BadFileError(path, f"is {actual:,} bytes, {size:,} were written ({how} file): {fix}")
     if actual < at_least:
         raise BadFileError(path, f"is {actual:,} bytes, its tensors need {at_least:,} (truncated file): {fix}")
