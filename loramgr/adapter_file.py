@@ -12,10 +12,16 @@ open it. Two kinds of content (docs/lora-format.md is the full contract):
   source dtype, so that strength and stacking are chosen at run time and the file
   stays about the size of the source. The per-target kind, scale (alpha / rank) and
   layout are in the ``loramgr.targets`` metadata entry (JSON).
+
+``loramgr.content_sha256`` records a sha256 of every tensor and metadata entry, written
+by :func:`save_adapter` and checked by :func:`load_adapter` at every load, so a damaged
+file is refused instead of changing the image; files written before it existed have no
+such entry and are read unchecked (docs/lora-format.md, "Integrity").
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -32,6 +38,7 @@ from .workspace import atomic_path
 FORMAT_VERSION = 1
 SEPARATOR = "::"
 KINDS = ("lora", "controlnet", "baked")
+CHECKSUM_KEY = "loramgr.content_sha256"
 # ONNX's protobuf limit is 2 GiB; larger files keep their tensors in a sibling data file.
 _PROTO_LIMIT = 1_800_000_000
 
@@ -103,6 +110,7 @@ def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[
     props = {"loramgr.format_version": str(FORMAT_VERSION), "loramgr.kind": kind, **metadata,
              "loramgr.targets": json.dumps(index)}
     onnx.helper.set_model_props(model, props)
+    onnx.helper.set_model_props(model, {**props, CHECKSUM_KEY: content_sha256(model)})
     size = sum(a.nbytes for t in targets for a in t.tensors.values())
     with atomic_path(path) as tmp:
         if size > _PROTO_LIMIT:
@@ -110,6 +118,18 @@ def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[
                             location=path.name + ".data", size_threshold=1024)
         else:
             onnx.save_model(model, str(tmp))
+
+
+def content_sha256(model: onnx.ModelProto) -> str:
+    """sha256 over every metadata entry but the checksum and every tensor's name, type, shape and bytes."""
+    digest = hashlib.sha256()
+    for prop in sorted(model.metadata_props, key=lambda p: p.key):
+        if prop.key != CHECKSUM_KEY:
+            digest.update(json.dumps([prop.key, prop.value]).encode())
+    for tensor in model.graph.initializer:
+        digest.update(json.dumps([tensor.name, tensor.data_type, list(tensor.dims)]).encode())
+        digest.update(tensor.raw_data if tensor.HasField("raw_data") else numpy_helper.to_array(tensor).tobytes())
+    return digest.hexdigest()
 
 
 def read_metadata(path: Path) -> dict[str, str]:
@@ -131,6 +151,15 @@ def load_adapter(path: Path) -> AdapterFile:
     meta.pop("loramgr.targets", None)
     if meta.get("loramgr.kind") not in KINDS:
         raise BadFileError(path, f"metadata loramgr.kind {meta.get('loramgr.kind')!r} is not one of {', '.join(KINDS)}")
+    recorded = meta.get(CHECKSUM_KEY)
+    try:
+        actual = content_sha256(model) if recorded is not None else None
+    except Exception:  # onnx/numpy raise several types for a damaged TensorProto
+        actual = "unreadable"
+    if actual != recorded:
+        again = "bake it again" if meta["loramgr.kind"] == "baked" else "convert its source again"
+        raise BadFileError(path, f"content changed since it was written ({CHECKSUM_KEY} does not match): "
+                                 f"the file is damaged, {again}")
     for initializer, entry in index.items():
         names = ([initializer] if entry["kind"] == "full"
                  else [f"{initializer}{SEPARATOR}{k}" for k in entry["factors"]])

@@ -302,7 +302,8 @@ def _export_graph(spec: GraphSpec, folder: Path, opset: int, on_step: ExportStep
         path=f"{spec.name}/model.onnx", data=f"{spec.name}/{DATA_FILE}",
         inputs=_io_specs(list(skeleton.graph.input), spec.dynamic_axes),
         outputs=_io_specs(list(skeleton.graph.output), spec.dynamic_axes),
-        weights=weights, data_sha256=sha256_file(folder / DATA_FILE),
+        weights=weights, data_sha256=sha256_file(folder / DATA_FILE), data_size=(folder / DATA_FILE).stat().st_size,
+        model_sha256=sha256_file(folder / "model.onnx"), model_size=(folder / "model.onnx").stat().st_size,
     )
 
 

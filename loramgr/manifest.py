@@ -92,6 +92,10 @@ class GraphInfo:
     outputs: list[IOSpec]
     weights: dict[str, WeightEntry] = field(default_factory=dict)
     data_sha256: str | None = None
+    # Checked at every open (docs/base-layout.md); None in manifests written before they were recorded.
+    data_size: int | None = None
+    model_sha256: str | None = None
+    model_size: int | None = None
 
     def by_initializer(self) -> dict[str, str]:
         """Initializer name -> torch parameter name."""
@@ -149,6 +153,8 @@ class Manifest:
             graphs = {
                 name: GraphInfo(
                     path=g["path"], data=g["data"], data_sha256=g.get("data_sha256"),
+                    data_size=_optional(g, "data_size", int), model_sha256=_optional(g, "model_sha256", str),
+                    model_size=_optional(g, "model_size", int),
                     inputs=[IOSpec(i["name"], i["dtype"], tuple(i["shape"])) for i in g["inputs"]],
                     outputs=[IOSpec(o["name"], o["dtype"], tuple(o["shape"])) for o in g["outputs"]],
                     weights={
@@ -166,3 +172,11 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadFileError(path, f"damaged manifest ({type(exc).__name__}: {exc}): re-export the base") from None
+
+
+def _optional(raw: dict, key: str, kind: type):
+    """``raw[key]`` if present (a TypeError when it is not a ``kind``), else None."""
+    value = raw.get(key)
+    if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        raise TypeError(f"{key} is {value!r}, not a {kind.__name__}")
+    return value

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "loramgr"
 # Bottom first; a module may import its own layer and the layers before it. Keys are module
 # names relative to the package, or "pkg.*" for every module of a subpackage.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("workspace & files", ("__init__", "errors", "workspace", "console", "filechecks", "data.*")),
+    ("workspace & files", ("__init__", "errors", "workspace", "console", "filechecks", "integrity", "data.*")),
     ("models", ("models.*",)),
     ("export", ("export", "manifest")),
     ("formats", ("formats.*",)),

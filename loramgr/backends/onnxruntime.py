@@ -267,18 +267,28 @@ def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions,
     The optimized graph of the plain base (same level, prepacking off) is written once
     with ``optimized_model_filepath`` and the weights it still reads by name are cached
     under ``base_models/NAME/.ort/``: a buffer handed over with ``add_initializer`` is
-    seen by later runs only if the optimized graph reads that initializer itself.
+    seen by later runs only if the optimized graph reads that initializer itself. The
+    cache holds the names with their sha256: one that does not match (a damaged file, or
+    a bare list written by an older loramgr) is rebuilt, since a wrong list would refuse
+    hot swap for nothing or allow it on a weight the optimizer copied.
     """
+    import hashlib
     import json
 
     import onnx
 
+    def digest(names: list[str]) -> str:
+        return hashlib.sha256(json.dumps(names).encode()).hexdigest()
+
     ort = _ort()
     key = f"{Path(graph_path).parent.name}-{ort.__version__}-{options.optimization}-{options.provider}.json"
     cache = base_dir / ".ort" / key
-    if cache.is_file():
-        kept = set(json.loads(cache.read_text()))
-    else:
+    try:
+        cached = json.loads(cache.read_text())
+        kept = set(cached["kept"]) if digest(cached["kept"]) == cached["sha256"] else None
+    except (OSError, ValueError, TypeError, KeyError):  # none yet, or damaged (UnicodeDecodeError is a ValueError)
+        kept = None
+    if kept is None:
         so = session_options(options, no_prepacking=True)
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
@@ -288,7 +298,7 @@ def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions,
         kept = {i for node in optimized.graph.node for i in node.input}
         cache.parent.mkdir(exist_ok=True)
         with atomic_path(cache) as tmp_file:
-            tmp_file.write_text(json.dumps(sorted(kept)))
+            tmp_file.write_text(json.dumps({"kept": sorted(kept), "sha256": digest(sorted(kept))}))
     lost = sorted(names - kept)
     if lost:
         raise LoramgrError(
