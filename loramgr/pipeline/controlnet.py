@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+import cv2
 import numpy as np
 import torch
 from diffusers import SchedulerMixin
@@ -20,7 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..backends.base import Runner
 from ..errors import LoramgrError
-from .canny import detect_edges
+from .canny import HWC3, detect_edges, resize_image
 from .control import control_scales
 from .schedulers import make_scheduler, step_kwargs
 from .settings import GenerationSettings, check_inputs
@@ -71,9 +72,15 @@ class ControlNetPipeline:
         self.vae_scaling_factor = vae_scaling_factor
 
     def __call__(
-        self, image: np.ndarray, settings: GenerationSettings, progress: ProgressHook | None = None
+        self, image: np.ndarray, settings: GenerationSettings, progress: ProgressHook | None = None,
+        control_map: np.ndarray | None = None,
     ) -> GenerationResult:
-        """Generate ``settings.num_samples`` images from ``image`` (HxWxC uint8 RGB)."""
+        """Generate ``settings.num_samples`` images from ``image`` (HxWxC uint8 RGB).
+
+        ``control_map``: a precomputed control map (any annotator's output, HxWxC uint8)
+        used instead of the canny edges of ``image``; it is brought to the size of the
+        resized image with bilinear interpolation, as ControlNet's hed/depth demos do.
+        """
         # 1. Check inputs
         check_inputs(image, settings)
         clock = _Stopwatch(self.runner.device)
@@ -85,7 +92,12 @@ class ControlNetPipeline:
         clock.lap("encode_prompt")
 
         # 3. Prepare control image and scales
-        resized, edge_map = detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
+        if control_map is None:
+            resized, edge_map = detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
+        else:
+            resized = resize_image(HWC3(image), settings.resolution)
+            height, width = resized.shape[:2]
+            edge_map = cv2.resize(HWC3(control_map), (width, height), interpolation=cv2.INTER_LINEAR)
         control = self.image_to_tensor(edge_map).expand(2 * n, -1, -1, -1)
         scales = control_scales(n, settings.strength, settings.guess_mode, settings.control_schedule)
         scales = scales.to(self.runner.device)
