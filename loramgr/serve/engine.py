@@ -275,6 +275,9 @@ class Engine:
         return Generation(result.images, result.edge_map, replace(job.settings), swapped, reopened, timings)
 
     def _needs_reopen(self, adapter_set: AdapterSet) -> bool:
+        """Whether this swap re-creates sessions (ONNX Runtime outside its swappable buffers)."""
+        if not hasattr(self.runner, "swappable"):  # TensorRT refits every weight in place
+            return False
         if not self.config.hot_swap:
             return True
         have = self.swappable()
