@@ -229,7 +229,7 @@ def _run_scheduler(policy: str, keys: list[str], max_overtake: int) -> tuple[lis
 
     scheduler = Scheduler(execute, lambda: state["key"], policy=policy, max_queue=100, max_overtake=max_overtake)
     blocker = scheduler.submit((-1, None), ("block",))
-    time.sleep(0.05)
+    _until(lambda: scheduler.stats.running == 1)
     futures = [scheduler.submit((i, k), (k,)) for i, k in enumerate(keys)]
     gate.set()
     for f in [blocker, *futures]:
@@ -266,9 +266,10 @@ def test_full_queue_is_503_with_retry_after(client, ws, service, monkeypatch):
     threads = [threading.Thread(target=lambda: results.append(client.post("/v1/generate", json=body(ws))))
                for _ in range(2)]
     try:
-        for t in threads:
-            t.start()
-            time.sleep(0.5)  # one running (blocked), one queued
+        threads[0].start()
+        _until(lambda: service.scheduler.stats.running == 1)  # running, blocked on the gate
+        threads[1].start()
+        _until(lambda: service.scheduler.depth == 1)  # queued
         r = client.post("/v1/generate", json=body(ws))
         assert r.status_code == 503 and int(r.headers["Retry-After"]) >= 1
         assert "queue is full" in r.json()["error"]
@@ -280,14 +281,23 @@ def test_full_queue_is_503_with_retry_after(client, ws, service, monkeypatch):
     assert [x.status_code for x in results] == [200, 200]
 
 
+def _until(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.01)
+
+
 def test_queue_full_exception_carries_retry_after():
-    scheduler = Scheduler(lambda job: time.sleep(0.2), lambda: (), max_queue=1)
+    gate = threading.Event()
+    scheduler = Scheduler(lambda job: gate.wait(10), lambda: (), max_queue=1)
     scheduler.submit(1, ())
-    time.sleep(0.05)
+    _until(lambda: scheduler.stats.running == 1)
     scheduler.submit(2, ())
     with pytest.raises(QueueFull) as info:
         scheduler.submit(3, ())
     assert info.value.retry_after >= 1
+    gate.set()
     scheduler.close(5)
 
 
