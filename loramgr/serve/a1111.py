@@ -16,8 +16,6 @@ naming the A1111 field.
 
 from __future__ import annotations
 
-import base64
-import io
 import random
 import re
 from dataclasses import dataclass, field
@@ -27,7 +25,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .catalog import CatalogError
-from .codec import decode_image
+from .codec import decode_image, encode_png
 from .config import ServeConfig
 from .schemas import GenerateRequest, LoraSpec
 
@@ -130,7 +128,6 @@ class Plan:
     seeds: list[int]
     sampler_name: str
     schedule: str
-    loras: list[tuple[str, float | None]]
     control: dict | None
     ignored: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -224,14 +221,6 @@ def fit(image: np.ndarray, width: int, height: int, mode: str, fill: str = "edge
     return cv2.copyMakeBorder(out, top, bottom, left, right, cv2.BORDER_REPLICATE)
 
 
-def png_b64(image: np.ndarray) -> str:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def rgb(image: np.ndarray) -> np.ndarray:
     """HxWx3, alpha over white: what the pipeline makes of any input (``HWC3``)."""
     from ..pipeline.canny import HWC3
@@ -241,7 +230,7 @@ def rgb(image: np.ndarray) -> np.ndarray:
 
 # -- ControlNet --------------------------------------------------------------------------------
 
-def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, int, ControlNetUnit] | None:
+def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, ControlNetUnit] | None:
     """The one enabled ControlNet unit of ``alwayson_scripts`` (key matched case-insensitively), or None."""
     unit = None
     for key, value in scripts.items():
@@ -265,7 +254,7 @@ def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, int, Co
             if unit is not None:
                 raise CatalogError(422, f"{path}.args.{i}", "more than one enabled ControlNet unit; this server "
                                                             "fuses one ControlNet with the base per generation")
-            unit = (f"{path}.args.{i}", i, parsed)
+            unit = (f"{path}.args.{i}", parsed)
             ignored += [f"{path}.args.{i}.{k}" for k in raw if k not in UNIT_USED]
     return unit
 
@@ -379,7 +368,7 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
     if found is None:  # no unit: the ControlNet runs at weight 0 on an empty map (no effect)
         the_map = np.zeros((height, width, 3), np.uint8)
     else:
-        path, _, unit = found
+        path, unit = found
         if (unit.guidance_start, unit.guidance_end) != (0.0, 1.0):
             raise CatalogError(422, f"{path}.guidance_start", "only the full range (guidance_start 0, guidance_end "
                                                               f"1) is supported, got {unit.guidance_start}-"
@@ -404,8 +393,8 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
     seed = random.randrange(2**32 - 1) if request.seed == -1 else request.seed
     seeds = [seed + i for i in range(total)]
     common = {
-        "prompt": prompt, "a_prompt": "", "n_prompt": negative, "image": None if init is None else png_b64(init),
-        "control_map": png_b64(the_map), "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
+        "prompt": prompt, "a_prompt": "", "n_prompt": negative, "image": None if init is None else encode_png(init),
+        "control_map": encode_png(the_map), "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
         "control": model, "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
         "resolution": min(width, height), "num_samples": 1, "guess_mode": guess_mode, "strength": strength,
         "control_schedule": "controlnet", "eta": eta,
@@ -419,7 +408,7 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             first = exc.errors()[0]
             native = str(first["loc"][0]) if first["loc"] else "body"
             raise CatalogError(422, a1111_field(native, request), first["msg"]) from None
-    return Plan(requests, seeds, sampler_name, schedule, loras, control, ignored, warnings)
+    return Plan(requests, seeds, sampler_name, schedule, control, ignored, warnings)
 
 
 def resolve_model(model: str) -> str:
