@@ -20,6 +20,7 @@ import uvicorn
 import webuiapi
 from PIL import Image
 
+from loramgr.pipeline.canny import detect_edges
 from loramgr.serve import ServeConfig, create_app
 from loramgr.serve.a1111 import fit, parse_lora_tags, resolve_sampler
 from loramgr.serve.catalog import CatalogError
@@ -142,6 +143,15 @@ def test_precomputed_map_with_module_none(api, url, ws, house):
                  scheduler="unipc", resolution=64)
     assert np.array_equal(pixels(got.image), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(edges))
+
+
+def test_non_square_output_with_crop_and_pixel_perfect(api, house):
+    cn = webuiapi.ControlNetUnit(image=house, module="canny", resize_mode="Crop and Resize", pixel_perfect=True)
+    got = api.txt2img(prompt="a house", seed=1, controlnet_units=[cn], **{**FAST, "width": 128, "height": 64})
+    assert got.image.size == (128, 64) and got.images[1].size == (128, 64)
+    # pixel perfect: canny at 96 * max(128 / 96, 64 / 96) = 128 (webuiapi's thresholds 64 / 64), centre rows kept
+    expected = detect_edges(pixels(house), 128, 64, 64)[1][32:96]
+    assert np.array_equal(pixels(got.images[1]), expected)
 
 
 def test_karras_schedule(api, url, ws, house):
