@@ -22,8 +22,8 @@ SCHEDULERS = {
     "euler_a": "EulerAncestralDiscreteScheduler",
     "heun": "HeunDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
-    "dpm++_karras": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "dpm++_karras": "DPMSolverMultistepScheduler",
 }
 
 # Config overrides of a name: "dpm++_karras" is A1111's "DPM++ 2M Karras" (Karras sigmas).
