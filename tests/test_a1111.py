@@ -318,7 +318,8 @@ def test_fit_modes():
     cropped = fit(image, 4, 4, "crop")  # scale 1, centre 4 columns
     assert np.array_equal(cropped, image[:, 2:6])
     filled = fit(image, 16, 16, "fill")  # scale 2 -> 16x8, 4 rows of padding above and below
-    assert filled.shape == (16, 16, 3) and np.array_equal(filled[0], filled[4]) and np.array_equal(filled[15], filled[11])
+    assert filled.shape == (16, 16, 3)
+    assert np.array_equal(filled[0], filled[4]) and np.array_equal(filled[15], filled[11])  # edge rows repeated
     edges = np.zeros((8, 8, 3), np.uint8)
     edges[::3] = 255
     assert set(np.unique(fit(edges, 20, 20, "resize"))) <= {0, 255}  # a canny map stays binary

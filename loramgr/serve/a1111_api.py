@@ -135,7 +135,7 @@ def router(service) -> APIRouter:
             images.append(first["control_map"])
         seeds = the_plan.seeds[:n]
         hashes = ", ".join(f"{a['name']}: {a['sha256'][:12]}" for a in first["adapters"] if a["kind"] == "lora")
-        title, _ = base_title()
+        _, fingerprint = base_title()
         infotext = (f"{request.prompt}\nNegative prompt: {request.negative_prompt}\nSteps: {request.steps}, "
                     f"Sampler: {the_plan.sampler_name}, Schedule type: {SCHEDULES[the_plan.schedule]}, "
                     f"CFG scale: {request.cfg_scale}, Seed: {{seed}}, Size: {first['width']}x{first['height']}, "
@@ -149,7 +149,7 @@ def router(service) -> APIRouter:
             "scheduler": the_plan.schedule, "cfg_scale": request.cfg_scale, "steps": request.steps,
             "batch_size": request.batch_size, "n_iter": request.n_iter,
             "denoising_strength": getattr(request, "denoising_strength", None) if img2img else None,
-            "eta": first["settings"]["eta"], "sd_model_name": service.engine.base, "sd_model_hash": title.rsplit("[", 1)[1].rstrip("]"),
+            "eta": first["settings"]["eta"], "sd_model_name": service.engine.base, "sd_model_hash": fingerprint[:10],
             "index_of_first_image": 0, "infotexts": [infotext.replace("{seed}", str(s)) for s in seeds],
             "extra_generation_params": {"Lora hashes": hashes} if hashes else {},
             "clip_skip": 1, "version": f"loramgr {__version__}",
