@@ -26,6 +26,7 @@ from ..errors import LoramgrError
 from ..pipeline.schedulers import SCHEDULERS
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
+from .a1111_api import router as a1111_router
 from .catalog import CatalogError
 from .codec import encode_png
 from .config import ServeConfig
@@ -300,4 +301,5 @@ def create_app(workspace: Workspace, config: ServeConfig, service: Service | Non
     async def index():
         return HTMLResponse(resources.files("loramgr.serve").joinpath("static/index.html").read_text("utf-8"))
 
+    app.include_router(a1111_router(service))  # the A1111 web-UI API: docs/a1111.md
     return app

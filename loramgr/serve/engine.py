@@ -24,6 +24,7 @@ import math
 import re
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -114,6 +115,7 @@ class Engine:
         self.swap_seconds = 0.0
         self.reopens = 0  # session re-creations after start-up (swap outside the swappable set, recovery)
         self.startup: dict = {}
+        self.progress: Callable[[int, int], None] | None = None  # after each denoising step
 
     # -- life ---------------------------------------------------------------------------------
 
@@ -270,7 +272,7 @@ class Engine:
                 self.swap_seconds += swap_s
                 self.reopens += reopened
             # A failure from here on leaves the weights as this job set them: consistent.
-            result = self.pipeline(job.image, job.settings, control_map=job.control_map)
+            result = self.pipeline(job.image, job.settings, control_map=job.control_map, progress=self.progress)
         timings = {"swap": swap_s, **result.timings}
         return Generation(result.images, result.edge_map, replace(job.settings), swapped, reopened, timings)
 
