@@ -189,7 +189,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     from .serve.config import ENV_API_KEY, ServeConfig as C
 
     p.add_argument("--base", help="base to serve (default: the only base)")
-    p.add_argument("--backend", choices=("ort-cpu", "ort-cuda", "tensorrt"), default=C.backend)
+    p.add_argument("--backend", choices=BACKENDS, default=C.backend)
     p.add_argument("--host", default=C.host, help=f"address to bind (default {C.host}: this machine only)")
     p.add_argument("--port", type=int, default=C.port)
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every endpoint but /healthz "
@@ -209,7 +209,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest adapter upload; larger gets 413")
     p.add_argument("--swap-budget-mb", type=int, default=C.swap_budget_mb,
                    help="memory for swappable buffers declared at start (every adapter that fits)")
-    p.add_argument("--ort-opt", choices=("disabled", "basic", "extended", "all"), default=C.ort_optimization)
+    p.add_argument("--ort-opt", choices=OPTIMIZATION_LEVELS, default=C.ort_optimization)
     p.add_argument("--no-hot-swap", action="store_true", help="re-create sessions on every adapter change")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
 

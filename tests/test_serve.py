@@ -200,7 +200,7 @@ def test_failed_swap_or_generation_leaves_no_half_swapped_runner(client, ws, ser
     def broken_pipeline(*args, **kwargs):
         raise RuntimeError("injected failure in the pipeline")
 
-    monkeypatch.setattr(engine, "pipeline", broken_pipeline)
+    monkeypatch.setattr(engine.generator, "pipeline", broken_pipeline)
     assert client.post("/v1/generate", json=body(ws, **b)).status_code == 500
     monkeypatch.undo()
     assert generate(client, ws, **a)["images"] == ref_a

@@ -1,8 +1,8 @@
 """The service's one door into the runtime: a base kept open, adapters swapped per request.
 
-This is the only module of :mod:`loramgr.serve` that touches the runtime layer
-(``open_runner``, ``make_pipeline``, ``runner.set_adapters``, the pipeline call), so
-moving the service onto another runtime object means changing this file alone.
+This is the only module of :mod:`loramgr.serve` that touches the runtime layer: it
+keeps one :class:`~loramgr.runtime.Generator` (the object ``loramgr run`` generates
+through), so the same request gives the same image as the CLI.
 
 Two halves:
 
@@ -29,13 +29,12 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from ..backends.onnxruntime import OrtOptions
-from ..convert import resolve_base
+from ..adapters import AdapterSet
+from ..backends.options import OrtOptions
+from ..bases import OpenBase
 from ..errors import LoramgrError
-from ..manifest import Manifest
-from ..merge import AdapterSet
 from ..pipeline.settings import GenerationSettings, check_inputs
-from ..runtime import open_runner, make_pipeline
+from ..runtime import Generator, make_pipeline, open_runner
 from ..workspace import Workspace
 from .catalog import AdapterCatalog, CatalogError
 from .codec import decode_image
@@ -44,7 +43,9 @@ from .schemas import GenerateRequest
 
 logger = logging.getLogger("loramgr.serve")
 
-SETTING_FIELDS = tuple(f for f in GenerationSettings.__dataclass_fields__)
+# The generation settings a request carries (the server's own limits stand for max_pixels;
+# the preprocessor follows from the request: a control_map is used as it is).
+SETTING_FIELDS = tuple(f for f in GenerationSettings.__dataclass_fields__ if f in GenerateRequest.model_fields)
 _FIELD_RE = re.compile(r"\b(" + "|".join(sorted(SETTING_FIELDS, key=len, reverse=True)) + r")\b")
 
 
@@ -103,12 +104,11 @@ class Engine:
     def __init__(self, workspace: Workspace, config: ServeConfig):
         self.workspace = workspace
         self.config = config
-        self.base = resolve_base(workspace, config.base)
-        self.base_dir = workspace.base_dir(self.base)
-        self.manifest = Manifest.load(self.base_dir)
+        self.opened = OpenBase.resolve(workspace, config.base)
+        self.base = self.opened.name
+        self.manifest = self.opened.manifest
         self.catalog = AdapterCatalog(workspace, self.manifest)
-        self.runner = None
-        self.pipeline = None
+        self.generator: Generator | None = None
         self._key: tuple = ()
         self._lock = threading.Lock()  # the worker holds it; tests and recovery too
         self.swaps = 0
@@ -121,7 +121,11 @@ class Engine:
 
     @property
     def ready(self) -> bool:
-        return self.runner is not None
+        return self.generator is not None
+
+    @property
+    def runner(self):
+        return None if self.generator is None else self.generator.runner
 
     def _ort_options(self) -> OrtOptions:
         return OrtOptions(optimization=self.config.ort_optimization, hot_swap=self.config.hot_swap)
@@ -165,16 +169,21 @@ class Engine:
                     f"; over the budget: {', '.join(excluded)}" if excluded else "")
 
     def _open(self, swappable: dict[str, set[str]]) -> None:
-        runner = open_runner(self.base_dir, AdapterSet(), self.config.backend, self._ort_options(), swappable)
-        self.pipeline = make_pipeline(self.base_dir, self.manifest, runner)
-        self.runner = runner
+        start = time.perf_counter()
+        runner = open_runner(self.opened, AdapterSet(), self.config.backend, self._ort_options(), swappable)
+        try:
+            pipeline = make_pipeline(self.opened, runner)
+        except BaseException:
+            runner.close()
+            raise
+        self.generator = Generator(self.workspace, self.opened, runner, pipeline, time.perf_counter() - start)
         self._key = ()
 
     def close(self) -> None:
         with self._lock:
-            if self.runner is not None:
-                self.runner.close()
-            self.runner = self.pipeline = None
+            if self.generator is not None:
+                self.generator.close()
+            self.generator = None
 
     def swappable(self) -> dict[str, set[str]]:
         get = getattr(self.runner, "swappable", None)
@@ -198,13 +207,14 @@ class Engine:
             control_map = decode_image(request.control_map, "control_map", c.max_image_bytes, c.max_image_pixels)
         if image is None and control_map is None:
             raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
-        if image is None:
-            if request.img2img_strength is not None:
-                raise CatalogError(422, "img2img_strength", "img2img needs an image, not only a control_map")
-            image = control_map
-        settings = GenerationSettings(**{k: getattr(request, k) for k in SETTING_FIELDS})
+        if image is None and request.img2img_strength is not None:
+            raise CatalogError(422, "img2img_strength", "img2img needs an image, not only a control_map")
+        settings = GenerationSettings(**{k: getattr(request, k) for k in SETTING_FIELDS},
+                                      preprocessor="canny" if control_map is None else "none")
         try:
-            check_inputs(image, settings)
+            for given in (image, control_map):
+                if given is not None:
+                    check_inputs(given, settings)
         except LoramgrError as exc:
             raise CatalogError(422, field_of(str(exc)), str(exc)) from None
         adapter_set, applied, key = self.adapter_set(request)
@@ -254,27 +264,35 @@ class Engine:
     def run(self, job: Job) -> Generation:
         """Swap to the job's adapters if needed, then generate. One call at a time."""
         with self._lock:
-            if self.runner is None:
+            if self.generator is None:
                 raise RuntimeError("the runner is not open")
             swapped = job.key != self._key
-            swap_s, reopened = 0.0, False
-            if swapped:
-                reopened = self._needs_reopen(job.adapter_set)
-                swappable = self.swappable()
-                try:
-                    with _torch_threads(self.config.merge_threads):
-                        swap_s = self.runner.set_adapters(job.adapter_set)
-                except BaseException:
+            # an equal key is the set the runner holds: hand that one over, so no swap happens
+            adapter_set = job.adapter_set if swapped else self.runner.adapter_set
+            reopened = swapped and self._needs_reopen(adapter_set)
+            swappable = self.swappable()
+            try:
+                with _torch_threads(self.config.merge_threads):
+                    made = self.generator.generate(adapter_set, job.settings, job.image, control_image=job.control_map,
+                                                   progress=self.progress)
+            except BaseException:
+                if self.runner.adapter_set is not adapter_set:  # the swap itself failed: weights may be half written
                     self._recover(swappable)
-                    raise
-                self._key = job.key
-                self.swaps += 1
-                self.swap_seconds += swap_s
-                self.reopens += reopened
-            # A failure from here on leaves the weights as this job set them: consistent.
-            result = self.pipeline(job.image, job.settings, control_map=job.control_map, progress=self.progress)
-        timings = {"swap": swap_s, **result.timings}
-        return Generation(result.images, result.edge_map, replace(job.settings), swapped, reopened, timings)
+                elif swapped:  # swapped, then the pipeline failed: the runner holds the job's set
+                    self._swapped(job.key, 0.0, reopened)
+                raise
+            swap_s = made.load.get("swap_s", 0.0) if swapped else 0.0
+            if swapped:
+                self._swapped(job.key, swap_s, reopened)
+        timings = {"swap": swap_s, **made.result.timings}
+        return Generation(made.images, made.control_map, replace(job.settings), swapped, reopened, timings)
+
+    def _swapped(self, key: tuple, seconds: float, reopened: bool) -> None:
+        """Record that the runner now holds the set of ``key`` (what the next request compares with)."""
+        self._key = key
+        self.swaps += 1
+        self.swap_seconds += seconds
+        self.reopens += reopened
 
     def _needs_reopen(self, adapter_set: AdapterSet) -> bool:
         """Whether this swap re-creates sessions (ONNX Runtime outside its swappable buffers)."""
@@ -292,11 +310,11 @@ class Engine:
         """After a failed swap: new sessions on the plain base, same swappable set (counted as a re-open)."""
         logger.error("swap failed; re-opening the runner on the plain base")
         try:
-            if self.runner is not None:
-                self.runner.close()
+            if self.generator is not None:
+                self.generator.close()
         except Exception:  # noqa: BLE001 - the runner is being replaced anyway
             pass
-        self.runner = self.pipeline = None
+        self.generator = None
         self.reopens += 1
         self._open(swappable)
 
