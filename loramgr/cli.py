@@ -96,6 +96,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max", default="4x96x96", help="largest shape accepted")
     p.add_argument("--json", action="store_true")
 
+    p = sub.add_parser("serve", help="HTTP service: the base kept open, adapters hot-swapped per request "
+                                     "(docs/serving.md)")
+    _add_serve_arguments(p)
+
     p = sub.add_parser("list", help="list bases and adapters")
     p.add_argument("--json", action="store_true")
 
@@ -179,6 +183,51 @@ def _backend_options(args: argparse.Namespace):
     if given:
         raise LoramgrError(f"{', '.join(given)}: TensorRT options, but --backend is {args.backend}")
     return OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap)
+
+
+def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    from .serve.config import ENV_API_KEY, ServeConfig as C
+
+    p.add_argument("--base", help="base to serve (default: the only base)")
+    p.add_argument("--backend", choices=BACKENDS, default=C.backend)
+    p.add_argument("--host", default=C.host, help=f"address to bind (default {C.host}: this machine only)")
+    p.add_argument("--port", type=int, default=C.port)
+    p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every endpoint but /healthz "
+                                     f"and the page at / (default: ${ENV_API_KEY})")
+    p.add_argument("--scheduling", choices=("grouping", "fifo"), default=C.scheduling,
+                   help="grouping: run queued requests with the runner's adapter set first (bounded by "
+                        "--max-overtake); fifo: arrival order, a swap whenever the set changes")
+    p.add_argument("--max-queue", type=int, default=C.max_queue, help="waiting requests before 503 + Retry-After")
+    p.add_argument("--max-overtake", type=int, default=C.max_overtake,
+                   help="how many later requests may run before a waiting one (grouping)")
+    p.add_argument("--max-resolution", type=int, default=C.max_resolution)
+    p.add_argument("--max-steps", type=int, default=C.max_steps)
+    p.add_argument("--max-num-samples", type=int, default=C.max_num_samples)
+    p.add_argument("--max-image-mb", type=float, default=C.max_image_bytes / 2**20,
+                   help="largest input image (decoded bytes); larger gets 413")
+    p.add_argument("--max-upload-mb", type=float, default=C.max_upload_bytes / 2**20,
+                   help="largest adapter upload; larger gets 413")
+    p.add_argument("--swap-budget-mb", type=int, default=C.swap_budget_mb,
+                   help="memory for swappable buffers declared at start (every adapter that fits)")
+    p.add_argument("--ort-opt", choices=OPTIMIZATION_LEVELS, default=C.ort_optimization)
+    p.add_argument("--no-hot-swap", action="store_true", help="re-create sessions on every adapter change")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+
+
+def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
+    from .serve import ServeConfig, serve
+
+    try:
+        config = ServeConfig(
+            base=args.base, backend=args.backend, ort_optimization=args.ort_opt, hot_swap=not args.no_hot_swap,
+            host=args.host, port=args.port, api_key=args.api_key or ServeConfig.api_key_from_env(),
+            scheduling=args.scheduling, max_queue=args.max_queue, max_overtake=args.max_overtake,
+            max_resolution=args.max_resolution, max_steps=args.max_steps, max_num_samples=args.max_num_samples,
+            max_image_bytes=int(args.max_image_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
+            swap_budget_mb=args.swap_budget_mb)
+    except ValueError as exc:
+        raise LoramgrError(str(exc)) from None
+    return serve(ws, config, log_level=args.log_level)
 
 
 def cmd_convert(args: argparse.Namespace, ws: Workspace) -> int:
@@ -399,7 +448,8 @@ def cmd_inspect(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 COMMANDS = {"export": cmd_export, "convert": cmd_convert, "bake": cmd_bake, "run": cmd_run, "demo": cmd_demo,
-            "build-engine": cmd_build_engine, "verify": cmd_verify, "bench": cmd_bench, "list": cmd_list, "inspect": cmd_inspect}
+            "build-engine": cmd_build_engine, "verify": cmd_verify, "bench": cmd_bench, "list": cmd_list, "inspect": cmd_inspect,
+            "serve": cmd_serve}
 
 
 def _quiet_libraries() -> None:

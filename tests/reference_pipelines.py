@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from loramgr.pipeline.canny import detect_edges
-from loramgr.pipeline.schedulers import scheduler_class
+from loramgr.pipeline.schedulers import SCHEDULER_OPTIONS, scheduler_class
 from loramgr.pipeline.settings import GenerationSettings
 
 
@@ -25,7 +25,8 @@ def diffusers_images(reference, image: np.ndarray, settings: GenerationSettings,
         edges = control_map
     components = {
         **reference.components,
-        "scheduler": scheduler_class(settings.scheduler).from_config(reference.scheduler.config),
+        "scheduler": scheduler_class(settings.scheduler).from_config(
+            reference.scheduler.config, **SCHEDULER_OPTIONS.get(settings.scheduler, {})),
     }
     kwargs = {
         "prompt": f"{settings.prompt}, {settings.a_prompt}",

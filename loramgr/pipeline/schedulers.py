@@ -23,7 +23,11 @@ SCHEDULERS = {
     "heun": "HeunDiscreteScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "unipc": "UniPCMultistepScheduler",
+    "dpm++_karras": "DPMSolverMultistepScheduler",
 }
+
+# Config overrides of a name: "dpm++_karras" is A1111's "DPM++ 2M Karras" (Karras sigmas).
+SCHEDULER_OPTIONS = {"dpm++_karras": {"use_karras_sigmas": True}}
 
 
 def scheduler_class(name: str) -> type:
@@ -35,7 +39,7 @@ def scheduler_class(name: str) -> type:
 
 def make_scheduler(name: str, config: dict):
     """A fresh scheduler, so state from one generation never leaks into the next."""
-    return scheduler_class(name).from_config(config)
+    return scheduler_class(name).from_config(config, **SCHEDULER_OPTIONS.get(name, {}))
 
 
 def takes_eta(name: str) -> bool:

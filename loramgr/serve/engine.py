@@ -1,0 +1,322 @@
+"""The service's one door into the runtime: a base kept open, adapters swapped per request.
+
+This is the only module of :mod:`loramgr.serve` that touches the runtime layer: it
+keeps one :class:`~loramgr.runtime.Generator` (the object ``loramgr run`` generates
+through), so the same request gives the same image as the CLI.
+
+Two halves:
+
+* :meth:`Engine.prepare` runs in the request's thread: it turns a
+  :class:`~loramgr.serve.schemas.GenerateRequest` into a :class:`Job` (decoded images,
+  the adapter set loaded and checked against the base, :class:`GenerationSettings`
+  checked with the same :func:`check_inputs` as ``loramgr run``). Every problem becomes a
+  :class:`CatalogError` naming the field; nothing has touched the runner yet.
+* :meth:`Engine.run` runs on the scheduler's single worker thread: swap (if the set
+  differs from the runner's) and generate. If a swap fails half-way the runner is
+  re-opened on the plain base, so the next request sees exactly its own adapters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import re
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+
+import numpy as np
+
+from ..adapters import AdapterSet
+from ..backends.options import OrtOptions
+from ..bases import OpenBase
+from ..errors import LoramgrError
+from ..pipeline.settings import GenerationSettings, check_inputs
+from ..runtime import Generator, make_pipeline, open_runner
+from ..workspace import Workspace
+from .catalog import AdapterCatalog, CatalogError
+from .codec import decode_image
+from .config import ServeConfig
+from .schemas import GenerateRequest
+
+logger = logging.getLogger("loramgr.serve")
+
+# The generation settings a request carries (the server's own limits stand for max_pixels;
+# the preprocessor follows from the request: a control_map is used as it is).
+SETTING_FIELDS = tuple(f for f in GenerationSettings.__dataclass_fields__ if f in GenerateRequest.model_fields)
+_FIELD_RE = re.compile(r"\b(" + "|".join(sorted(SETTING_FIELDS, key=len, reverse=True)) + r")\b")
+
+
+def field_of(message: str) -> str | None:
+    """The first generation setting a :func:`check_inputs` message names (they start with it)."""
+    found = _FIELD_RE.search(message)
+    return found.group(1) if found else None
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int):
+    """Run the swap's merge (torch matmuls) on ``n`` threads.
+
+    Right after a run, ONNX Runtime's intra-op threads spin waiting for work; torch's own
+    pool then fights them for the cores. Measured on the tiny base, 2 cores: swaps of
+    0.5-12 s with torch's 2 threads, 0.1-0.3 s with one (docs/serving.md). 0 leaves torch's setting.
+    """
+    import torch
+
+    previous = torch.get_num_threads()
+    if n > 0 and n != previous:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
+
+
+@dataclass
+class Job:
+    """A checked request, ready for the worker: no further validation can fail on input."""
+
+    settings: GenerationSettings
+    image: np.ndarray
+    control_map: np.ndarray | None
+    adapter_set: AdapterSet
+    applied: list[dict]
+    control: str
+    key: tuple = field(default_factory=tuple)  # identical keys need no swap between them
+
+
+@dataclass
+class Generation:
+    images: list[np.ndarray]
+    control_map: np.ndarray
+    settings: GenerationSettings
+    swapped: bool
+    reopened: bool
+    timings: dict[str, float]
+
+
+class Engine:
+    """One base, one runner, one pipeline for the life of the process."""
+
+    def __init__(self, workspace: Workspace, config: ServeConfig):
+        self.workspace = workspace
+        self.config = config
+        self.opened = OpenBase.resolve(workspace, config.base)
+        self.base = self.opened.name
+        self.manifest = self.opened.manifest
+        self.catalog = AdapterCatalog(workspace, self.manifest)
+        self.generator: Generator | None = None
+        self._key: tuple = ()
+        self._lock = threading.Lock()  # the worker holds it; tests and recovery too
+        self.swaps = 0
+        self.swap_seconds = 0.0
+        self.reopens = 0  # session re-creations after start-up (swap outside the swappable set, recovery)
+        self.startup: dict = {}
+        self.progress: Callable[[int, int], None] | None = None  # after each denoising step
+
+    # -- life ---------------------------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.generator is not None
+
+    @property
+    def runner(self):
+        return None if self.generator is None else self.generator.runner
+
+    def _ort_options(self) -> OrtOptions:
+        return OrtOptions(optimization=self.config.ort_optimization, hot_swap=self.config.hot_swap)
+
+    def initial_swappable(self) -> tuple[dict[str, set[str]], list[str], list[str], int]:
+        """Every workspace adapter that fits this base, while its buffers fit ``swap_budget_mb``.
+
+        Returns (graph -> initializer names, adapters included, adapters left out, bytes).
+        Adapters are taken in name order; one that would pass the budget is left out (it
+        still works: its first use re-creates the sessions and it stays swappable after).
+        """
+        budget = self.config.swap_budget_mb * 1024 * 1024
+        swappable: dict[str, set[str]] = {}
+        included, excluded = [], []
+        for name in self.catalog.names():
+            try:
+                if not self.catalog.fits(name):
+                    continue
+                touched = self.catalog.touched(name)
+            except (CatalogError, OSError, ValueError):
+                continue
+            union = {g: set(n) for g, n in swappable.items()}
+            for graph, names in touched.items():
+                union.setdefault(graph, set()).update(names)
+            if self.catalog.buffer_bytes(union) <= budget:
+                swappable, included = union, [*included, name]
+            else:
+                excluded.append(name)
+        return swappable, included, excluded, self.catalog.buffer_bytes(swappable)
+
+    def start(self) -> None:
+        """Open the runner on the plain base with the initial swappable set."""
+        start = time.perf_counter()
+        swappable, included, excluded, nbytes = self.initial_swappable()
+        self._open(swappable)
+        self.startup = {"open_s": time.perf_counter() - start, "swappable_adapters": included,
+                        "not_swappable_at_start": excluded, "swappable_bytes": nbytes,
+                        "swappable_weights": sum(len(n) for n in swappable.values())}
+        logger.info("runner open on %s (%s) in %.2f s; %d adapters swappable (%.1f MiB of buffers)%s",
+                    self.base, self.config.backend, self.startup["open_s"], len(included), nbytes / 2**20,
+                    f"; over the budget: {', '.join(excluded)}" if excluded else "")
+
+    def _open(self, swappable: dict[str, set[str]]) -> None:
+        start = time.perf_counter()
+        runner = open_runner(self.opened, AdapterSet(), self.config.backend, self._ort_options(), swappable)
+        try:
+            pipeline = make_pipeline(self.opened, runner)
+        except BaseException:
+            runner.close()
+            raise
+        self.generator = Generator(self.workspace, self.opened, runner, pipeline, time.perf_counter() - start)
+        self._key = ()
+
+    def close(self) -> None:
+        with self._lock:
+            if self.generator is not None:
+                self.generator.close()
+            self.generator = None
+
+    def swappable(self) -> dict[str, set[str]]:
+        get = getattr(self.runner, "swappable", None)
+        return get() if get is not None else {}
+
+    # -- request -> job (request thread) ------------------------------------------------------
+
+    def prepare(self, request: GenerateRequest) -> Job:
+        """Check everything about ``request`` that can be checked without the runner."""
+        c = self.config
+        for name, limit, flag in (("resolution", c.max_resolution, "--max-resolution"),
+                                  ("steps", c.max_steps, "--max-steps"),
+                                  ("num_samples", c.max_num_samples, "--max-num-samples")):
+            value = getattr(request, name)
+            if value > limit:
+                raise CatalogError(422, name, f"{name}={value} exceeds this server's limit of {limit} ({flag})")
+        image = control_map = None
+        if request.image is not None:
+            image = decode_image(request.image, "image", c.max_image_bytes, c.max_image_pixels)
+        if request.control_map is not None:
+            control_map = decode_image(request.control_map, "control_map", c.max_image_bytes, c.max_image_pixels)
+        if image is None and control_map is None:
+            raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
+        if image is None and request.img2img_strength is not None:
+            raise CatalogError(422, "img2img_strength", "img2img needs an image, not only a control_map")
+        settings = GenerationSettings(**{k: getattr(request, k) for k in SETTING_FIELDS},
+                                      preprocessor="canny" if control_map is None else "none")
+        try:
+            for given in (image, control_map):
+                if given is not None:
+                    check_inputs(given, settings)
+        except LoramgrError as exc:
+            raise CatalogError(422, field_of(str(exc)), str(exc)) from None
+        adapter_set, applied, key = self.adapter_set(request)
+        return Job(settings, image, control_map, adapter_set, applied, request.control, key)
+
+    def adapter_set(self, request: GenerateRequest) -> tuple[AdapterSet, list[dict], tuple]:
+        """The request's adapters, loaded and checked against the base (ControlNet first, as ``loramgr run``)."""
+        chosen, key = [], []
+        if request.control != "canny":
+            field_ = "control"
+            adapter, sha = self.catalog.load(request.control, field_)
+            if adapter.kind != "controlnet":
+                raise CatalogError(422, field_, f"{request.control!r} is a {adapter.kind} adapter, not a ControlNet; "
+                                                "pass LoRAs in loras")
+            chosen.append((adapter, 1.0, sha))
+        for i, spec in enumerate(request.loras):
+            field_ = f"loras.{i}.name"
+            adapter, sha = self.catalog.load(spec.name, field_)
+            if adapter.kind != "lora":
+                hint = "pass a ControlNet as control" if adapter.kind == "controlnet" else "not a LoRA"
+                raise CatalogError(422, field_, f"{spec.name!r} is a {adapter.kind} adapter: {hint}")
+            weight = adapter.default_weight if spec.weight is None else float(spec.weight)
+            if not math.isfinite(weight):
+                raise CatalogError(422, f"loras.{i}.weight", f"weight must be a finite number, got {weight}")
+            chosen.append((adapter, weight, sha))
+        for i, (adapter, _, _) in enumerate(chosen):
+            try:
+                adapter.check_base(self.manifest)
+            except LoramgrError as exc:
+                field_ = "control" if adapter.kind == "controlnet" else f"loras.{i - (request.control != 'canny')}.name"
+                raise CatalogError(422, field_, str(exc).replace(str(adapter.path), adapter.name)) from None
+        try:
+            adapter_set = AdapterSet(tuple((a, w) for a, w, _ in chosen))
+        except LoramgrError as exc:
+            raise CatalogError(422, "loras", str(exc)) from None
+        applied = [{"name": a.name, "kind": a.kind, "weight": w, "sha256": sha,
+                    "source_sha256": a.metadata.get("loramgr.source_sha256", "")} for a, w, sha in chosen]
+        key = tuple((a.kind, a.name, w, sha) for a, w, sha in chosen)
+        return adapter_set, applied, key
+
+    # -- job -> images (worker thread) --------------------------------------------------------
+
+    @property
+    def current_key(self) -> tuple:
+        return self._key
+
+    def run(self, job: Job) -> Generation:
+        """Swap to the job's adapters if needed, then generate. One call at a time."""
+        with self._lock:
+            if self.generator is None:
+                raise RuntimeError("the runner is not open")
+            swapped = job.key != self._key
+            # an equal key is the set the runner holds: hand that one over, so no swap happens
+            adapter_set = job.adapter_set if swapped else self.runner.adapter_set
+            reopened = swapped and self._needs_reopen(adapter_set)
+            swappable = self.swappable()
+            try:
+                with _torch_threads(self.config.merge_threads):
+                    made = self.generator.generate(adapter_set, job.settings, job.image, control_image=job.control_map,
+                                                   progress=self.progress)
+            except BaseException:
+                if self.runner.adapter_set is not adapter_set:  # the swap itself failed: weights may be half written
+                    self._recover(swappable)
+                elif swapped:  # swapped, then the pipeline failed: the runner holds the job's set
+                    self._swapped(job.key, 0.0, reopened)
+                raise
+            swap_s = made.load.get("swap_s", 0.0) if swapped else 0.0
+            if swapped:
+                self._swapped(job.key, swap_s, reopened)
+        timings = {"swap": swap_s, **made.result.timings}
+        return Generation(made.images, made.control_map, replace(job.settings), swapped, reopened, timings)
+
+    def _swapped(self, key: tuple, seconds: float, reopened: bool) -> None:
+        """Record that the runner now holds the set of ``key`` (what the next request compares with)."""
+        self._key = key
+        self.swaps += 1
+        self.swap_seconds += seconds
+        self.reopens += reopened
+
+    def _needs_reopen(self, adapter_set: AdapterSet) -> bool:
+        """Whether this swap re-creates sessions (ONNX Runtime outside its swappable buffers)."""
+        if not hasattr(self.runner, "swappable"):  # TensorRT refits every weight in place
+            return False
+        if not self.config.hot_swap:
+            return True
+        have = self.swappable()
+        needed = adapter_set.touched()
+        for graph, names in self.runner.adapter_set.touched().items():
+            needed.setdefault(graph, set()).update(names)
+        return not all(names <= have.get(graph, set()) for graph, names in needed.items())
+
+    def _recover(self, swappable: dict[str, set[str]]) -> None:
+        """After a failed swap: new sessions on the plain base, same swappable set (counted as a re-open)."""
+        logger.error("swap failed; re-opening the runner on the plain base")
+        try:
+            if self.generator is not None:
+                self.generator.close()
+        except Exception:  # noqa: BLE001 - the runner is being replaced anyway
+            pass
+        self.generator = None
+        self.reopens += 1
+        self._open(swappable)
+
+    def settings_dict(self, settings: GenerationSettings) -> dict:
+        return asdict(settings)

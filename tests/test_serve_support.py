@@ -1,0 +1,80 @@
+"""Shared helpers of the test_serve*.py files: a workspace with the tiny base and sample adapters.
+
+Not a conftest (the serve tests own only their files): the workspace is built once per
+test session through a module-level cache, and links the session's tiny base.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+_CACHE: dict[str, Path] = {}
+
+FAST = {"resolution": 64, "steps": 3, "n_prompt": "lowres, worst quality"}
+
+
+def serve_workspace(tiny_workspace, tmp_path_factory):
+    """A workspace (own adapters/ folder, the session's tiny base linked) with sv_a, sv_b (LoCon), sv_hed."""
+    from loramgr.convert import convert_adapter
+    from loramgr.manifest import Manifest
+    from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
+    from loramgr.workspace import Workspace
+
+    if "home" not in _CACHE:
+        home = tmp_path_factory.mktemp("serve_ws")
+        (home / "base_models").mkdir()
+        os.symlink(tiny_workspace.base_dir("tiny"), home / "base_models" / "tiny")
+        ws = Workspace.resolve(home)
+        manifest = Manifest.load(ws.base_dir("tiny"))
+        src = tmp_path_factory.mktemp("serve_src")
+        files = {
+            "sv_a": write_kohya_lora(src / "sv_a.safetensors", manifest.param_shapes(), seed=11, trigger="blindbox"),
+            "sv_b": write_kohya_lora(src / "sv_b.safetensors", manifest.param_shapes(), seed=12, rank=8, alpha=4.0,
+                                     locon=True),
+            "sv_hed": write_controlnet(src / "sv_hed", manifest.configs["controlnet"], seed=13),
+        }
+        for name, path in files.items():
+            convert_adapter(ws, path, base="tiny", name=name)
+        Image.fromarray(sample_image(96)).save(home / "house.png")
+        _CACHE["home"] = home
+    from loramgr.workspace import Workspace
+
+    return Workspace.resolve(_CACHE["home"])
+
+
+def png_b64(path: Path) -> str:
+    return base64.b64encode(Path(path).read_bytes()).decode("ascii")
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cli_run(ws, out: Path, *, prompt: str, loras=(), control="canny", seed=0, **settings) -> list[bytes]:
+    """``loramgr run`` (its main(), in this process) with FAST settings: the PNG bytes it wrote (images, edges)."""
+    import json
+
+    from loramgr.cli import main
+
+    argv = ["--home", str(ws.home), "run", "--image", str(ws.home / "house.png"), "--prompt", prompt,
+            "--seed", str(seed), "--control", control, "--out", str(out), "--json"]
+    for spec in loras:
+        argv += ["--lora", spec]
+    for key, value in {**FAST, **settings}.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    assert main(argv) == 0
+    sidecar = json.loads(next(Path(out).glob("*.json")).read_text())
+    return [(Path(out) / name).read_bytes() for name in [*sidecar["images"], sidecar["edge_map"]]]
