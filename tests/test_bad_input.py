@@ -23,7 +23,6 @@ import pytest
 from PIL import Image
 
 from loramgr.adapter_file import load_adapter, save_adapter
-from loramgr.cli import main
 from loramgr.convert import convert_adapter
 from loramgr.errors import LoramgrError, parse_weight
 from loramgr.manifest import Manifest
@@ -31,6 +30,8 @@ from loramgr.pipeline.outputs import claim_stems, default_stem
 from loramgr.pipeline.settings import GenerationSettings, check_inputs
 from loramgr.samples import sample_image, write_kohya_lora
 from loramgr.workspace import Workspace, atomic_dir, atomic_path, check_name, clean_stale_temps
+
+from cli_support import cli, one_error_line, run_args
 
 
 @pytest.fixture(scope="module")
@@ -54,23 +55,6 @@ def image(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "in.png"
     Image.fromarray(sample_image(64)).save(path)
     return path
-
-
-def cli(ws: Workspace, *args: str) -> int:
-    return main(["--home", str(ws.home), *args])
-
-
-def one_error_line(capsys, *needles: str) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    for needle in needles:
-        assert needle in err[0], err[0]
-    return err[0]
-
-
-def run_args(image: Path, out: Path, *extra: str) -> list[str]:
-    return ["run", "--prompt", "x", "--image", str(image), "--resolution", "64", "--steps", "1",
-            "--out", str(out), *extra]
 
 
 # 4. Weights that are not finite numbers.

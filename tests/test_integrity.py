@@ -23,12 +23,13 @@ from loramgr.adapter_file import CHECKSUM_KEY, load_adapter
 from loramgr.adapters import AdapterSet
 from loramgr.backends.onnxruntime import OrtRunner
 from loramgr.bases import VERIFIED_CACHE, OpenBase
-from loramgr.cli import main
 from loramgr.convert import convert_adapter
 from loramgr.errors import BadFileError
 from loramgr.manifest import FUSED, GRAPHS, TEXT_ENCODER, VAE_DECODER, Manifest
 from loramgr.samples import sample_image, write_kohya_lora
 from loramgr.workspace import Workspace
+
+from cli_support import cli, one_error_line, run_args
 
 
 @pytest.fixture(scope="module")
@@ -66,23 +67,6 @@ def hashes(monkeypatch) -> list[Path]:
 
     monkeypatch.setattr(integrity, "sha256_with_progress", counting)
     return calls
-
-
-def cli(ws: Workspace, *args: str) -> int:
-    return main(["--home", str(ws.home), *args])
-
-
-def one_error_line(capsys, *needles: str) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert len(err) == 1 and err[0].startswith("error:"), err
-    for needle in needles:
-        assert needle in err[0], err[0]
-    return err[0]
-
-
-def run_args(image: Path, out: Path, *extra: str) -> list[str]:
-    return ["run", "--prompt", "x", "--image", str(image), "--resolution", "64", "--steps", "1",
-            "--out", str(out), *extra]
 
 
 def graph_file(ws: Workspace, graph: str, kind: str) -> Path:

@@ -17,9 +17,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
-from loramgr.cli import main
 from loramgr.adapters import load_adapter_set, union_touched
+from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
 from loramgr.bake import bake
 from loramgr.convert import convert_adapter
 from loramgr.export import export_base
@@ -29,6 +28,8 @@ from loramgr.pipeline.settings import GenerationSettings
 from loramgr.runtime import make_pipeline
 from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
 from loramgr.workspace import Workspace
+
+from cli_support import cli
 from reference_pipelines import diffusers_images
 
 
@@ -212,19 +213,15 @@ def test_bake_output_loads_in_plain_onnxruntime(tiny_workspace, adapters, tmp_pa
     np.testing.assert_array_equal(plain_onnx, injected)
 
 
-def _cli(ws: Workspace, *args: str) -> int:
-    return main(["--home", str(ws.home), *args])
-
-
 def test_convert_cli_summary_json_and_replace(tiny_workspace, adapters, capsys):
-    assert _cli(tiny_workspace, "convert", str(adapters["rt_a"]), "--name", "rt_a2", "--json") == 0
+    assert cli(tiny_workspace, "convert", str(adapters["rt_a"]), "--name", "rt_a2", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "kohya" and report["keys_used"] == report["keys_total"]
     assert report["modules"] == {"unet_controlnet": 192, "text_encoder": 12}
     assert report["size_bytes"] <= 1.1 * report["source_bytes"]
     assert report["trigger_words"] == ["blindbox"]
     first = tiny_workspace.adapter_path("rt_a2").stat().st_ino
-    assert _cli(tiny_workspace, "convert", str(adapters["rt_a"]), "--name", "rt_a2") == 0
+    assert cli(tiny_workspace, "convert", str(adapters["rt_a"]), "--name", "rt_a2") == 0
     assert tiny_workspace.adapter_path("rt_a2").stat().st_ino != first  # replaced by rename, not rewritten
     assert not list(tiny_workspace.adapters.glob(".*tmp"))
 
@@ -256,7 +253,7 @@ def test_run_bad_input_exits_2(tiny_workspace, adapters, other_base_adapter, tmp
     argv = ["run", "--prompt", "x", "--image", str(image), "--out", str(tmp_path / "out"), *args]
     if args[0] == "--image":
         argv = ["run", "--prompt", "x", "--out", str(tmp_path / "out"), "--image", str(tmp_path / args[1])]
-    assert _cli(tiny_workspace, *argv) == 2
+    assert cli(tiny_workspace, *argv) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert not (tmp_path / "out").exists()
@@ -267,7 +264,7 @@ def test_run_cli_writes_images_sidecar_and_sweeps(tiny_workspace, adapters, tmp_
 
     Image.fromarray(sample_image(64)).save(tmp_path / "in.png")
     long_prompt = "house " * 40
-    code = _cli(tiny_workspace, "run", "--lora", "rt_a:0.8", "--control", "canny", "--image", str(tmp_path / "in.png"),
+    code = cli(tiny_workspace, "run", "--lora", "rt_a:0.8", "--control", "canny", "--image", str(tmp_path / "in.png"),
                 "--prompt", long_prompt, "--n-prompt", "bad", "--resolution", "64", "--steps", "3",
                 "--sweep", "rt_b:0.5,rt_hed", "--sweep", "none", "--out", str(tmp_path / "out"), "--json")
     assert code == 0
@@ -298,8 +295,8 @@ def test_run_cli_control_image_without_preprocessor(tiny_workspace, adapters, tm
     Image.fromarray(edges).save(tmp_path / "map.png")
     common = ["run", "--prompt", "a house", "--n-prompt", "bad", "--resolution", "64", "--steps", "3",
               "--out", str(tmp_path / "out"), "--lora", "rt_a:0.8", "--control", "rt_hed"]
-    assert _cli(tiny_workspace, *common, "--image", str(tmp_path / "in.png"), "--name", "canny") == 0
-    assert _cli(tiny_workspace, *common, "--control-image", str(tmp_path / "map.png"), "--preprocessor", "none",
+    assert cli(tiny_workspace, *common, "--image", str(tmp_path / "in.png"), "--name", "canny") == 0
+    assert cli(tiny_workspace, *common, "--control-image", str(tmp_path / "map.png"), "--preprocessor", "none",
                 "--name", "map") == 0
     capsys.readouterr()
     sidecar = json.loads((tmp_path / "out" / "map.json").read_text())
@@ -310,7 +307,7 @@ def test_run_cli_control_image_without_preprocessor(tiny_workspace, adapters, tm
                                                                          .read_text())["images"][0]))
                      for n in ("canny", "map"))
     np.testing.assert_array_equal(canny, mapped)
-    assert _cli(tiny_workspace, *common, "--name", "none") == 2
+    assert cli(tiny_workspace, *common, "--name", "none") == 2
     assert "no input: give --image, --control-image, or both" in capsys.readouterr().err
 
 
