@@ -212,10 +212,11 @@ def _exception(error: list) -> Exception:
 class Ingress:
     """The HTTP app of ``loramgr serve`` behind Ray's proxy; built in the replica (it holds locks and a catalog)."""
 
-    def __init__(self, generator: DeploymentHandle, home: str, config: dict):
+    async def __init__(self, generator: DeploymentHandle, home: str, config: dict):
         self._generator = generator
         self._workspace = Workspace.resolve(home)
         self._config = _config(config)
+        await generator.stats.remote()  # ready (/readyz 200) once a replica's runner is open
 
     def __serve_build_asgi_app__(self):
         from .app import _error
@@ -249,11 +250,11 @@ def run(workspace: Workspace, config: ServeConfig, options: RayOptions, log_leve
     import ray
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
     ray.init(address=options.address, include_dashboard=False, logging_level=log_level.upper(),
              log_to_driver=log_level == "debug")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (abort) handler
+        signal.signal(sig, lambda *_: stop.set())
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         scale = (f"{options.autoscale[0]}-{options.autoscale[1]} replicas (autoscaled)" if options.autoscale
