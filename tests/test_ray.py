@@ -33,6 +33,7 @@ needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray Serve is not installed:
 CONFIG = ServeConfig(max_resolution=256, max_steps=20, max_num_samples=2, max_queue=16)
 SETS = [([], "canny"), (["sv_a:0.8"], "canny"), (["sv_b:0.6"], "sv_hed"), (["sv_a:0.5", "sv_b:0.5"], "canny")]
 SEED = 5
+N = 24  # requests per routing mode
 
 
 @pytest.fixture(scope="module")
@@ -194,8 +195,8 @@ def test_two_replicas_bit_exact_sticky_and_fewer_swaps_than_random(cluster, ws, 
 
     url = cluster["url"]
     assert httpx.get(f"{url}/readyz").status_code == 200
-    results = _load(url, ws, _order(32, 1))
-    assert [r["status"] for r in results] == [200] * 32, [r["body"] for r in results if r["status"] != 200][:2]
+    results = _load(url, ws, _order(N, 1))
+    assert [r["status"] for r in results] == [200] * N, [r["body"] for r in results if r["status"] != 200][:2]
     for r in results:
         assert _images(r["body"]) == expected[r["set"]], f"set {SETS[r['set']]}: image differs from loramgr run"
     # the ingress derived each set's id from the body; the same set mostly reached the same replica
@@ -209,15 +210,22 @@ def test_two_replicas_bit_exact_sticky_and_fewer_swaps_than_random(cluster, ws, 
 
     # the same load without set ids: Ray's default (power of two choices) routing
     handle = serve.get_deployment_handle("Generator", app_name="loramgr")
-    requests = [GenerateRequest(**request_body(ws, *SETS[i])) for i in _order(32, 1)]
+    requests = [GenerateRequest(**request_body(ws, *SETS[i])) for i in _order(N, 1)]
     with ThreadPoolExecutor(4) as pool:
         replies = list(pool.map(lambda q: handle.generate.remote(q).result(timeout_s=300), requests))
     assert all("result" in r for r in replies)
     random_swaps = sum(r["result"]["swapped"] for r in replies)
-    assert all(_images(r["result"]) == expected[i] for r, i in zip(replies, _order(32, 1)))
+    assert all(_images(r["result"]) == expected[i] for r, i in zip(replies, _order(N, 1)))
     assert routed_swaps < random_swaps, (routed_swaps, random_swaps)
-    print(f"swaps per request: set-id routing {routed_swaps / 32:.2f}, random {random_swaps / 32:.2f}; "
-          f"sticky {sticky:.2f}; {by_set}")
+    replica_stats = {}
+    for _ in range(40):  # stats goes to any replica: ask until both answered
+        stats = handle.stats.remote().result(timeout_s=60)
+        replica_stats[stats["replica"]] = stats
+        if len(replica_stats) == 2:
+            break
+    assert set(replica_stats) == replicas
+    print(f"swaps per request: set-id routing {routed_swaps / N:.2f}, random {random_swaps / N:.2f}; "
+          f"sticky {sticky:.2f}; {by_set}; replica RSS (MiB) {[round(s['rss_mib']) for s in replica_stats.values()]}")
 
 
 @needs_ray
@@ -251,6 +259,7 @@ def test_killed_replica_loses_no_request_silently(cluster, ws, expected):
     os.kill(sorted(victims)[0], signal.SIGKILL)
     loader.join(600)
     assert len(results) == 24
+    print("statuses after killing a replica:", Counter(r["status"] for r in results))
     for r in results:
         if r["status"] == 200:
             assert _images(r["body"]) == expected[r["set"]]

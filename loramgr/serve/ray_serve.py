@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import re
 import signal
 import threading
 import time
+from pathlib import Path
 
 from ray import serve
 from ray.exceptions import RayActorError
@@ -99,8 +102,8 @@ class Generator:
     def stats(self) -> dict:
         """This replica's counters (tests and operators: swaps, re-opens, what the runner holds)."""
         engine = self.service.engine
-        return {"replica": self.replica, "swaps": engine.swaps, "reopens": engine.reopens,
-                "current": [list(k[:3]) for k in engine.current_key],
+        return {"replica": self.replica, "pid": os.getpid(), "rss_mib": _rss_mib(), "swaps": engine.swaps,
+                "reopens": engine.reopens, "current": [list(k[:3]) for k in engine.current_key],
                 "completed": self.service.scheduler.stats.completed}
 
     def check_health(self) -> None:
@@ -111,6 +114,16 @@ class Generator:
         service = getattr(self, "service", None)
         if service is not None:
             service.stop()  # Ray calls this after the replica's requests finished (graceful shutdown)
+
+
+def _rss_mib() -> float:
+    """This process's resident memory (Linux), for the memory per replica in docs/ray.md."""
+    try:
+        status = Path("/proc/self/status").read_text()
+    except OSError:
+        return 0.0
+    found = re.search(r"VmRSS:\s+(\d+) kB", status)
+    return int(found.group(1)) / 1024 if found else 0.0
 
 
 class _BaseView:
