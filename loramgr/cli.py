@@ -207,12 +207,13 @@ def _ray_options(args: argparse.Namespace):
 
 
 def _serve_on_ray(args: argparse.Namespace, ws: Workspace, config) -> int:
+    from .convert import resolve_base
+
     options = _ray_options(args)
+    resolve_base(ws, config.base)  # a missing base is one line here, not replicas failing to start
     if args.write_config:
-        from .convert import resolve_base
         from .serve.ray_config import write_serve_config
 
-        resolve_base(ws, config.base)  # the base must exist before a cluster tries to open it
         path = write_serve_config(args.write_config, ws.home, config, options)
         console.out.print(f"wrote {path}: deploy it with `serve deploy {path}` (docs/ray.md)")
         return 0

@@ -127,6 +127,26 @@ def _children(pid: int) -> set[int]:
     return found
 
 
+def _alive(pids: set[int]) -> set[int]:
+    """Those of ``pids`` still running (not zombies), wherever they were re-parented."""
+    alive = set()
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if state != "Z":
+            alive.add(pid)
+    return alive
+
+
+def _wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return _alive(pids)
+
+
 def _replica_pids() -> set[int]:
     pids = set()
     for entry in Path("/proc").iterdir():
@@ -148,7 +168,7 @@ def cluster(ws):
     from loramgr.serve.ray_serve import application
 
     before = _children(os.getpid())
-    ray.init(num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
+    ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -288,7 +308,41 @@ def test_shutdown_leaves_no_process(cluster):
     serve.shutdown()
     ray.shutdown()
     cluster["up"] = False
-    deadline = time.monotonic() + 30
-    while cluster["started"] & _children(os.getpid()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert not cluster["started"] & _children(os.getpid())
+    assert not _wait_gone(cluster["started"]), "Ray processes left behind"
+
+
+@needs_ray
+@pytest.mark.slow
+def test_cli_serves_on_ray_and_exits_0_on_sigterm(ws, expected):
+    """The real `loramgr serve --ray` process: a local cluster, one request, SIGTERM, nothing left behind."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("LORAMGR_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "loramgr", "--home", str(ws.home), "serve", "--ray", "--replicas",
+                             "1", "--port", str(port), "--log-level", "warning"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, "loramgr serve --ray did not get ready"
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        started = _children(proc.pid)
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=request_body(ws, *SETS[2]), timeout=300)
+        assert r.status_code == 200 and _images(r.json()) == expected[2]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    assert "Traceback" not in output, output
+    assert not _wait_gone(started), "Ray processes left behind"

@@ -27,7 +27,6 @@ from pathlib import Path
 
 from ray import serve
 from ray.exceptions import RayActorError
-from ray.serve.exceptions import RequestCancelledError
 from ray.serve.handle import DeploymentHandle
 
 from ..convert import resolve_base
@@ -182,7 +181,7 @@ class RayService(Service):
         self.metrics.queue_depth.set(stats.queued)
         try:
             reply = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
-        except (RayActorError, RequestCancelledError) as exc:
+        except RayActorError as exc:  # ActorDiedError, ActorUnavailableError
             stats.failed += 1
             self.metrics.generations.labels("failed").inc()
             logger.warning("a replica was lost during a generation (%s); the client may retry", type(exc).__name__)
@@ -263,8 +262,9 @@ def run(workspace: Workspace, config: ServeConfig, options: RayOptions, log_leve
     import ray
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    ray.init(address=options.address, include_dashboard=False, logging_level=log_level.upper(),
-             log_to_driver=log_level == "debug")
+    # "local": always a new cluster of our own, never one found on this machine (we stop it on exit)
+    ray.init(address=options.address or "local", include_dashboard=False, logging_level=log_level.upper(),
+             log_to_driver=log_level in ("debug", "info"))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (abort) handler
         signal.signal(sig, lambda *_: stop.set())
