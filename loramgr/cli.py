@@ -215,7 +215,7 @@ def _serve_on_ray(args: argparse.Namespace, ws: Workspace, config) -> int:
         from .serve.ray_config import write_serve_config
 
         path = write_serve_config(args.write_config, ws.home, config, options)
-        console.out.print(f"wrote {path}: deploy it with `serve deploy {path}` (docs/ray.md)")
+        console.out.print(f"wrote {path}: deploy it with `serve deploy {path}` (docs/ray.md)", soft_wrap=True)
         return 0
     try:
         from .serve import ray_serve

@@ -50,6 +50,11 @@ class ReplicaLost(Exception):
 
 
 def _config(fields: dict) -> ServeConfig:
+    known = {f.name for f in dataclasses.fields(ServeConfig)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise LoramgrError(f"args.config: unknown field {unknown[0]!r} for this loramgr version; write the Serve "
+                           "config again with `loramgr serve --write-config`")
     config = ServeConfig(**fields)
     return config if config.api_key else dataclasses.replace(config, api_key=ServeConfig.api_key_from_env())
 
