@@ -87,6 +87,20 @@ def test_write_config_is_a_serve_config(ws, tmp_path, capsys, monkeypatch):
         assert build_app(app["args"]) is not None
 
 
+def test_write_config_imports_no_ray(ws, tmp_path):
+    """The extra is optional: --write-config (and loramgr serve without --ray) never import Ray."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    code = ("import sys; from loramgr.cli import main; "
+            f"code = main(['--home', {str(ws.home)!r}, 'serve', '--write-config', {str(tmp_path / 'c.yaml')!r}]); "
+            "assert code == 0 and not [m for m in sys.modules if m == 'ray' or m.startswith('ray.')], 'ray imported'")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--autoscale", "4,1"], "--autoscale 4,1"),
     (["--autoscale", "two"], "--autoscale 'two'"),
