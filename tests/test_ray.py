@@ -181,7 +181,7 @@ def cluster(ws):
 
     from loramgr.serve.ray_serve import application
 
-    before = _children(os.getpid())
+    before, environ = _children(os.getpid()), dict(os.environ)
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
              configure_logging=False)
     port = free_port()
@@ -193,6 +193,8 @@ def cluster(ws):
     if state["up"]:
         serve.shutdown()
         ray.shutdown()
+    os.environ.clear()  # ray.init leaves RAY_AUTH_MODE, PYTHONBREAKPOINT, ... for later tests' subprocesses
+    os.environ.update(environ)
 
 
 @pytest.fixture(scope="module")
