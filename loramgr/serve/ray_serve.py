@@ -64,11 +64,11 @@ class HeldSet:
     """What ``@serve.multiplexed`` keeps per replica: a set id this replica advertises to the router.
 
     The runner holds one set at a time (the last one run); the held ids are the replica's
-    ``sets_per_replica`` most recent ones, whose adapter files stay in its catalog cache.
+    ``sets_per_replica`` most recent ones, for which Ray's router prefers this replica.
+    Nothing is loaded here: the adapters are read (and cached) by the engine's catalog.
     """
 
     set_id: str
-    since: float
 
 
 @serve.deployment(name=GENERATOR, graceful_shutdown_timeout_s=120)
@@ -81,7 +81,7 @@ class Generator:
         self.replica = serve.get_replica_context().replica_id.unique_id
 
         async def hold(model_id: str) -> HeldSet:
-            return HeldSet(model_id, time.time())
+            return HeldSet(model_id)
 
         # Wired here, not as a decorated method, so sets_per_replica can come from the config.
         self._hold = serve.multiplexed(max_num_models_per_replica=sets_per_replica)(hold)
