@@ -212,6 +212,59 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-opt", choices=OPTIMIZATION_LEVELS, default=C.ort_optimization)
     p.add_argument("--no-hot-swap", action="store_true", help="re-create sessions on every adapter change")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    _add_ray_arguments(p)
+
+
+def _add_ray_arguments(p: argparse.ArgumentParser) -> None:
+    from .serve.ray_config import DEFAULT_SETS_PER_REPLICA
+
+    g = p.add_argument_group("Ray Serve (pip install loramgr[ray]; docs/ray.md)")
+    g.add_argument("--ray", action="store_true", help="serve as a Ray Serve application: one runner per replica, "
+                                                      "requests routed to the replica holding their adapter set")
+    scale = g.add_mutually_exclusive_group()
+    scale.add_argument("--replicas", type=int, default=1, help="replicas, each one base in memory (default 1)")
+    scale.add_argument("--autoscale", metavar="MIN,MAX", help="let Ray scale between MIN and MAX replicas")
+    g.add_argument("--sets-per-replica", type=int, default=DEFAULT_SETS_PER_REPLICA,
+                   help="adapter sets a replica advertises to the router (LRU)")
+    g.add_argument("--cpus-per-replica", type=float, default=1.0, help="Ray CPUs reserved per replica")
+    g.add_argument("--gpus-per-replica", type=float, default=None,
+                   help="Ray GPUs reserved per replica (default: 1 for ort-cuda / tensorrt, else 0)")
+    g.add_argument("--address", help="join this Ray cluster (auto, HOST:PORT, ray://HOST:10001) instead of "
+                                     "starting one here")
+    g.add_argument("--write-config", metavar="FILE",
+                   help="write the Serve config (YAML) for `serve deploy FILE` and exit")
+
+
+def _ray_options(args: argparse.Namespace):
+    from .serve.ray_config import RayOptions, parse_autoscale
+
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        gpus = 0.0 if args.backend == "ort-cpu" else 1.0
+    try:
+        return RayOptions(replicas=args.replicas, autoscale=parse_autoscale(args.autoscale) if args.autoscale else None,
+                          sets_per_replica=args.sets_per_replica, cpus_per_replica=args.cpus_per_replica,
+                          gpus_per_replica=gpus, address=args.address)
+    except ValueError as exc:
+        raise LoramgrError(str(exc)) from None
+
+
+def _serve_on_ray(args: argparse.Namespace, ws: Workspace, config) -> int:
+    from .convert import resolve_base
+
+    options = _ray_options(args)
+    resolve_base(ws, config.base)  # a missing base is one line here, not replicas failing to start
+    if args.write_config:
+        from .serve.ray_config import write_serve_config
+
+        path = write_serve_config(args.write_config, ws.home, config, options)
+        console.out.print(f"wrote {path}: deploy it with `serve deploy {path}` (docs/ray.md)", soft_wrap=True)
+        return 0
+    try:
+        from .serve import ray_serve
+    except ImportError as exc:
+        raise LoramgrError(f"--ray needs Ray Serve: pip install 'loramgr[ray]' ({exc})") from None
+    return ray_serve.run(ws, config, options, log_level=args.log_level)
 
 
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
@@ -227,6 +280,8 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
             swap_budget_mb=args.swap_budget_mb)
     except ValueError as exc:
         raise LoramgrError(str(exc)) from None
+    if args.ray or args.write_config:
+        return _serve_on_ray(args, ws, config)
     return serve(ws, config, log_level=args.log_level)
 
 

@@ -93,6 +93,8 @@ class GenerateResponse(BaseModel):
     swapped: bool = Field(description="whether the adapters had to change for this request")
     timings: Timings
     settings: dict = Field(description="every generation setting used, defaults filled in")
+    replica: str | None = Field(None, description="`loramgr serve --ray`: the replica that generated (docs/ray.md)")
+    set_id: str | None = Field(None, description="`loramgr serve --ray`: the multiplexed id it was routed by")
 
 
 class AdapterInfo(BaseModel):
