@@ -183,7 +183,7 @@ def cluster(ws):
 
     before, environ = _children(os.getpid()), dict(os.environ)
     ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+             configure_logging=False, _node_ip_address="127.0.0.1")  # loopback only
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(application(ws.home, CONFIG, RayOptions(replicas=2, sets_per_replica=2)), name="loramgr",

@@ -29,9 +29,8 @@ from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
-from ..convert import resolve_base
+from ..bases import OpenBase
 from ..errors import LoramgrError
-from ..manifest import Manifest
 from ..workspace import Workspace
 from .app import Service, create_app
 from .catalog import AdapterCatalog, CatalogError
@@ -134,8 +133,9 @@ class _BaseView:
     """What the ingress's routes read from an engine: the base, its manifest and adapters; no runner."""
 
     def __init__(self, workspace: Workspace, config: ServeConfig):
-        self.base = resolve_base(workspace, config.base)
-        self.manifest = Manifest.load(workspace.base_dir(self.base))
+        opened = OpenBase.resolve(workspace, config.base)
+        self.base = opened.name
+        self.manifest = opened.manifest
         self.catalog = AdapterCatalog(workspace, self.manifest)
         self.ready = False
         self.startup: dict = {}
@@ -268,8 +268,9 @@ def run(workspace: Workspace, config: ServeConfig, options: RayOptions, log_leve
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     # "local": always a new cluster of our own, never one found on this machine (we stop it on exit)
+    local = {} if options.address else {"_node_ip_address": "127.0.0.1"}  # a local cluster talks over loopback only
     ray.init(address=options.address or "local", include_dashboard=False, logging_level=log_level.upper(),
-             log_to_driver=log_level in ("debug", "info"))
+             log_to_driver=log_level in ("debug", "info"), **local)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (abort) handler
         signal.signal(sig, lambda *_: stop.set())
