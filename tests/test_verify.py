@@ -23,7 +23,7 @@ from onnx import numpy_helper
 from format_writers import (
     cloneofsimo_file, cloneofsimo_walk, kohya_name, lora_factors, lycoris_file, peft_layers, save,
 )
-from loramgr.adapter_file import AdapterFile, load_adapter
+from loramgr.adapter_file import CHECKSUM_KEY, AdapterFile, content_sha256, load_adapter
 from loramgr.adapters import AdapterSet, load_adapter_set
 from loramgr.convert import convert_adapter
 from loramgr.errors import LoramgrError
@@ -167,13 +167,18 @@ def _corrupt(src: Path, dst: Path, how: str) -> str:
         del model.graph.initializer[:]
         model.graph.initializer.extend(kept)
         props["loramgr.targets"] = json.dumps(targets)
-        onnx.helper.set_model_props(model, props)
-        onnx.save(model, str(dst))
+        _save_as_converted(model, props, dst)
         return param
     props["loramgr.targets"] = json.dumps(targets)
-    onnx.helper.set_model_props(model, props)
-    onnx.save(model, str(dst))
+    _save_as_converted(model, props, dst)
     return targets[initializer]["param"]
+
+
+def _save_as_converted(model: onnx.ModelProto, props: dict[str, str], dst: Path) -> None:
+    """Save with a matching content checksum, as a converter with that bug would have written it."""
+    onnx.helper.set_model_props(model, props)
+    onnx.helper.set_model_props(model, {**props, CHECKSUM_KEY: content_sha256(model)})
+    onnx.save(model, str(dst))
 
 
 @pytest.mark.parametrize("how", ["perturbed", "transposed", "scale"])
