@@ -11,6 +11,7 @@ import dataclasses
 
 import json
 import threading
+import time
 
 import numpy as np
 import onnxruntime as ort
@@ -351,6 +352,10 @@ def _stress(ws: Workspace, hot_swap: bool, generations: int, swaps: int):
             target = sets[order[i % len(order)]]
             runner.set_adapters(target)
             assert runner.adapter_set is target  # set_adapters returned: the runner is on the new set
+            count, deadline = len(made), time.monotonic() + 300
+            while len(made) == count and not errors and time.monotonic() < deadline:
+                time.sleep(0.005)  # let a generation run on this set before the next swap (a loaded machine
+                # could otherwise run every swap back to back and the images would show one set only)
     finally:
         swapped.set()
         thread.join()

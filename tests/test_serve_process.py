@@ -59,9 +59,10 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ws):
         threads = [threading.Thread(target=send) for _ in range(2)]  # one running, one queued
         for t in threads:
             t.start()
-        deadline = time.monotonic() + 30
-        while "loramgr_in_flight 1.0" not in httpx.get(f"{url}/metrics").text:
-            assert time.monotonic() < deadline, "the request never started"
+        deadline = time.monotonic() + 120
+        while not {"loramgr_in_flight 1.0", "loramgr_queue_depth 1.0"} <= set(httpx.get(f"{url}/metrics").text
+                                                                               .splitlines()):
+            assert time.monotonic() < deadline, "the two requests never were one running, one queued"
             time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.3)
