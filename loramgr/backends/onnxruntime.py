@@ -42,7 +42,7 @@ from ..adapters import AdapterSet, Names, touched_names
 from ..bases import OpenBase, as_open_base
 from ..errors import LoramgrError
 from ..manifest import FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
-from ..merge import BaseWeights, check_shapes, merge_tensors
+from ..merge import BaseWeights, Tensors, check_shapes, empty_like_entry, merge_into, merge_tensors
 from ..workspace import atomic_path
 from .base import AdapterLease
 from .options import OPTIMIZATION_LEVELS, PROVIDERS, OrtOptions
@@ -123,7 +123,9 @@ class OrtRunner(AdapterLease):
         self.timings = SessionTimings()
         self.adapter_set = AdapterSet()
         self._sessions: dict[str, object] = {}
-        self._buffers: dict[str, dict[str, object]] = {}  # hot swap: graph -> initializer -> owned OrtValue
+        self._buffers: Tensors = {}  # hot swap: graph -> initializer -> owned tensor ONNX Runtime reads
+        self._values: dict[str, dict[str, object]] = {}  # the OrtValues sharing those tensors' memory
+        self._base_values: Tensors | None = None  # on CUDA: the base of every buffer, resident on the device
         self._init_lease()
 
     @classmethod
@@ -146,26 +148,37 @@ class OrtRunner(AdapterLease):
         ort = _ort()
         start = time.perf_counter()
         hot = self.options.hot_swap
-        names = touched_names(swappable, adapter_set) if hot else {}
-        tensors = self._merge(adapter_set, names)
+        buffers: Tensors = {}
+        base_values: Tensors | None = None
+        tensors: dict[str, dict[str, np.ndarray]] = {}
+        with BaseWeights(self.manifest, self.base_dir) as base:
+            if hot:
+                names = touched_names(swappable, adapter_set)
+                buffers = self._allocate(base, names)
+                if self.device.type == "cuda":  # the base stays on the device: a swap then moves factors only
+                    base_values = self._allocate(base, names)
+                    merge_into(base, AdapterSet(), base_values, only=names)
+                merge_into(base, adapter_set, buffers, only=names, base_values=base_values)
+            else:
+                tensors = merge_tensors(base, adapter_set)
+                check_shapes(base, tensors)
         merge_s = time.perf_counter() - start
         start = time.perf_counter()
         sessions: dict[str, object] = {}
-        buffers: dict[str, dict[str, object]] = {}
+        values: dict[str, dict[str, object]] = {}
         for graph in (FUSED, TEXT_ENCODER):
-            graph_tensors = tensors.get(graph, {})
-            so = session_options(self.options, no_prepacking=hot and bool(graph_tensors))
-            if hot and graph_tensors:
-                # ONNX Runtime reads these buffers at every run; a swap rewrites them in place.
-                device = "cuda" if self.options.provider == "cuda" else "cpu"
-                buffers[graph] = {n: ort.OrtValue.ortvalue_from_numpy(a, device) for n, a in graph_tensors.items()}
-                for name, value in buffers[graph].items():
+            so = session_options(self.options, no_prepacking=bool(buffers.get(graph)))
+            if buffers.get(graph):
+                # ONNX Runtime reads these buffers (shared through DLPack, no copy) at every run;
+                # a swap rewrites them in place.
+                values[graph] = {n: ort.OrtValue.from_dlpack(t) for n, t in buffers[graph].items()}
+                for name, value in values[graph].items():  # ORT keeps pointers to these: they live with the runner
                     so.add_initializer(name, value)
                 _check_buffers_survive(self.base_dir, self.manifest.graphs[graph].path, self.options,
-                                       set(graph_tensors))
-            elif graph_tensors:
+                                       set(buffers[graph]))
+            elif tensors.get(graph):
                 so.add_external_initializers(
-                    list(graph_tensors), [ort.OrtValue.ortvalue_from_numpy(a) for a in graph_tensors.values()]
+                    list(tensors[graph]), [ort.OrtValue.ortvalue_from_numpy(a) for a in tensors[graph].values()]
                 )
             sessions[graph] = ort.InferenceSession(str(self.base.graph_path(graph)), so,
                                                    providers=providers(self.options))
@@ -173,21 +186,15 @@ class OrtRunner(AdapterLease):
             for graph in (VAE_DECODER, VAE_ENCODER):  # they carry no adapters: kept
                 if graph in self._sessions:
                     sessions[graph] = self._sessions[graph]
-            self._sessions, self._buffers = sessions, buffers
+            self._sessions, self._buffers, self._values, self._base_values = sessions, buffers, values, base_values
             self.adapter_set = adapter_set
         self.timings.merge_s = merge_s
         self.timings.session_s = time.perf_counter() - start
 
-    def _merge(self, adapter_set: AdapterSet, only: Names) -> dict[str, dict[str, np.ndarray]]:
-        """Merged tensors for ``adapter_set`` (plus ``only`` at base value), checked for ORT.
-
-        The base maps are opened for the merge only: kept open, the pages a merge reads
-        would stay in this process's RSS on top of ONNX Runtime's own copy of the weights.
-        """
-        base = BaseWeights(self.manifest, self.base_dir)
-        tensors = merge_tensors(base, adapter_set, only=only)
-        check_shapes(base, tensors)
-        return tensors
+    def _allocate(self, base: BaseWeights, names: Names) -> Tensors:
+        """Uninitialized tensors on the runner's device, one per initializer of ``names``."""
+        return {graph: {n: empty_like_entry(base.entry(graph, n), self.device) for n in sorted(named)}
+                for graph, named in names.items() if named}
 
     def _session(self, graph: str):
         """The session of ``graph``; call with the lease held."""
@@ -212,13 +219,11 @@ class OrtRunner(AdapterLease):
                 names <= set(self._buffers.get(graph, {})) for graph, names in needed.items())
             if in_place:
                 # Only the weights the old or the new set touch can differ from what the buffers
-                # hold; everything else already holds its base value. Merged before the lease
-                # is taken, so a generation goes on until the copies start.
-                tensors = self._merge(adapter_set, needed)
-                with self._lease:
-                    for graph, named in tensors.items():
-                        for name, value in named.items():
-                            self._buffers[graph][name].update_inplace(value)
+                # hold; everything else already holds its base value. The merge writes into the
+                # buffers ONNX Runtime reads, so it runs under the lease: a generation holding
+                # the old set finishes first, and none starts until every buffer is written.
+                with self._lease, BaseWeights(self.manifest, self.base_dir) as base:
+                    merge_into(base, adapter_set, self._buffers, only=needed, base_values=self._base_values)
                     self.adapter_set = adapter_set
             else:
                 with self._lease:  # re-created while no generation runs: sessions are GBs
@@ -258,7 +263,7 @@ class OrtRunner(AdapterLease):
     def close(self) -> None:
         with self._lease:
             self._sessions.clear()
-            self._buffers.clear()
+            self._buffers, self._values, self._base_values = {}, {}, None
 
 
 def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions, names: set[str]) -> None:
