@@ -223,7 +223,11 @@ class OrtRunner(AdapterLease):
                 # buffers ONNX Runtime reads, so it runs under the lease: a generation holding
                 # the old set finishes first, and none starts until every buffer is written.
                 with self._lease, BaseWeights(self.manifest, self.base_dir) as base:
-                    merge_into(base, adapter_set, self._buffers, only=needed, base_values=self._base_values)
+                    try:
+                        merge_into(base, adapter_set, self._buffers, only=needed, base_values=self._base_values)
+                    except BaseException:  # nothing half-written: the buffers go back to the set they held
+                        merge_into(base, self.adapter_set, self._buffers, only=needed, base_values=self._base_values)
+                        raise
                     self.adapter_set = adapter_set
             else:
                 with self._lease:  # re-created while no generation runs: sessions are GBs
