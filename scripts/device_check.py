@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = check(home, args.arch, args.provider, args.repeats, lambda m: console.print(f"[dim]{m}[/]"))
     except LoramgrError as exc:
-        console.print(f"device check: {exc}", markup=False, highlight=False)
+        print(f"device check: {exc}", file=sys.stderr)
         return 2
     render(result, console)
     if args.json:

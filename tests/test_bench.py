@@ -195,4 +195,4 @@ def test_device_check_runs_every_part_on_the_cpu(bench_workspace, result, tmp_pa
 def test_device_check_without_a_gpu_says_why_in_one_line(tmp_path):
     done = _device_check("--home", str(tmp_path), "--arch", "tiny")
     assert done.returncode == 2
-    assert done.stdout.strip().count("\n") == 0 and "CUDA" in done.stdout
+    assert done.stderr.strip().count("\n") == 0 and "CUDA" in done.stderr and "Traceback" not in done.stderr
