@@ -5,7 +5,7 @@ merged weight goes through :func:`merge_into`: injection, ``bake``, ``verify``, 
 refit and the hot swap, which writes straight into the buffers ONNX Runtime reads.
 
 Per weight, one pass over its bytes: the base value is copied into the destination
-(``pread`` from the external data file, or a copy from a device-resident base), then
+(one ``read`` from the external data file, or a copy from a device-resident base), then
 each LoRA is added in place in the initializer's own layout with one ``addmm_``
 (``W^T += a * down^T @ up^T`` for a transposed Linear weight), so no full-size
 temporary exists. Other adapter kinds (LoHa, LoKr, DoRA, full replacements) go through
@@ -46,7 +46,6 @@ class BaseWeights:
         self.manifest = manifest
         self.base_dir = Path(base_dir)
         self._maps: dict[str, np.memmap] = {}
-        self._files: dict[str, int] = {}
         self._params = {name: g.by_initializer() for name, g in manifest.graphs.items()}
 
     def entry(self, graph: str, initializer: str) -> WeightEntry:
@@ -62,30 +61,28 @@ class BaseWeights:
         return entry.read(self._maps[graph])
 
     def read_into(self, graph: str, entry: WeightEntry, out: np.ndarray) -> None:
-        """Copy one initializer's bytes into ``out`` (C-contiguous, its shape and dtype) with ``pread``.
+        """Copy one initializer's bytes into ``out`` (C-contiguous, its shape and dtype) with one read.
 
         One copy from the page cache, no mapping: the pages are not counted again in this
         process's RSS next to ONNX Runtime's own mapping of the same file, and the GIL is
-        released while the kernel copies.
+        released while the kernel copies (one file object per call: threads never share a
+        file position).
         """
         if out.nbytes != entry.length or not out.flags.c_contiguous:
             raise LoramgrError(f"{entry.initializer}: a {out.nbytes:,}-byte destination for {entry.length:,} bytes")
-        if graph not in self._files:
-            self._files[graph] = os.open(self.base_dir / self.manifest.graphs[graph].data, os.O_RDONLY)
         view, done = memoryview(out.reshape(-1).view(np.uint8)), 0
-        while done < entry.length:
-            got = os.preadv(self._files[graph], [view[done:]], entry.offset + done)
-            if got == 0:
-                raise LoramgrError(f"{entry.initializer}: its data file ends before byte {entry.offset + entry.length:,};"
-                                   " the base is damaged, re-export it")
-            done += got
+        with open(self.base_dir / self.manifest.graphs[graph].data, "rb", buffering=0) as data:
+            data.seek(entry.offset)
+            while done < entry.length:
+                got = data.readinto(view[done:])
+                if not got:
+                    raise LoramgrError(f"{entry.initializer}: its data file ends before byte "
+                                       f"{entry.offset + entry.length:,}; the base is damaged, re-export it")
+                done += got
 
     def close(self) -> None:
-        """Release the memory maps and file descriptors (the merge's pages leave this process's RSS)."""
+        """Release the memory maps (the pages ``read`` touched leave this process's RSS)."""
         self._maps.clear()
-        for fd in self._files.values():
-            os.close(fd)
-        self._files.clear()
 
     def __enter__(self) -> BaseWeights:
         return self
