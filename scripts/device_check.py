@@ -134,8 +134,8 @@ def render(result: dict, console) -> None:
     vs = step["vs_torch"]
     rows = [
         ["device", result["device"]],
-        [f"hot swap A -> B (rank 4 -> 128), median of {SWAPS}", f"{swap['A->B']:.4f} s ({swap['A->B'] / floor:.1f}x floor)"],
-        [f"hot swap B -> A (rank 128 -> 4), median of {SWAPS}", f"{swap['B->A']:.4f} s ({swap['B->A'] / floor:.1f}x floor)"],
+        *[[f"hot swap {key} (rank {ranks}), median of {SWAPS}", f"{swap[key]:.4f} s ({swap[key] / floor:.1f}x floor)"]
+          for key, ranks in (("A->B", "4 -> 128"), ("B->A", "128 -> 4"))],
         ["floor: device copy of the bytes a swap rewrites", f"{floor:.4f} s"],
         *[[f"{key} after swaps vs fresh: device merge / injection (max |diff|)",
            f"{a['vs_fresh_device_merge']:.1e} / {a['vs_injection']:.1e}"] for key, a in result["agreement"].items()],
@@ -150,7 +150,7 @@ def render(result: dict, console) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--home", type=Path, help="workspace (the base and LoRAs are cached there); default: a temp dir")
+    parser.add_argument("--home", type=Path, help="workspace (base and LoRAs are cached there); default: a temp dir")
     parser.add_argument("--arch", default="sd15", choices=("sd15", "tiny"))
     parser.add_argument("--provider", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--repeats", type=int, default=5, help="step repeats (default 5)")

@@ -6,9 +6,11 @@ Adapters reach ONNX Runtime in one of two ways (docs/design.md has the measureme
   the merged tensors replace the base's external initializers before graph
   optimization, so the result is exactly a session on a merged model.
 * **Hot swap** (``hot_swap=True``, the default on CPU): every initializer that any
-  adapter may touch is handed to ONNX Runtime as a buffer loramgr owns
-  (``add_initializer``), and a swap rewrites those buffers in place between runs,
-  without a new session. That is only sound if ONNX Runtime reads the buffer itself
+  adapter may touch is handed to ONNX Runtime as a buffer loramgr owns (a torch tensor,
+  shared through DLPack and ``add_initializer``), and a swap merges straight into those
+  buffers between runs (:func:`loramgr.merge.merge_into`), without a new session. On
+  CUDA the buffers and a copy of their base values live on the device, so a swap moves
+  only the factors. That is only sound if ONNX Runtime reads the buffer itself
   at every run: no prepacking (``session.disable_prepacking``) and no optimizer pass
   that copies the weight into a new constant. Optimization level ``basic`` plus the
   layout folding done at export meet that; the runtime checks the optimized graph
@@ -171,7 +173,7 @@ class OrtRunner(AdapterLease):
             if buffers.get(graph):
                 # ONNX Runtime reads these buffers (shared through DLPack, no copy) at every run;
                 # a swap rewrites them in place.
-                values[graph] = {n: ort.OrtValue.from_dlpack(t) for n, t in buffers[graph].items()}
+                values[graph] = {n: _shared_value(ort, t) for n, t in buffers[graph].items()}
                 for name, value in values[graph].items():  # ORT keeps pointers to these: they live with the runner
                     so.add_initializer(name, value)
                 _check_buffers_survive(self.base_dir, self.manifest.graphs[graph].path, self.options,
@@ -268,6 +270,16 @@ class OrtRunner(AdapterLease):
         with self._lease:
             self._sessions.clear()
             self._buffers, self._values, self._base_values = {}, {}, None
+
+
+def _shared_value(ort, tensor: torch.Tensor):
+    """An OrtValue over ``tensor``'s own memory, no copy: DLPack where onnxruntime has it, else a numpy view."""
+    if hasattr(ort.OrtValue, "from_dlpack"):
+        return ort.OrtValue.from_dlpack(tensor)
+    if tensor.device.type == "cpu":
+        return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())
+    raise LoramgrError(f"hot swap on {tensor.device} needs OrtValue.from_dlpack: onnxruntime {ort.__version__} "
+                       "lacks it; upgrade onnxruntime-gpu or use --no-hot-swap")
 
 
 def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions, names: set[str]) -> None:
