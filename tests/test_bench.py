@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import statistics
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,33 +23,39 @@ from rich.console import Console
 
 from loramgr import bench
 from loramgr.bench import LARGE, RANKS, SMALL, interleaved, render_bench, run_bench
+from loramgr.bench.harness import competing_process
 from loramgr.errors import LoramgrError
 from loramgr.manifest import Manifest
 from loramgr.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
-def result(tiny_workspace, tmp_path_factory) -> dict:
-    """One bench run, kept under a minute.
-
-    Its base is the session's tiny base (same arch and seed) copied, which spares an
-    export; only the first ORT setting row is measured (the others take the same path);
-    and torch runs on one thread, since two OpenMP threads on a shared 2-core machine
-    make the run several times slower (docs/benchmarks.md).
-    """
+def bench_workspace(tiny_workspace, tmp_path_factory) -> Workspace:
+    """A workspace whose ``bench-tiny`` is the session's tiny base (same arch and seed) copied: no export."""
     workspace = Workspace.resolve(tmp_path_factory.mktemp("bench"))
     target = workspace.base_dir("bench-tiny")
     shutil.copytree(tiny_workspace.base_dir("tiny"), target)
     manifest = Manifest.load(target)
     manifest.name = "bench-tiny"
     manifest.save(target)
+    return workspace
+
+
+@pytest.fixture(scope="module")
+def result(bench_workspace) -> dict:
+    """One bench run, kept under a minute.
+
+    Only the first ORT setting row is measured (the others take the same path), and
+    torch runs on one thread, since two OpenMP threads on a shared 2-core machine make
+    the run several times slower (docs/benchmarks.md).
+    """
     all_settings = bench._ort_settings
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(bench, "_ort_settings", lambda *args: dict(list(all_settings(*args).items())[:1]))
-            return run_bench(workspace, "tiny", repeats=1)
+            return run_bench(bench_workspace, "tiny", repeats=1)
     finally:
         torch.set_num_threads(threads)
 
@@ -81,8 +92,17 @@ def test_swap_routes_are_measured_and_agree(result):
     assert swap["speedup_vs_merged_all"] == pytest.approx(times["merged_export_all"]["median_s"] / hot)
     assert swap["speedup_vs_merged_basic"] == pytest.approx(times["merged_export_basic"]["median_s"] / hot)
     assert swap["speedup_vs_injection"] == pytest.approx(times["injection"]["median_s"] / hot)
-    assert swap["hot_swap_merge_share"] == pytest.approx(times[f"hot_swap_r{SMALL}_merge"]["median_s"] / hot)
+    floor = times["copy_floor"]["median_s"]
+    for rank in RANKS:
+        assert swap["vs_floor"][f"r{rank}"] == pytest.approx(times[f"hot_swap_r{rank}"]["median_s"] / floor)
+    load = swap["under_load"]
+    for name, timing in load["times"].items():
+        _positive_timing(timing)
+        assert load["vs_quiet"][name] == pytest.approx(timing["median_s"] / times[name]["median_s"])
+    assert set(load["times"]) == {f"hot_swap_r{SMALL}", f"hot_swap_r{LARGE}", "copy_floor"}
     assert swap["buffers"]["count"] == sum(swap["lora"]["targets"].values()) and swap["buffers"]["bytes"] > 0
+    # Both sample LoRAs cover the same modules: a swap rewrites every buffer.
+    assert swap["buffers"]["rewritten_bytes"] == swap["buffers"]["bytes"]
     # The three routes hold the same weights at the same optimization level.
     assert swap["max_abs_diff"]["merged_export_vs_injection"] < 1e-4
     assert swap["max_abs_diff"]["hot_swap_vs_injection"] < 1e-4
@@ -112,7 +132,7 @@ def test_memory_is_measured_in_a_child(result):
 def test_gpu_and_goals(result):
     gpu = result["gpu"]
     assert gpu["measured"] or gpu["reason"].startswith("not measured: no GPU")
-    assert len(result["goals"]) == 4
+    assert len(result["goals"]) == 7
     assert all(not g["applies"] and isinstance(g["passed"], bool) for g in result["goals"])  # sd15 goals
 
 
@@ -132,8 +152,47 @@ def test_interleaved_runs_variants_in_turn():
     assert all(len(t["runs_s"]) == 3 for t in times.values())
 
 
+def test_competing_process_spins_and_is_gone_after():
+    with competing_process(limit_s=30) as pid:
+        status = Path(f"/proc/{pid}/stat")
+        if status.is_file():  # Linux: it is running, not sleeping
+            time.sleep(0.3)
+            assert status.read_text().split()[2] == "R"
+    assert not Path(f"/proc/{pid}").exists()  # killed and reaped
+
+
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(LoramgrError, match="--arch"):
         run_bench(Workspace.resolve(tmp_path), "sdxl")
     with pytest.raises(LoramgrError, match="--repeats"):
         run_bench(Workspace.resolve(tmp_path), "tiny", repeats=0)
+
+
+DEVICE_CHECK = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
+
+
+def _device_check(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(DEVICE_CHECK.parents[1])}
+    return subprocess.run([sys.executable, str(DEVICE_CHECK), *args], capture_output=True, text=True, env=env,
+                          timeout=600, check=False)
+
+
+def test_device_check_runs_every_part_on_the_cpu(bench_workspace, result, tmp_path):
+    """The GPU script's every step on tiny/CPU: swaps, fresh-session equality, floor, step, table and JSON."""
+    out = tmp_path / "device.json"
+    done = _device_check("--home", str(bench_workspace.home), "--arch", "tiny", "--provider", "cpu",
+                         "--repeats", "1", "--json", str(out))
+    assert done.returncode == 0, done.stdout + done.stderr
+    checked = json.loads(out.read_text())
+    assert checked["passed"] and len(checked["checks"]) == 6 and all(checked["checks"].values())
+    assert all(len(runs) == 3 and min(runs) > 0 for runs in checked["swaps_s"].values())
+    assert checked["agreement"]["A"]["vs_fresh_device_merge"] == 0.0 and checked["a_vs_b"] > 1e-3
+    assert checked["step"]["vs_torch"]["speedup"] > 0 and checked["floor"]["median_s"] > 0
+    assert "device check: tiny, ORT cpu" in done.stdout and "FAIL" not in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_device_check_without_a_gpu_says_why_in_one_line(tmp_path):
+    done = _device_check("--home", str(tmp_path), "--arch", "tiny")
+    assert done.returncode == 2
+    assert done.stderr.strip().count("\n") == 0 and "CUDA" in done.stderr and "Traceback" not in done.stderr

@@ -6,9 +6,11 @@ Adapters reach ONNX Runtime in one of two ways (docs/design.md has the measureme
   the merged tensors replace the base's external initializers before graph
   optimization, so the result is exactly a session on a merged model.
 * **Hot swap** (``hot_swap=True``, the default on CPU): every initializer that any
-  adapter may touch is handed to ONNX Runtime as a buffer loramgr owns
-  (``add_initializer``), and a swap rewrites those buffers in place between runs,
-  without a new session. That is only sound if ONNX Runtime reads the buffer itself
+  adapter may touch is handed to ONNX Runtime as a buffer loramgr owns (a torch tensor,
+  shared through DLPack and ``add_initializer``), and a swap merges straight into those
+  buffers between runs (:func:`loramgr.merge.merge_into`), without a new session. On
+  CUDA the buffers and a copy of their base values live on the device, so a swap moves
+  only the factors. That is only sound if ONNX Runtime reads the buffer itself
   at every run: no prepacking (``session.disable_prepacking``) and no optimizer pass
   that copies the weight into a new constant. Optimization level ``basic`` plus the
   layout folding done at export meet that; the runtime checks the optimized graph
@@ -42,7 +44,7 @@ from ..adapters import AdapterSet, Names, touched_names
 from ..bases import OpenBase, as_open_base
 from ..errors import LoramgrError
 from ..manifest import FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
-from ..merge import BaseWeights, check_shapes, merge_tensors
+from ..merge import BaseWeights, Tensors, check_shapes, empty_like_entry, merge_into, merge_tensors
 from ..workspace import atomic_path
 from .base import AdapterLease
 from .options import OPTIMIZATION_LEVELS, PROVIDERS, OrtOptions
@@ -123,7 +125,9 @@ class OrtRunner(AdapterLease):
         self.timings = SessionTimings()
         self.adapter_set = AdapterSet()
         self._sessions: dict[str, object] = {}
-        self._buffers: dict[str, dict[str, object]] = {}  # hot swap: graph -> initializer -> owned OrtValue
+        self._buffers: Tensors = {}  # hot swap: graph -> initializer -> owned tensor ONNX Runtime reads
+        self._values: dict[str, dict[str, object]] = {}  # the OrtValues sharing those tensors' memory
+        self._base_values: Tensors | None = None  # on CUDA: the base of every buffer, resident on the device
         self._init_lease()
 
     @classmethod
@@ -146,26 +150,37 @@ class OrtRunner(AdapterLease):
         ort = _ort()
         start = time.perf_counter()
         hot = self.options.hot_swap
-        names = touched_names(swappable, adapter_set) if hot else {}
-        tensors = self._merge(adapter_set, names)
+        buffers: Tensors = {}
+        base_values: Tensors | None = None
+        tensors: dict[str, dict[str, np.ndarray]] = {}
+        with BaseWeights(self.manifest, self.base_dir) as base:
+            if hot:
+                names = touched_names(swappable, adapter_set)
+                buffers = self._allocate(base, names)
+                if self.device.type == "cuda":  # the base stays on the device: a swap then moves factors only
+                    base_values = self._allocate(base, names)
+                    merge_into(base, AdapterSet(), base_values, only=names)
+                merge_into(base, adapter_set, buffers, only=names, base_values=base_values)
+            else:
+                tensors = merge_tensors(base, adapter_set)
+                check_shapes(base, tensors)
         merge_s = time.perf_counter() - start
         start = time.perf_counter()
         sessions: dict[str, object] = {}
-        buffers: dict[str, dict[str, object]] = {}
+        values: dict[str, dict[str, object]] = {}
         for graph in (FUSED, TEXT_ENCODER):
-            graph_tensors = tensors.get(graph, {})
-            so = session_options(self.options, no_prepacking=hot and bool(graph_tensors))
-            if hot and graph_tensors:
-                # ONNX Runtime reads these buffers at every run; a swap rewrites them in place.
-                device = "cuda" if self.options.provider == "cuda" else "cpu"
-                buffers[graph] = {n: ort.OrtValue.ortvalue_from_numpy(a, device) for n, a in graph_tensors.items()}
-                for name, value in buffers[graph].items():
+            so = session_options(self.options, no_prepacking=bool(buffers.get(graph)))
+            if buffers.get(graph):
+                # ONNX Runtime reads these buffers (shared through DLPack, no copy) at every run;
+                # a swap rewrites them in place.
+                values[graph] = {n: _shared_value(ort, t) for n, t in buffers[graph].items()}
+                for name, value in values[graph].items():  # ORT keeps pointers to these: they live with the runner
                     so.add_initializer(name, value)
                 _check_buffers_survive(self.base_dir, self.manifest.graphs[graph].path, self.options,
-                                       set(graph_tensors))
-            elif graph_tensors:
+                                       set(buffers[graph]))
+            elif tensors.get(graph):
                 so.add_external_initializers(
-                    list(graph_tensors), [ort.OrtValue.ortvalue_from_numpy(a) for a in graph_tensors.values()]
+                    list(tensors[graph]), [ort.OrtValue.ortvalue_from_numpy(a) for a in tensors[graph].values()]
                 )
             sessions[graph] = ort.InferenceSession(str(self.base.graph_path(graph)), so,
                                                    providers=providers(self.options))
@@ -173,21 +188,15 @@ class OrtRunner(AdapterLease):
             for graph in (VAE_DECODER, VAE_ENCODER):  # they carry no adapters: kept
                 if graph in self._sessions:
                     sessions[graph] = self._sessions[graph]
-            self._sessions, self._buffers = sessions, buffers
+            self._sessions, self._buffers, self._values, self._base_values = sessions, buffers, values, base_values
             self.adapter_set = adapter_set
         self.timings.merge_s = merge_s
         self.timings.session_s = time.perf_counter() - start
 
-    def _merge(self, adapter_set: AdapterSet, only: Names) -> dict[str, dict[str, np.ndarray]]:
-        """Merged tensors for ``adapter_set`` (plus ``only`` at base value), checked for ORT.
-
-        The base maps are opened for the merge only: kept open, the pages a merge reads
-        would stay in this process's RSS on top of ONNX Runtime's own copy of the weights.
-        """
-        base = BaseWeights(self.manifest, self.base_dir)
-        tensors = merge_tensors(base, adapter_set, only=only)
-        check_shapes(base, tensors)
-        return tensors
+    def _allocate(self, base: BaseWeights, names: Names) -> Tensors:
+        """Uninitialized tensors on the runner's device, one per initializer of ``names``."""
+        return {graph: {n: empty_like_entry(base.entry(graph, n), self.device) for n in sorted(named)}
+                for graph, named in names.items() if named}
 
     def _session(self, graph: str):
         """The session of ``graph``; call with the lease held."""
@@ -212,13 +221,15 @@ class OrtRunner(AdapterLease):
                 names <= set(self._buffers.get(graph, {})) for graph, names in needed.items())
             if in_place:
                 # Only the weights the old or the new set touch can differ from what the buffers
-                # hold; everything else already holds its base value. Merged before the lease
-                # is taken, so a generation goes on until the copies start.
-                tensors = self._merge(adapter_set, needed)
-                with self._lease:
-                    for graph, named in tensors.items():
-                        for name, value in named.items():
-                            self._buffers[graph][name].update_inplace(value)
+                # hold; everything else already holds its base value. The merge writes into the
+                # buffers ONNX Runtime reads, so it runs under the lease: a generation holding
+                # the old set finishes first, and none starts until every buffer is written.
+                with self._lease, BaseWeights(self.manifest, self.base_dir) as base:
+                    try:
+                        merge_into(base, adapter_set, self._buffers, only=needed, base_values=self._base_values)
+                    except BaseException:  # nothing half-written: the buffers go back to the set they held
+                        merge_into(base, self.adapter_set, self._buffers, only=needed, base_values=self._base_values)
+                        raise
                     self.adapter_set = adapter_set
             else:
                 with self._lease:  # re-created while no generation runs: sessions are GBs
@@ -258,7 +269,17 @@ class OrtRunner(AdapterLease):
     def close(self) -> None:
         with self._lease:
             self._sessions.clear()
-            self._buffers.clear()
+            self._buffers, self._values, self._base_values = {}, {}, None
+
+
+def _shared_value(ort, tensor: torch.Tensor):
+    """An OrtValue over ``tensor``'s own memory, no copy: DLPack where onnxruntime has it, else a numpy view."""
+    if hasattr(ort.OrtValue, "from_dlpack"):
+        return ort.OrtValue.from_dlpack(tensor)
+    if tensor.device.type == "cpu":
+        return ort.OrtValue.ortvalue_from_numpy(tensor.numpy())
+    raise LoramgrError(f"hot swap on {tensor.device} needs OrtValue.from_dlpack: onnxruntime {ort.__version__} "
+                       "lacks it; upgrade onnxruntime-gpu or use --no-hot-swap")
 
 
 def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions, names: set[str]) -> None:

@@ -36,7 +36,7 @@ MEMORY_RUN_STEPS = 3
 
 CHECK_IMAGE = 64  # image side of the outputs compared across the swap routes
 
-MERGED_VERSION = 1  # bump when the merged copy's recipe changes: old caches no longer apply
+MERGED_VERSION = 2  # bump when the merged copy's recipe changes: old caches no longer apply (2: the in-place merge)
 
 
 @dataclass(frozen=True)

@@ -1,29 +1,41 @@
 """The project's performance goals for sd15 on CPU, next to the measured figures.
 
-docs/benchmarks.md has the goals table; on tiny the figures are shown, not judged.
+docs/benchmarks.md has the goals table (issue 14 tightened memory to 1.1x, set the step
+goal to 1.3x torch at 512 px, and added the swap's floor and load goals); on tiny the
+figures are shown, not judged.
 """
 
 from __future__ import annotations
 
-from .fixtures import RANKS, SMALL
+from .fixtures import LARGE, RANKS, SMALL
 
 HOT_SWAP_MAX_S = 1.0
 
 HOT_SWAP_MIN_SPEEDUP = 20.0
 
-STEP_MIN_SPEEDUP = 2.5
+HOT_SWAP_MAX_VS_FLOOR = {SMALL: 3.0, LARGE: 5.0}  # x a plain copy of the bytes the swap rewrites
 
-MEMORY_MAX_RATIO = 1.2
+UNDER_LOAD_MAX_SLOWDOWN = 2.0  # a hot swap while one busy process competes for a core, x the quiet figure
+
+STEP_MIN_SPEEDUP = 1.3
+
+MEMORY_MAX_RATIO = 1.1
 
 
 def goals(result: dict) -> list[dict]:
     """The goals next to the measured figures; judged for sd15 only (``applies``)."""
     swap, step, memory = result["swap"], result["step"], result["memory"]
     hot = swap["times"][f"hot_swap_r{SMALL}"]["median_s"]
+    loaded = swap["under_load"]["vs_quiet"][f"hot_swap_r{SMALL}"]
     rows = [
         (f"hot swap < {HOT_SWAP_MAX_S:g} s", f"{hot:.3f} s", hot < HOT_SWAP_MAX_S),
         (f"hot swap > {HOT_SWAP_MIN_SPEEDUP:g}x faster than new sessions on a merged export (ORT level all)",
          f"{swap['speedup_vs_merged_all']:.1f}x", swap["speedup_vs_merged_all"] > HOT_SWAP_MIN_SPEEDUP),
+        *[(f"hot swap to rank {rank} <= {HOT_SWAP_MAX_VS_FLOOR[rank]:g}x a plain copy of the bytes it rewrites",
+           f"{swap['vs_floor'][f'r{rank}']:.2f}x", swap["vs_floor"][f"r{rank}"] <= HOT_SWAP_MAX_VS_FLOOR[rank])
+          for rank in (SMALL, LARGE)],
+        (f"hot swap with a busy process on one core <= {UNDER_LOAD_MAX_SLOWDOWN:g}x the quiet one",
+         f"{loaded:.2f}x", loaded <= UNDER_LOAD_MAX_SLOWDOWN),
         (f"ORT step >= {STEP_MIN_SPEEDUP:g}x faster than diffusers torch (loramgr defaults)",
          f"{step['vs_torch']['speedup']:.2f}x", step["vs_torch"]["speedup"] >= STEP_MIN_SPEEDUP),
         (f"peak RSS of a run with {len(RANKS)} LoRAs <= {MEMORY_MAX_RATIO:g}x base weights",

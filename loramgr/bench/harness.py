@@ -11,8 +11,11 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +33,22 @@ def interleaved(variants: Mapping[str, Callable[[], object]], repeats: int) -> d
             fn()
             runs[name].append(time.perf_counter() - start)
     return {name: {"median_s": statistics.median(r), "runs_s": r} for name, r in runs.items()}
+
+BUSY_LIMIT_S = 900  # a competing process ends by itself after this, should the bench be killed
+
+_BUSY = "import time\nend = time.monotonic() + float(__import__('sys').argv[1])\nwhile time.monotonic() < end: pass"
+
+
+@contextmanager
+def competing_process(limit_s: float = BUSY_LIMIT_S) -> Iterator[int]:
+    """One process spinning on a core for the length of the block (and never longer than ``limit_s``); its pid."""
+    busy = subprocess.Popen([sys.executable, "-c", _BUSY, str(limit_s)])
+    try:
+        time.sleep(0.2)  # scheduled and spinning before the first timing
+        yield busy.pid
+    finally:
+        busy.kill()
+        busy.wait()
 
 def _ratio(numerator: dict, denominator: dict) -> float:
     return numerator["median_s"] / denominator["median_s"]

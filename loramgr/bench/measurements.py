@@ -19,14 +19,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..adapters import AdapterSet, union_touched
+from ..adapters import AdapterSet, touched_names, union_touched
 from ..backends.onnxruntime import PROVIDERS, OrtOptions, OrtRunner, plain_session
 from ..convert import convert_adapter
 from ..manifest import FUSED, TEXT_ENCODER, Manifest
-from ..merge import BaseWeights, merge_tensors
+from ..merge import BaseWeights, one_torch_thread
 from ..workspace import Workspace
 from .fixtures import CHECK_IMAGE, LARGE, LORA_WEIGHT, RANKS, SMALL, StepInputs, _adapter_name, fused_feeds, merged_base
-from .harness import Step, _ratio, _synced, interleaved
+from .harness import Step, _ratio, _synced, competing_process, interleaved
 
 
 def _sessions(paths: list[Path], level: str, provider: str, config: Mapping[str, str] | None = None) -> list:
@@ -92,25 +92,26 @@ def _agreement(hot: OrtRunner, merged: Path, base_dir: Path, manifest: Manifest,
         "merged_export_vs_injection": max(_max_diff(x, y) for x, y in zip(merged_out, injected_out)),
     }
 
-def _torch_single_threaded(fn: Callable[[], object]) -> Callable[[], None]:
-    """``fn`` with torch limited to one thread: the merge's many small matmuls then skip OpenMP barriers."""
-    def call() -> None:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            fn()
-        finally:
-            torch.set_num_threads(threads)
-    return call
+def _copy_floor(buffers: Mapping[str, Mapping[str, torch.Tensor]], names: Mapping[str, set[str]]) -> Callable[[], None]:
+    """A plain copy of the bytes a swap rewrites (one thread, into memory already touched): the swap's floor."""
+    sources = [buffers[g][n] for g, named in names.items() for n in sorted(named)]
+    copies = [torch.zeros_like(t) for t in sources]
+
+    def copy() -> None:
+        with one_torch_thread():
+            for source, target in zip(sources, copies):
+                target.copy_(source)
+    return copy
 
 def bench_swap(workspace: Workspace, base_dir: Path, manifest: Manifest, sets: Mapping[int, AdapterSet],
                repeats: int, provider: str, step: Step) -> dict:
-    """Seconds to go from one LoRA to another: (a) merged export, (b) injection, (c) hot swap.
+    """Seconds to go from one LoRA to another: (a) merged export, (b) injection, (c) hot swap, and the floor.
 
     Hot swaps alternate between the two sample LoRAs on one runner whose swappable set
-    covers both; ``..._merge`` times :func:`merge_tensors` alone with the swap's arguments,
-    so (c) minus it is the ``update_inplace`` part; ``..._torch1`` repeats the swaps with
-    torch on one thread (a setting, not loramgr's default).
+    covers both; ``copy_floor`` copies the bytes such a swap rewrites from one buffer to
+    another, so ``hot_swap_*`` over it says how far the swap is from memory speed. The
+    hot swaps and the floor are then measured again while one busy process competes for
+    a core (``under_load``; started and stopped here, bounded in time).
     """
     lora = sets[SMALL]
     merged = merged_base(workspace, base_dir, manifest, lora, step)
@@ -118,31 +119,39 @@ def bench_swap(workspace: Workspace, base_dir: Path, manifest: Manifest, sets: M
     hot = OrtRunner.open(base_dir, lora, OrtOptions(provider=provider), swappable=union_touched(sets.values()))
     try:
         step(f"swap ({provider}): merged-export sessions, injection and hot swaps, {repeats}x")
-        to_large, to_small = partial(hot.set_adapters, sets[LARGE]), partial(hot.set_adapters, lora)
-        variants = {  # hot swaps in pairs, so each starts from the other LoRA
+        rewritten = touched_names(sets[SMALL], sets[LARGE])
+        swaps = {f"hot_swap_r{LARGE}": partial(hot.set_adapters, sets[LARGE]),  # in pairs, each from the other
+                 f"hot_swap_r{SMALL}": partial(hot.set_adapters, lora),  # LoRA; the runner ends holding `lora`
+                 "copy_floor": _copy_floor(hot._buffers, rewritten)}
+        variants = {
             "merged_export_all": partial(_sessions, _graph_paths(merged, manifest), "all", provider),
             "merged_export_basic": partial(_sessions, _graph_paths(merged, manifest), "basic", provider),
             "injection": lambda: _open_injected(base_dir, lora, provider).close(),
-            f"hot_swap_r{LARGE}": to_large,
-            f"hot_swap_r{SMALL}": to_small,
-            f"hot_swap_r{SMALL}_merge": partial(merge_tensors, BaseWeights(manifest, base_dir), lora, only=hot.swappable()),
-            f"hot_swap_r{LARGE}_torch1": _torch_single_threaded(to_large),
-            f"hot_swap_r{SMALL}_torch1": _torch_single_threaded(to_small),  # last: the runner holds `lora`
+            **swaps,
         }
         times = interleaved({k: _synced(fn, provider) for k, fn in variants.items()}, repeats)
+        step(f"swap ({provider}): hot swaps while a busy process competes for a core, {repeats}x")
+        with competing_process():
+            loaded = interleaved({k: _synced(fn, provider) for k, fn in swaps.items()}, repeats)
         step(f"swap ({provider}): checking that the routes hold the same model")
         agreement = _agreement(hot, merged, base_dir, manifest, lora, provider)
         swappable = hot.swappable()
         base = BaseWeights(manifest, base_dir)
         buffer_bytes = sum(base.entry(g, n).length for g, names in swappable.items() for n in names)
+        rewritten_bytes = sum(base.entry(g, n).length for g, names in rewritten.items() for n in names)
     finally:
         hot.close()
     hot_swap = times[f"hot_swap_r{SMALL}"]
     return {
         "lora": {"rank": SMALL, "weight": LORA_WEIGHT, "targets": {g: len(n) for g, n in lora.touched().items()}},
-        "buffers": {"count": sum(len(n) for n in swappable.values()), "bytes": buffer_bytes},
+        "buffers": {"count": sum(len(n) for n in swappable.values()), "bytes": buffer_bytes,
+                    "rewritten_bytes": rewritten_bytes},
         "times": times,
-        "hot_swap_merge_share": _ratio(times[f"hot_swap_r{SMALL}_merge"], hot_swap),
+        "vs_floor": {f"r{rank}": _ratio(times[f"hot_swap_r{rank}"], times["copy_floor"]) for rank in RANKS},
+        "under_load": {"times": loaded,
+                       "vs_quiet": {k: _ratio(loaded[k], times[k]) for k in swaps},
+                       "vs_floor": {f"r{rank}": _ratio(loaded[f"hot_swap_r{rank}"], loaded["copy_floor"])
+                                    for rank in RANKS}},
         "speedup_vs_merged_all": _ratio(times["merged_export_all"], hot_swap),
         "speedup_vs_merged_basic": _ratio(times["merged_export_basic"], hot_swap),
         "speedup_vs_injection": _ratio(times["injection"], hot_swap),
