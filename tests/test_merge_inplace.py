@@ -18,7 +18,7 @@ from loramgr.adapters import AdapterSet, load_adapter_set, union_touched
 from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
 from loramgr.convert import convert_adapter
 from loramgr.formats import WeightDelta, merge_weight
-from loramgr.manifest import FUSED, Manifest
+from loramgr.manifest import Manifest
 from loramgr.merge import BaseWeights, MergeJob, apply_merge, merge_into, merge_tensors, plan_merge
 from loramgr.pipeline.control import control_scales
 from loramgr.samples import write_controlnet, write_kohya_lora

@@ -187,7 +187,7 @@ def test_failed_swap_or_generation_leaves_no_half_swapped_runner(client, ws, ser
     def half_swap(adapter_set):  # writes garbage into one buffer, then fails
         graph, buffers = next(iter(engine.runner._buffers.items()))
         name, value = next(iter(buffers.items()))
-        value.update_inplace(np.full(value.shape(), 7.0, dtype=np.float32))
+        value.fill_(7.0)  # the buffer ONNX Runtime reads (a torch tensor shared through DLPack)
         raise RuntimeError("injected failure half-way through a swap")
 
     monkeypatch.setattr(engine.runner, "set_adapters", half_swap)

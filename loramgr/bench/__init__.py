@@ -9,16 +9,7 @@ alike. docs/benchmarks.md has the measured figures and the commands behind them.
 The package: :mod:`.harness` (timing, machine), :mod:`.fixtures` (base, LoRAs, inputs),
 :mod:`.measurements` (convert, swap, step, GPU), :mod:`.memory` (the child-process
 probe), :mod:`.goals` and :mod:`.rendering`; :func:`run_bench` runs them in order.
-
-1. convert: ``convert_adapter`` on kohya LoRAs of rank 4 and 128 (UNet + text encoder);
-2. swap to a LoRA: (a) new sessions on a merged export, at ORT levels ``all`` and
-   ``basic``; (b) new sessions with the merged tensors injected; (c) a hot swap on an
-   open runner, with the share of it spent merging;
-3. step: one UNet+ControlNet call (CFG batch of 2) in ONNX Runtime against diffusers
-   torch on the same weights and inputs, plus ORT settings as rows of their own;
-4. memory: peak RSS of a ``run`` with two LoRAs, in a child process, against the size
-   of the base's weight files;
-5. step and swap on CUDA, where torch and onnxruntime both see a GPU.
+What each measures is listed in :mod:`.measurements` and :mod:`.memory`.
 """
 
 from __future__ import annotations

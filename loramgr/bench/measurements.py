@@ -3,7 +3,8 @@
 1. convert: ``convert_adapter`` on kohya LoRAs of rank 4 and 128 (UNet + text encoder);
 2. swap to a LoRA: (a) new sessions on a merged export, at ORT levels ``all`` and
    ``basic``; (b) new sessions with the merged tensors injected; (c) a hot swap on an
-   open runner, with the share of it spent merging;
+   open runner, against its floor (a plain copy of the bytes it rewrites) and again
+   while a busy process competes for a core;
 3. step: one UNet+ControlNet call (CFG batch of 2) in ONNX Runtime against diffusers
    torch on the same weights and inputs, plus ORT settings as rows of their own;
 5. step and swap on CUDA, where torch and onnxruntime both see a GPU.
