@@ -26,10 +26,10 @@ import numpy as np
 
 from ..adapter_file import AdapterFile, load_adapter, read_metadata
 from ..errors import LoramgrError
+from ..filechecks import looks_like_safetensors
 from ..manifest import Manifest
 from ..workspace import Workspace, check_name, sha256_file
 
-SAFETENSORS_MAX_HEADER = 100 * 1024 * 1024
 
 
 class CatalogError(Exception):
@@ -202,7 +202,7 @@ class AdapterCatalog:
                     out.write(chunk)
             with source.open("rb") as f:
                 head = f.read(16)
-            if not _is_safetensors(head):
+            if not looks_like_safetensors(head):
                 raise CatalogError(422, "file", f"{source_name}: not a safetensors file "
                                                 f"(it starts with {head[:16]!r}); only safetensors bytes are read")
             with self._upload_lock:  # the existence check and the write are one step
@@ -231,11 +231,3 @@ def check_name_ok(name: str) -> bool:
         return True
     except LoramgrError:
         return False
-
-
-def _is_safetensors(head: bytes) -> bool:
-    """An 8-byte little-endian header length followed by a JSON object (safetensors' layout)."""
-    if len(head) < 10:
-        return False
-    n = int.from_bytes(head[:8], "little")
-    return 2 <= n <= SAFETENSORS_MAX_HEADER and head[8:9] == b"{"
