@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from ..adapters import AdapterSet
+from ..adapters import AdapterSet, touched_names
 from ..backends.options import OrtOptions
 from ..bases import OpenBase
 from ..errors import LoramgrError
@@ -147,9 +147,7 @@ class Engine:
                 touched = self.catalog.touched(name)
             except (CatalogError, OSError, ValueError):
                 continue
-            union = {g: set(n) for g, n in swappable.items()}
-            for graph, names in touched.items():
-                union.setdefault(graph, set()).update(names)
+            union = touched_names(swappable, touched)
             if self.catalog.buffer_bytes(union) <= budget:
                 swappable, included = union, [*included, name]
             else:
@@ -186,8 +184,7 @@ class Engine:
             self.generator = None
 
     def swappable(self) -> dict[str, set[str]]:
-        get = getattr(self.runner, "swappable", None)
-        return get() if get is not None else {}
+        return {} if self.runner is None else self.runner.swappable()
 
     # -- request -> job (request thread) ------------------------------------------------------
 
@@ -295,15 +292,12 @@ class Engine:
         self.reopens += reopened
 
     def _needs_reopen(self, adapter_set: AdapterSet) -> bool:
-        """Whether this swap re-creates sessions (ONNX Runtime outside its swappable buffers)."""
-        if not hasattr(self.runner, "swappable"):  # TensorRT refits every weight in place
-            return False
-        if not self.config.hot_swap:
-            return True
-        have = self.swappable()
-        needed = adapter_set.touched()
-        for graph, names in self.runner.adapter_set.touched().items():
-            needed.setdefault(graph, set()).update(names)
+        """Whether this swap re-creates sessions: a weight the old or the new set touches is not swappable.
+
+        ONNX Runtime without hot swap has no swappable weights; TensorRT can refit every one.
+        """
+        have = self.runner.swappable()
+        needed = touched_names(adapter_set, self.runner.adapter_set)
         return not all(names <= have.get(graph, set()) for graph, names in needed.items())
 
     def _recover(self, swappable: dict[str, set[str]]) -> None:
