@@ -160,6 +160,8 @@ def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ort-opt", choices=OPTIMIZATION_LEVELS, default="basic",
                    help="ONNX Runtime graph optimization level (default basic: see docs/design.md)")
     p.add_argument("--no-hot-swap", action="store_true", help="ONNX Runtime: inject at session creation only")
+    p.add_argument("--no-fuse-attention", action="store_true",
+                   help="ONNX Runtime: run attention as exported (default: one fused node each; docs/benchmarks.md)")
     p.add_argument("--precision", choices=("fp32", "fp16"),
                    help="TensorRT engines' precision (default: what build-engine built, else fp32)")
     for bound in ("min", "opt", "max"):
@@ -182,7 +184,8 @@ def _backend_options(args: argparse.Namespace):
     given = [f"--{o}" for o in ("precision", "min", "opt", "max") if getattr(args, o) is not None]
     if given:
         raise LoramgrError(f"{', '.join(given)}: TensorRT options, but --backend is {args.backend}")
-    return OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap)
+    return OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap,
+                      fuse_attention=not args.no_fuse_attention)
 
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
@@ -211,6 +214,7 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help="memory for swappable buffers declared at start (every adapter that fits)")
     p.add_argument("--ort-opt", choices=OPTIMIZATION_LEVELS, default=C.ort_optimization)
     p.add_argument("--no-hot-swap", action="store_true", help="re-create sessions on every adapter change")
+    p.add_argument("--no-fuse-attention", action="store_true", help="run attention as exported (docs/benchmarks.md)")
     p.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
     _add_ray_arguments(p)
 
@@ -273,6 +277,7 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
     try:
         config = ServeConfig(
             base=args.base, backend=args.backend, ort_optimization=args.ort_opt, hot_swap=not args.no_hot_swap,
+            fuse_attention=not args.no_fuse_attention,
             host=args.host, port=args.port, api_key=args.api_key or ServeConfig.api_key_from_env(),
             scheduling=args.scheduling, max_queue=args.max_queue, max_overtake=args.max_overtake,
             max_resolution=args.max_resolution, max_steps=args.max_steps, max_num_samples=args.max_num_samples,

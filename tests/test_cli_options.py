@@ -30,6 +30,7 @@ def test_backend_options_are_one_object_per_backend():
     parse = _parser().parse_args
     assert _backend_options(parse([*RUN, "--ort-opt", "all", "--no-hot-swap"])) == OrtOptions(
         optimization="all", hot_swap=False)
+    assert _backend_options(parse([*RUN, "--no-fuse-attention"])) == OrtOptions(fuse_attention=False)
     assert _backend_options(parse([*RUN, "--backend", "tensorrt"])) == TrtOptions()  # as build-engine built
     trt = _backend_options(parse([*RUN, "--backend", "tensorrt", "--precision", "fp16", "--max", "2x64x64"]))
     assert trt == TrtOptions("fp16", ShapeProfile(DEFAULT_PROFILE.min, DEFAULT_PROFILE.opt, Shape(2, 64, 64)))

@@ -34,7 +34,7 @@ from __future__ import annotations
 import tempfile
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -46,11 +46,12 @@ from ..errors import LoramgrError
 from ..manifest import FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
 from ..merge import BaseWeights, Tensors, check_shapes, empty_like_entry, merge_into, merge_tensors
 from ..workspace import atomic_path
+from .attention_fusion import fuse_attention
 from .base import AdapterLease
 from .options import OPTIMIZATION_LEVELS, PROVIDERS, OrtOptions
 
-__all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OrtOptions", "OrtRunner", "SessionTimings", "plain_session", "providers",
-           "session_options"]
+__all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OrtOptions", "OrtRunner", "SessionTimings", "inference_session",
+           "plain_session", "providers", "session_options"]
 
 
 @dataclass
@@ -101,10 +102,28 @@ def providers(options: OrtOptions) -> list:
     return [wanted] if options.provider == "cpu" else [wanted, "CPUExecutionProvider"]
 
 
+def inference_session(path: Path, so, options: OrtOptions):
+    """An InferenceSession of the graph at ``path`` with session options ``so``.
+
+    With ``options.fuse_attention`` the graph is read without its weights, its attention
+    cores are fused (:func:`~loramgr.backends.attention_fusion.fuse_attention`) and the
+    session is created from those bytes, its external data still read from ``path``'s
+    folder: the base on disk is never rewritten, and every initializer keeps its name.
+    """
+    ort = _ort()
+    if options.fuse_attention:
+        import onnx
+
+        model = onnx.load(str(path), load_external_data=False)
+        if fuse_attention(model):
+            so.add_session_config_entry("session.model_external_initializers_file_folder_path", str(path.parent))
+            return ort.InferenceSession(model.SerializeToString(), so, providers=providers(options))
+    return ort.InferenceSession(str(path), so, providers=providers(options))
+
+
 def plain_session(path: Path, options: OrtOptions, config: Mapping[str, str] | None = None):
     """An InferenceSession of one ONNX file with ``options`` and no adapters."""
-    return _ort().InferenceSession(str(path), session_options(options, no_prepacking=False, config=config),
-                                   providers=providers(options))
+    return inference_session(path, session_options(options, no_prepacking=False, config=config), options)
 
 
 class OrtRunner(AdapterLease):
@@ -182,8 +201,7 @@ class OrtRunner(AdapterLease):
                 so.add_external_initializers(
                     list(tensors[graph]), [ort.OrtValue.ortvalue_from_numpy(a) for a in tensors[graph].values()]
                 )
-            sessions[graph] = ort.InferenceSession(str(self.base.graph_path(graph)), so,
-                                                   providers=providers(self.options))
+            sessions[graph] = inference_session(self.base.graph_path(graph), so, self.options)
         with self._lease:  # no graph call sees a mix of old and new sessions, or none at all
             for graph in (VAE_DECODER, VAE_ENCODER):  # they carry no adapters: kept
                 if graph in self._sessions:
@@ -302,7 +320,8 @@ def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions,
         return hashlib.sha256(json.dumps(names).encode()).hexdigest()
 
     ort = _ort()
-    key = f"{Path(graph_path).parent.name}-{ort.__version__}-{options.optimization}-{options.provider}.json"
+    fused = "-mha" if options.fuse_attention else ""
+    key = f"{Path(graph_path).parent.name}-{ort.__version__}-{options.optimization}-{options.provider}{fused}.json"
     cache = base_dir / ".ort" / key
     try:
         cached = json.loads(cache.read_text())
@@ -314,7 +333,7 @@ def _check_buffers_survive(base_dir: Path, graph_path: str, options: OrtOptions,
         with tempfile.TemporaryDirectory() as tmp:
             so.optimized_model_filepath = str(Path(tmp) / "optimized.onnx")
             so.add_session_config_entry("session.optimized_model_external_initializers_file_name", "optimized.data")
-            ort.InferenceSession(str(base_dir / graph_path), so, providers=["CPUExecutionProvider"])
+            inference_session(base_dir / graph_path, so, replace(options, provider="cpu"))
             optimized = onnx.load(str(Path(tmp) / "optimized.onnx"), load_external_data=False)
         kept = {i for node in optimized.graph.node for i in node.input}
         cache.parent.mkdir(exist_ok=True)

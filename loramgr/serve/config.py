@@ -30,6 +30,7 @@ class ServeConfig:
     backend: str = "ort-cpu"
     ort_optimization: str = "basic"
     hot_swap: bool = True
+    fuse_attention: bool = True
     host: str = "127.0.0.1"
     port: int = 7860
     api_key: str | None = None

@@ -128,7 +128,8 @@ class Engine:
         return None if self.generator is None else self.generator.runner
 
     def _ort_options(self) -> OrtOptions:
-        return OrtOptions(optimization=self.config.ort_optimization, hot_swap=self.config.hot_swap)
+        return OrtOptions(optimization=self.config.ort_optimization, hot_swap=self.config.hot_swap,
+                          fuse_attention=self.config.fuse_attention)
 
     def initial_swappable(self) -> tuple[dict[str, set[str]], list[str], list[str], int]:
         """Every workspace adapter that fits this base, while its buffers fit ``swap_budget_mb``.
