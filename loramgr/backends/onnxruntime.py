@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -69,8 +68,8 @@ def _ort():
     return onnxruntime
 
 
-def session_options(options: OrtOptions, *, no_prepacking: bool, config: Mapping[str, str] | None = None):
-    """``SessionOptions`` for ``options``; ``config``: extra session config entries (the bench's settings)."""
+def session_options(options: OrtOptions, *, no_prepacking: bool):
+    """``SessionOptions`` for ``options``."""
     ort = _ort()
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -83,8 +82,6 @@ def session_options(options: OrtOptions, *, no_prepacking: bool, config: Mapping
     so.intra_op_num_threads = options.intra_op_threads
     if no_prepacking:
         so.add_session_config_entry("session.disable_prepacking", "1")
-    for key, value in (config or {}).items():
-        so.add_session_config_entry(key, value)
     return so
 
 
@@ -121,9 +118,9 @@ def inference_session(path: Path, so, options: OrtOptions):
     return ort.InferenceSession(str(path), so, providers=providers(options))
 
 
-def plain_session(path: Path, options: OrtOptions, config: Mapping[str, str] | None = None):
+def plain_session(path: Path, options: OrtOptions):
     """An InferenceSession of one ONNX file with ``options`` and no adapters."""
-    return inference_session(path, session_options(options, no_prepacking=False, config=config), options)
+    return inference_session(path, session_options(options, no_prepacking=False), options)
 
 
 class OrtRunner(AdapterLease):

@@ -26,27 +26,15 @@ from ..convert import convert_adapter
 from ..manifest import FUSED, TEXT_ENCODER, Manifest
 from ..merge import BaseWeights, one_torch_thread
 from ..workspace import Workspace
-from .fixtures import CHECK_IMAGE, LARGE, LORA_WEIGHT, RANKS, SMALL, StepInputs, _adapter_name, fused_feeds, merged_base
+from .fixtures import CHECK_IMAGE, LARGE, LORA_WEIGHT, RANKS, SMALL, StepInputs, _adapter_name, merged_base
 from .harness import Step, _ratio, _synced, competing_process, interleaved
 
 
-def _sessions(paths: list[Path], level: str, provider: str, config: Mapping[str, str] | None = None) -> list:
-    """Plain InferenceSessions (ORT's own defaults but the level): what a merged export gets."""
+def _sessions(paths: list[Path], level: str, provider: str) -> list:
+    """Plain InferenceSessions (loramgr's defaults but the level): what a merged export gets."""
     options = OrtOptions(provider=provider, optimization=level)
-    return [plain_session(p, options, config) for p in paths]
+    return [plain_session(p, options) for p in paths]
 
-
-class FusedSession:
-    """The fused graph in a plain session with extra config entries: settings OrtRunner does not expose."""
-
-    def __init__(self, path: Path, level: str, config: Mapping[str, str]):
-        self.session = _sessions([path], level, "cpu", config)[0]
-
-    def predict_noise(self, *args: torch.Tensor) -> np.ndarray:
-        return self.session.run(None, fused_feeds(*args))[0]
-
-    def close(self) -> None:
-        self.session = None
 
 def _graph_paths(folder: Path, manifest: Manifest) -> list[Path]:
     return [folder / manifest.graphs[g].path for g in (FUSED, TEXT_ENCODER)]
@@ -172,16 +160,13 @@ def _torch_runner(base_dir: Path, manifest: Manifest, provider: str):
 
 def _ort_settings(base_dir: Path, manifest: Manifest, sets: Mapping[int, AdapterSet]) -> dict[str, Callable]:
     """ORT configurations worth a row of their own, each opened on demand (one at a time: RAM)."""
-    fused = base_dir / manifest.graphs[FUSED].path
     return {
         "basic, hot-swap buffers (run --lora: prepacking off)":
             lambda: OrtRunner.open(base_dir, sets[SMALL], OrtOptions()),
         "all, no hot swap (run --ort-opt all --no-hot-swap)":
             lambda: OrtRunner.open(base_dir, AdapterSet(), OrtOptions(optimization="all", hot_swap=False)),
-        "basic, session.intra_op.allow_spinning=0":
-            lambda: FusedSession(fused, "basic", {"session.intra_op.allow_spinning": "0"}),
-        "all, session.intra_op.allow_spinning=0":
-            lambda: FusedSession(fused, "all", {"session.intra_op.allow_spinning": "0"}),
+        "basic, attention as exported (run --no-fuse-attention)":
+            lambda: OrtRunner.open(base_dir, AdapterSet(), OrtOptions(fuse_attention=False)),
     }
 
 def _setting_row(open_variant: Callable, default_step: Callable[[], None], inputs: StepInputs, repeats: int,
