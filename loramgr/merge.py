@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -184,8 +184,11 @@ def merge_workers() -> int:
 
 
 def merge_into(base: BaseWeights, adapter_set: AdapterSet, out: Tensors, *, only: Names | None = None,
-               base_values: Tensors | None = None, workers: int | None = None) -> None:
+               base_values: Tensors | None = None, workers: int | None = None,
+               graphs: Collection[str] | None = None) -> None:
     """Write the merged value of every initializer the set touches (and of ``only``) into ``out``.
+
+    ``graphs``: merge into these graphs only (a runner with a graph released, docs/design.md).
 
     ``out[graph][name]``: a contiguous tensor in the initializer's layout and dtype, on
     the CPU or a CUDA device; it is overwritten. The base value comes from
@@ -193,7 +196,8 @@ def merge_into(base: BaseWeights, adapter_set: AdapterSet, out: Tensors, *, only
     device) and from the data files otherwise. CPU merges run on ``workers`` threads
     (default: one per core), parallel across tensors; the result does not depend on it.
     """
-    _run_jobs(base, plan_merge(base, adapter_set, only), out, base_values, workers)
+    jobs = [job for job in plan_merge(base, adapter_set, only) if graphs is None or job.graph in graphs]
+    _run_jobs(base, jobs, out, base_values, workers)
 
 
 def _run_jobs(base: BaseWeights, jobs: list[MergeJob], out: Tensors, base_values: Tensors | None,

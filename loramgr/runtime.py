@@ -131,11 +131,13 @@ class Generator:
         return self._sets[key]
 
     def generate(self, choice: AdapterChoice | AdapterSet | None, settings, image: np.ndarray | None = None, *,
-                 control_image: np.ndarray | None = None, progress=None) -> Generation:
+                 control_image: np.ndarray | None = None, progress=None, release: bool = False) -> Generation:
         """Generate with ``choice`` applied, from ``image`` and/or ``control_image`` (HxWxC uint8).
 
         ``control_image`` is what the control map is made from when it is not ``image``
         (``settings.preprocessor``: ``canny`` or ``none`` for a map made before).
+        ``release``: free each graph's weights once this generation is done with it (the
+        pipeline's ``release``), for the last generation of a one-shot run.
         """
         from .pipeline.settings import check_inputs
 
@@ -157,7 +159,7 @@ class Generator:
                     candidate.__exit__(None, None, None)
         try:
             start = time.perf_counter()
-            result = self.pipeline(image, settings, progress, control_image=control_image)
+            result = self.pipeline(image, settings, progress, control_image=control_image, release=release)
         finally:
             lease.__exit__(None, None, None)
         timings = {**load, **result.timings}
@@ -228,7 +230,8 @@ def generate(
     reports = []
     with Generator.open(workspace, opened, backend, options, choices=choices) as generator:
         for i, choice in enumerate(choices):
-            made = generator.generate(choice, settings, pixels, control_image=control_pixels, progress=progress)
+            made = generator.generate(choice, settings, pixels, control_image=control_pixels, progress=progress,
+                                      release=i == len(choices) - 1)  # the last one: each graph freed once done
             metadata = {"base": opened.name, "base_fingerprint": opened.manifest.fingerprint, "backend": backend,
                         "image": None if image is None else str(image),
                         "control_image": None if control_image is None else str(control_image),

@@ -308,7 +308,7 @@ class RecordingRunner:
     """Wraps a runner and records every ``predict_noise`` input."""
 
     def __init__(self, runner):
-        self.runner, self.device, self.calls = runner, runner.device, []
+        self.runner, self.device, self.calls, self.released = runner, runner.device, [], []
 
     def encode_text(self, input_ids):
         return self.runner.encode_text(input_ids)
@@ -326,6 +326,10 @@ class RecordingRunner:
 
     def hold(self):
         return self.runner.hold()
+
+    def release(self, graph):
+        self.released.append(graph)
+        self.runner.release(graph)
 
 
 def test_runner_inputs_and_progress(pipe, image):

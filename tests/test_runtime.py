@@ -23,7 +23,7 @@ from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
 from loramgr.bake import bake
 from loramgr.convert import convert_adapter
 from loramgr.export import export_base
-from loramgr.manifest import FUSED, Manifest
+from loramgr.manifest import FUSED, TEXT_ENCODER, Manifest
 from loramgr.pipeline.control import control_scales
 from loramgr.pipeline.settings import GenerationSettings
 from loramgr.runtime import make_pipeline
@@ -164,6 +164,34 @@ def test_swap_outside_the_swappable_set_recreates_sessions(tiny_workspace, adapt
     assert runner._sessions[FUSED] is not first
     fresh = _runner(tiny_workspace, ["rt_b:0.5"], hot_swap=False)
     np.testing.assert_array_equal(_outputs(runner, _feeds())[0], _outputs(fresh, _feeds())[0])
+
+
+def test_released_graphs_open_again_with_the_current_set(tiny_workspace, adapters):
+    """release() frees a graph's session and buffers; its next call opens it with the set applied by then."""
+    ws, base_dir = tiny_workspace, tiny_workspace.base_dir("tiny")
+    manifest = Manifest.load(base_dir)
+    a, b = (load_adapter_set(ws, manifest, [spec], None) for spec in ("rt_a:0.8", "rt_b:0.5"))
+    swappable = union_touched([a, b])
+    feeds = _feeds()
+    with OrtRunner.open(base_dir, a, OrtOptions(), swappable=swappable) as runner, \
+            OrtRunner.open(base_dir, b, OrtOptions(), swappable=swappable) as fresh_b:
+        with_a = _outputs(runner, feeds)
+        for graph in (TEXT_ENCODER, FUSED):
+            runner.release(graph)
+        assert not set(runner._sessions) & {TEXT_ENCODER, FUSED} and runner._buffers == {}
+        assert runner.swappable() == swappable  # still declared: they come back on the next call
+        for got, expected in zip(_outputs(runner, feeds), with_a):
+            np.testing.assert_array_equal(got, expected)
+        runner.release(FUSED)
+        runner.set_adapters(b)  # the text encoder's buffers are rewritten, the released UNet opens with b
+        assert FUSED not in runner._sessions
+        for got, expected in zip(_outputs(runner, feeds), _outputs(fresh_b, feeds)):
+            np.testing.assert_array_equal(got, expected)
+        sessions = dict(runner._sessions)
+        runner.set_adapters(a)  # everything open again: in place
+        assert runner._sessions[FUSED] is sessions[FUSED]
+        for got, expected in zip(_outputs(runner, feeds), with_a):
+            np.testing.assert_array_equal(got, expected)
 
 
 def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
@@ -401,7 +429,7 @@ def test_every_backend_satisfies_the_runner_protocol(tiny_workspace):
     from loramgr.backends.torch_runner import TorchRunner
 
     methods = ("encode_text", "predict_noise", "vae_decode", "vae_encode", "set_adapters", "hold", "swappable",
-               "close", "__enter__", "__exit__")
+               "release", "close", "__enter__", "__exit__")
     for cls in (OrtRunner, TrtRunner, TorchRunner):
         missing = [m for m in methods if not callable(getattr(cls, m, None))]
         assert not missing, f"{cls.__name__} lacks {missing}"

@@ -50,6 +50,8 @@ class Runner(Protocol):
       - ``set_adapters(adapter_set) -> seconds``: switch sets (waits for a generation holding the current one);
       - ``hold()``: context manager yielding the current set, which no swap changes until it exits;
       - ``swappable() -> {graph: initializer names}``: the weights a swap changes in place;
+      - ``release(graph)``: a graph is not needed for now: the runner may free its session and
+        weights, and opens them again (same adapters) on its next call;
       - ``timings``: a dataclass of seconds (``float`` fields) spent opening and swapping;
       - ``close()``, and ``with runner:`` closes on exit.
     """
@@ -78,6 +80,8 @@ class Runner(Protocol):
     def hold(self) -> contextlib.AbstractContextManager[AdapterSet]: ...
 
     def swappable(self) -> Names: ...
+
+    def release(self, graph: str) -> None: ...
 
     def close(self) -> None: ...
 

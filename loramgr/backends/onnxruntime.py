@@ -144,6 +144,7 @@ class OrtRunner(AdapterLease):
         self._buffers: Tensors = {}  # hot swap: graph -> initializer -> owned tensor ONNX Runtime reads
         self._values: dict[str, dict[str, object]] = {}  # the OrtValues sharing those tensors' memory
         self._base_values: Tensors | None = None  # on CUDA: the base of every buffer, resident on the device
+        self._released: Names = {}  # graph -> the swappable names it had, while released
         self._init_lease()
 
     @classmethod
@@ -163,28 +164,43 @@ class OrtRunner(AdapterLease):
 
     def _create(self, adapter_set: AdapterSet, swappable: Names | None) -> None:
         """New sessions for ``adapter_set``; they replace the old ones in one step, under the lease."""
+        names = touched_names(swappable, adapter_set) if self.options.hot_swap else {}
+        sessions, buffers, values, base_values = self._open_graphs((FUSED, TEXT_ENCODER), adapter_set, names)
+        with self._lease:  # no graph call sees a mix of old and new sessions, or none at all
+            for graph in (VAE_DECODER, VAE_ENCODER):  # they carry no adapters: kept
+                if graph in self._sessions:
+                    sessions[graph] = self._sessions[graph]
+            self._sessions, self._buffers, self._values, self._base_values = sessions, buffers, values, base_values
+            self._released = {}
+            self.adapter_set = adapter_set
+
+    def _open_graphs(self, graphs: tuple[str, ...], adapter_set: AdapterSet, names: Names):
+        """Sessions of ``graphs`` with ``adapter_set`` merged: (sessions, buffers, OrtValues, CUDA base values).
+
+        With hot swap the weights of ``names`` become owned buffers; else every weight the
+        set touches is injected at creation.
+        """
         ort = _ort()
         start = time.perf_counter()
-        hot = self.options.hot_swap
+        names = {g: n for g, n in names.items() if g in graphs and n}
         buffers: Tensors = {}
         base_values: Tensors | None = None
         tensors: dict[str, dict[str, np.ndarray]] = {}
         with BaseWeights(self.manifest, self.base_dir) as base:
-            if hot:
-                names = touched_names(swappable, adapter_set)
+            if self.options.hot_swap:
                 buffers = self._allocate(base, names)
                 if self.device.type == "cuda":  # the base stays on the device: a swap then moves factors only
                     base_values = self._allocate(base, names)
-                    merge_into(base, AdapterSet(), base_values, only=names)
-                merge_into(base, adapter_set, buffers, only=names, base_values=base_values)
+                    merge_into(base, AdapterSet(), base_values, only=names, graphs=graphs)
+                merge_into(base, adapter_set, buffers, only=names, base_values=base_values, graphs=graphs)
             else:
                 tensors = merge_tensors(base, adapter_set)
                 check_shapes(base, tensors)
-        merge_s = time.perf_counter() - start
+        self.timings.merge_s = time.perf_counter() - start
         start = time.perf_counter()
         sessions: dict[str, object] = {}
         values: dict[str, dict[str, object]] = {}
-        for graph in (FUSED, TEXT_ENCODER):
+        for graph in graphs:
             so = session_options(self.options, no_prepacking=bool(buffers.get(graph)))
             if buffers.get(graph):
                 # ONNX Runtime reads these buffers (shared through DLPack, no copy) at every run;
@@ -199,14 +215,8 @@ class OrtRunner(AdapterLease):
                     list(tensors[graph]), [ort.OrtValue.ortvalue_from_numpy(a) for a in tensors[graph].values()]
                 )
             sessions[graph] = inference_session(self.base.graph_path(graph), so, self.options)
-        with self._lease:  # no graph call sees a mix of old and new sessions, or none at all
-            for graph in (VAE_DECODER, VAE_ENCODER):  # they carry no adapters: kept
-                if graph in self._sessions:
-                    sessions[graph] = self._sessions[graph]
-            self._sessions, self._buffers, self._values, self._base_values = sessions, buffers, values, base_values
-            self.adapter_set = adapter_set
-        self.timings.merge_s = merge_s
         self.timings.session_s = time.perf_counter() - start
+        return sessions, buffers, values, base_values
 
     def _allocate(self, base: BaseWeights, names: Names) -> Tensors:
         """Uninitialized tensors on the runner's device, one per initializer of ``names``."""
@@ -214,13 +224,37 @@ class OrtRunner(AdapterLease):
                 for graph, named in names.items() if named}
 
     def _session(self, graph: str):
-        """The session of ``graph``; call with the lease held."""
-        if graph not in self._sessions:  # the VAE graphs carry no adapters: created on first use
-            self._sessions[graph] = plain_session(self.base.graph_path(graph), self.options)
+        """The session of ``graph``, opened now if it was released (or is a VAE); call with the lease held."""
+        if graph not in self._sessions:
+            if graph in (FUSED, TEXT_ENCODER):  # released: opened again with the current set
+                sessions, buffers, values, base_values = self._open_graphs(
+                    (graph,), self.adapter_set, {graph: self._released.pop(graph, set())})
+                self._buffers.update(buffers)
+                self._values.update(values)
+                if base_values:
+                    self._base_values = {**(self._base_values or {}), **base_values}
+                self._sessions.update(sessions)
+            else:  # the VAE graphs carry no adapters: created on first use
+                self._sessions[graph] = plain_session(self.base.graph_path(graph), self.options)
         return self._sessions[graph]
 
+    def release(self, graph: str) -> None:
+        """Free ``graph``'s session and its swappable buffers until its next call, which opens them again.
+
+        A one-shot run releases each graph once it is done with it (the text encoder after
+        the prompt, the UNet+ControlNet after the last step), so the weights of a graph
+        in use are the only ones resident: docs/benchmarks.md, "Memory".
+        """
+        with self._lease:
+            self._sessions.pop(graph, None)
+            self._values.pop(graph, None)
+            if graph in (FUSED, TEXT_ENCODER):
+                self._released[graph] = self._released.get(graph, set()) | set(self._buffers.pop(graph, {}))
+            if self._base_values:
+                self._base_values.pop(graph, None)
+
     def swappable(self) -> Names:
-        return {g: set(b) for g, b in self._buffers.items()}
+        return touched_names({g: set(b) for g, b in self._buffers.items()}, self._released)
 
     def set_adapters(self, adapter_set: AdapterSet) -> float:
         """Switch to ``adapter_set``; returns the seconds it took.
@@ -232,8 +266,10 @@ class OrtRunner(AdapterLease):
         start = time.perf_counter()
         with self._swapping():
             needed = touched_names(adapter_set, self.adapter_set)
+            # a released graph holds nothing to rewrite: it opens with the new set on its next call
+            live = {graph: names for graph, names in needed.items() if graph not in self._released}
             in_place = self.options.hot_swap and all(
-                names <= set(self._buffers.get(graph, {})) for graph, names in needed.items())
+                names <= set(self._buffers.get(graph, {})) for graph, names in live.items())
             if in_place:
                 # Only the weights the old or the new set touch can differ from what the buffers
                 # hold; everything else already holds its base value. The merge writes into the
@@ -241,9 +277,11 @@ class OrtRunner(AdapterLease):
                 # the old set finishes first, and none starts until every buffer is written.
                 with self._lease, BaseWeights(self.manifest, self.base_dir) as base:
                     try:
-                        merge_into(base, adapter_set, self._buffers, only=needed, base_values=self._base_values)
+                        merge_into(base, adapter_set, self._buffers, only=live, base_values=self._base_values,
+                                   graphs=self._buffers)
                     except BaseException:  # nothing half-written: the buffers go back to the set they held
-                        merge_into(base, self.adapter_set, self._buffers, only=needed, base_values=self._base_values)
+                        merge_into(base, self.adapter_set, self._buffers, only=live, base_values=self._base_values,
+                                   graphs=self._buffers)
                         raise
                     self.adapter_set = adapter_set
             else:
@@ -284,7 +322,7 @@ class OrtRunner(AdapterLease):
     def close(self) -> None:
         with self._lease:
             self._sessions.clear()
-            self._buffers, self._values, self._base_values = {}, {}, None
+            self._buffers, self._values, self._base_values, self._released = {}, {}, None, {}
 
 
 def _shared_value(ort, tensor: torch.Tensor):

@@ -76,6 +76,9 @@ class TorchRunner(AdapterLease):
     def swappable(self) -> Names:
         return {}
 
+    def release(self, graph: str) -> None:
+        """The modules belong to the caller: they stay."""
+
     def close(self) -> None:
         """The modules belong to the caller; nothing to release here."""
 

@@ -21,6 +21,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..backends.base import Runner
 from ..errors import LoramgrError
+from ..manifest import FUSED, TEXT_ENCODER, VAE_ENCODER
 from .canny import HWC3, detect_edges, resize_image
 from .control import control_scales
 from .schedulers import make_scheduler, step_kwargs
@@ -74,7 +75,7 @@ class ControlNetPipeline:
 
     def __call__(
         self, image: np.ndarray | None, settings: GenerationSettings, progress: ProgressHook | None = None,
-        control_image: np.ndarray | None = None,
+        control_image: np.ndarray | None = None, release: bool = False,
     ) -> GenerationResult:
         """Generate ``settings.num_samples`` images from ``image`` (HxWxC uint8 RGB).
 
@@ -85,6 +86,11 @@ class ControlNetPipeline:
 
         The whole generation holds the runner's adapter set (``runner.hold()``): a swap
         asked for meanwhile waits for the last decode, so every image comes from one set.
+
+        ``release``: hand each graph back (``runner.release``) once this generation is done
+        with it (the text encoder after the prompt, the UNet+ControlNet after the last
+        step), as the last generation of a one-shot run does: only the weights in use are
+        resident. A later generation opens them again.
         """
         # 1. Check inputs
         if image is None and control_image is None:
@@ -95,18 +101,19 @@ class ControlNetPipeline:
             if given is not None:
                 check_inputs(given, settings)
         with self.runner.hold() as adapter_set:
-            result = self._generate(image, control_image, settings, progress)
+            result = self._generate(image, control_image, settings, progress, release)
         result.adapter_set = adapter_set
         return result
 
     def _generate(self, image: np.ndarray | None, control_image: np.ndarray | None, settings: GenerationSettings,
-                  progress: ProgressHook | None) -> GenerationResult:
+                  progress: ProgressHook | None, release: bool) -> GenerationResult:
         clock = _Stopwatch(self.runner.device)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
         n = settings.num_samples
 
         # 2. Encode prompt: [uncond] * N + [cond] * N, classifier-free guidance in one batch
         prompt_embeds = self.encode_prompt(settings)
+        self._done_with(TEXT_ENCODER, release)
         clock.lap("encode_prompt")
 
         # 3. Prepare control image and scales
@@ -123,6 +130,7 @@ class ControlNetPipeline:
         # 5. Prepare latents
         latents = self.prepare_latents(scheduler, timesteps, edge_map if resized is None else resized, settings,
                                        generator)
+        self._done_with(VAE_ENCODER, release)
         clock.lap("prepare_latents")
 
         # 6. Denoise
@@ -137,12 +145,17 @@ class ControlNetPipeline:
             latents = scheduler.step(noise_pred, t, latents, **extra_step_kwargs, return_dict=False)[0]
             if progress is not None:
                 progress(i + 1, len(timesteps))
+        self._done_with(FUSED, release)
         clock.lap("denoise")
 
         # 7. Decode
         images = self.decode_latents(latents)
         clock.lap("decode")
         return GenerationResult(images, edge_map, replace(settings), [float(t) for t in timesteps], clock.timings)
+
+    def _done_with(self, graph: str, release: bool) -> None:
+        if release:
+            self.runner.release(graph)
 
     def prepare_control(self, image: np.ndarray | None, control_image: np.ndarray | None,
                         settings: GenerationSettings) -> tuple[np.ndarray | None, np.ndarray]:

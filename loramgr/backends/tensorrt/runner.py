@@ -183,6 +183,9 @@ class TrtRunner(AdapterLease):
             self._sessions[graph] = EngineSession(self._trt, engine, self.device)
         return self._sessions[graph]
 
+    def release(self, graph: str) -> None:
+        """Engines stay loaded: they live in device memory, and a reload would refit them again."""
+
     def swappable(self) -> Names:
         """Every weight TensorRT can refit: any of them changes in place."""
         return {g: set(n) for g, n in self._refittable.items()}
