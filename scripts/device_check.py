@@ -17,7 +17,8 @@ It exports a random sd15 base once (cached in ``--home``), converts kohya LoRAs 
 3. compares noise_pred and text embeddings after each swap with fresh sessions: a fresh
    hot-swap runner (same device merge: must be bit-identical) and injection (host
    merge, ``add_external_initializers``: within ``INJECTION_TOLERANCE``);
-4. times one UNet+ControlNet step (CFG batch of 2, 512 px) in ORT and diffusers torch.
+4. times one UNet+ControlNet step (CFG batch of 2, 512 px) in ORT and diffusers torch, and
+   ORT again with attention as exported (no MultiHeadAttention fusion).
 
 It prints one table; exit status 0 when every check passes, 1 when one fails, 2 when
 the machine cannot run it (no CUDA for torch or onnxruntime), with one line saying why.
@@ -107,7 +108,10 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
         for key in ("A", "B")}
     a_vs_b = _max_diff(seen["A"][0], seen["B"][0])
     say(f"step at {STEP_IMAGE[arch]} px: ORT against diffusers torch, {repeats}x")
-    step = bench_step(base_dir, manifest, StepInputs.random(manifest, STEP_IMAGE[arch]), repeats, provider, say)
+    unfused = {"attention as exported (--no-fuse-attention)": lambda: OrtRunner.open(
+        base_dir, options=OrtOptions(provider=provider, fuse_attention=False))}
+    step = bench_step(base_dir, manifest, StepInputs.random(manifest, STEP_IMAGE[arch]), repeats, provider, say,
+                      unfused)
     checks = {
         "A -> B -> A equals a fresh session, bit for bit": agreement["A"]["vs_fresh_device_merge"] == 0.0,
         "B equals a fresh session, bit for bit": agreement["B"]["vs_fresh_device_merge"] == 0.0,
@@ -142,6 +146,8 @@ def render(result: dict, console) -> None:
         ["A vs B (max |diff| of noise_pred)", f"{result['a_vs_b']:.1e}"],
         [f"step {step['image']} px, batch 2: diffusers torch / ORT",
          f"{vs['torch']['median_s']:.4f} / {vs['ort']['median_s']:.4f} s ({vs['speedup']:.2f}x)"],
+        *[[f"step, ORT {label}", f"{row['median_s']:.4f} s (fused is {1 / row['speedup_vs_default']:.2f}x faster)"]
+          for label, row in step["ort_settings"].items()],
         *[[check, "pass" if ok else "FAIL"] for check, ok in result["checks"].items()],
         ["wall time (export included)" if result["export_s"] else "wall time", f"{result['seconds']:.0f} s"],
     ]
