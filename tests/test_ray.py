@@ -275,7 +275,8 @@ def test_client_header_and_errors_through_ray(cluster, ws, expected):
     assert bad.status_code == 422 and bad.json()["field"] == "loras.0.name"
     over = httpx.post(f"{url}/v1/generate", json={**request_body(ws, *SETS[0]), "steps": 21}, timeout=300)
     assert over.status_code == 422 and over.json()["field"] == "steps"
-    assert [a["name"] for a in httpx.get(f"{url}/v1/adapters").json()["adapters"]] == ["sv_a", "sv_b", "sv_hed"]
+    names = [a["name"] for a in httpx.get(f"{url}/v1/adapters").json()["adapters"]]
+    assert {"sv_a", "sv_b", "sv_hed"} <= set(names) and names == sorted(names)  # serve tests may have added more
     assert "loramgr_generations_total" in httpx.get(f"{url}/metrics").text
 
 

@@ -44,7 +44,6 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     max_upload_bytes: int = 2048 * 1024 * 1024  # an sd15 ControlNet is 1.4 GB
     swap_budget_mb: int = 4096
-    merge_threads: int = 1  # torch threads for a swap's merge (0: torch's default); see engine._torch_threads
 
     def __post_init__(self):
         if self.scheduling not in SCHEDULING:

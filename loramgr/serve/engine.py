@@ -18,7 +18,6 @@ Two halves:
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import re
@@ -53,26 +52,6 @@ def field_of(message: str) -> str | None:
     """The first generation setting a :func:`check_inputs` message names (they start with it)."""
     found = _FIELD_RE.search(message)
     return found.group(1) if found else None
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int):
-    """Run the swap's merge (torch matmuls) on ``n`` threads.
-
-    Right after a run, ONNX Runtime's intra-op threads spin waiting for work; torch's own
-    pool then fights them for the cores. Measured on the tiny base, 2 cores: swaps of
-    0.5-12 s with torch's 2 threads, 0.1-0.3 s with one (docs/serving.md). 0 leaves torch's setting.
-    """
-    import torch
-
-    previous = torch.get_num_threads()
-    if n > 0 and n != previous:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        if torch.get_num_threads() != previous:
-            torch.set_num_threads(previous)
 
 
 @dataclass
@@ -270,9 +249,8 @@ class Engine:
             reopened = swapped and self._needs_reopen(adapter_set)
             swappable = self.swappable()
             try:
-                with _torch_threads(self.config.merge_threads):
-                    made = self.generator.generate(adapter_set, job.settings, job.image, control_image=job.control_map,
-                                                   progress=self.progress)
+                made = self.generator.generate(adapter_set, job.settings, job.image, control_image=job.control_map,
+                                               progress=self.progress)
             except BaseException:
                 if self.runner.adapter_set is not adapter_set:  # the swap itself failed: weights may be half written
                     self._recover(swappable)
