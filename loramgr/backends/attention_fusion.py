@@ -143,6 +143,17 @@ def _match(g: _Graph, softmax: onnx.NodeProto) -> tuple[list[str], int, onnx.Nod
     return ([q[0], k[0], v[0]], heads.pop(), merge) if merge is not None else None
 
 
+def _names_read(node: onnx.NodeProto) -> set[str]:
+    """The values ``node`` reads: its inputs and, for control flow, what its subgraphs read from outside."""
+    names = {i for i in node.input if i}
+    for attribute in node.attribute:
+        for sub in ([attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else
+                    attribute.graphs if attribute.type == onnx.AttributeProto.GRAPHS else []):
+            for inner in sub.node:
+                names |= _names_read(inner)
+    return names
+
+
 def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
     """Remove nodes none of whose outputs reach a graph output (the unfused core)."""
     needed = {o.name for o in graph.output}
@@ -150,7 +161,7 @@ def _drop_dead_nodes(graph: onnx.GraphProto) -> None:
     for node in reversed(graph.node):
         if any(o in needed for o in node.output):
             keep.append(node)
-            needed.update(i for i in node.input if i)
+            needed |= _names_read(node)
     kept = list(reversed(keep))
     del graph.node[:]
     graph.node.extend(kept)

@@ -27,6 +27,11 @@ Either way a swap waits for the generation holding the current set
 (:class:`~loramgr.backends.base.AdapterLease`), and re-created sessions replace the old
 ones in one step under that lease, so no graph call runs on a session without its
 adapters, and no image mixes two sets.
+
+Attention: each exported attention core runs as one ``MultiHeadAttention`` node by default
+(:mod:`loramgr.backends.attention_fusion`, applied in memory by :func:`inference_session`;
+``OrtOptions(fuse_attention=False)`` runs the graph as exported). A graph the run is done
+with can be released (:meth:`OrtRunner.release`) and opens again on its next call.
 """
 
 from __future__ import annotations
