@@ -100,10 +100,12 @@ class MergeJob:
     parts: tuple[tuple[AdapterTarget, float], ...]
 
 
-def plan_merge(base: BaseWeights, adapter_set: AdapterSet, only: Names | None = None) -> list[MergeJob]:
+def plan_merge(base: BaseWeights, adapter_set: AdapterSet, only: Names | None = None,
+               graphs: Collection[str] | None = None) -> list[MergeJob]:
     """The initializers ``adapter_set`` touches, plus those of ``only`` (at base value), largest first.
 
     A hot swap from set A to set B passes A's names as ``only``: they must go back to the base.
+    ``graphs``: plan these graphs only.
     """
     for adapter, _ in adapter_set.adapters:
         adapter.check_base(base.manifest)
@@ -116,6 +118,8 @@ def plan_merge(base: BaseWeights, adapter_set: AdapterSet, only: Names | None = 
             contributions.setdefault((graph, name), [])
     jobs = []
     for (graph, initializer), parts in contributions.items():
+        if graphs is not None and graph not in graphs:
+            continue
         parts.sort(key=lambda p: p[0].kind != "full")  # a replacement first, deltas on top of it
         jobs.append(MergeJob(graph, base.entry(graph, initializer), tuple(parts)))
     jobs.sort(key=lambda j: -j.entry.length)  # big tensors first: the workers finish together
@@ -196,8 +200,7 @@ def merge_into(base: BaseWeights, adapter_set: AdapterSet, out: Tensors, *, only
     device) and from the data files otherwise. CPU merges run on ``workers`` threads
     (default: one per core), parallel across tensors; the result does not depend on it.
     """
-    jobs = [job for job in plan_merge(base, adapter_set, only) if graphs is None or job.graph in graphs]
-    _run_jobs(base, jobs, out, base_values, workers)
+    _run_jobs(base, plan_merge(base, adapter_set, only, graphs), out, base_values, workers)
 
 
 def _run_jobs(base: BaseWeights, jobs: list[MergeJob], out: Tensors, base_values: Tensors | None,
@@ -240,25 +243,18 @@ def empty_like_entry(entry: WeightEntry, device: torch.device | str = "cpu") -> 
 
 
 def merge_tensors(base: BaseWeights, adapter_set: AdapterSet, only: Names | None = None, *,
-                  workers: int | None = None) -> dict[str, dict[str, np.ndarray]]:
+                  workers: int | None = None, graphs: Collection[str] | None = None
+                  ) -> dict[str, dict[str, np.ndarray]]:
     """Graph -> {initializer: merged array} for every initializer the set touches (:func:`merge_into`).
 
     ``only`` extends the result to initializers the set does not touch (they come back
     at their base value): a hot swap from set A to set B must rewrite A's tensors too.
+    Each array is allocated from its initializer's entry, so it has its shape and dtype.
+    ``graphs``: merge for these graphs only.
     """
-    jobs = plan_merge(base, adapter_set, only)
+    jobs = plan_merge(base, adapter_set, only, graphs)
     out: Tensors = defaultdict(dict)
     for job in jobs:
         out[job.graph][job.entry.initializer] = empty_like_entry(job.entry)
     _run_jobs(base, jobs, out, None, workers)
     return {graph: {name: t.numpy() for name, t in named.items()} for graph, named in out.items()}
-
-
-def check_shapes(base: BaseWeights, tensors: dict[str, dict[str, np.ndarray]]) -> None:
-    """Every tensor about to be injected must match its initializer exactly (ORT requires it)."""
-    for graph, named in tensors.items():
-        for name, array in named.items():
-            entry = base.entry(graph, name)
-            if tuple(array.shape) != entry.shape or array.dtype != np.dtype(entry.dtype):
-                raise LoramgrError(f"{name}: merged tensor {array.dtype}{list(array.shape)} does not match "
-                                   f"the base initializer {entry.dtype}{list(entry.shape)}")

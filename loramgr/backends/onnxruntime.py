@@ -48,7 +48,7 @@ from ..adapters import AdapterSet, Names, touched_names
 from ..bases import OpenBase, as_open_base
 from ..errors import LoramgrError
 from ..manifest import FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
-from ..merge import BaseWeights, Tensors, check_shapes, empty_like_entry, merge_into, merge_tensors
+from ..merge import BaseWeights, Tensors, empty_like_entry, merge_into, merge_tensors
 from ..workspace import atomic_path
 from .attention_fusion import fuse_attention
 from .base import AdapterLease
@@ -199,8 +199,7 @@ class OrtRunner(AdapterLease):
                     merge_into(base, AdapterSet(), base_values, only=names, graphs=graphs)
                 merge_into(base, adapter_set, buffers, only=names, base_values=base_values, graphs=graphs)
             else:
-                tensors = merge_tensors(base, adapter_set)
-                check_shapes(base, tensors)
+                tensors = merge_tensors(base, adapter_set, graphs=graphs)
         self.timings.merge_s = time.perf_counter() - start
         start = time.perf_counter()
         sessions: dict[str, object] = {}
