@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapters import AdapterChoice, AdapterSet, load_adapter_set, union_touched
+from .adapters import AdapterChoice, AdapterSet, Names, touched_names
 from .backends import BACKENDS, open_runner
 from .backends.base import Runner, seconds
 from .bases import OpenBase
@@ -102,17 +102,22 @@ class Generator:
 
     @classmethod
     def open(cls, workspace: Workspace, base: str | OpenBase | None = None, backend: str = "ort-cpu",
-             options=None, *, choices: Sequence[AdapterChoice | AdapterSet] = ()) -> "Generator":
-        """Open ``base`` (or the workspace's only base) on ``backend`` with that backend's ``options``."""
+             options=None, *, choices: Sequence[AdapterChoice | AdapterSet] = (),
+             swappable: Names | None = None) -> "Generator":
+        """Open ``base`` (or the workspace's only base) on ``backend`` with that backend's ``options``.
+
+        ``swappable``: weights to declare swappable besides those the ``choices`` touch
+        (the service declares every adapter that fits its budget).
+        """
         start = time.perf_counter()
         opened = base if isinstance(base, OpenBase) else OpenBase.resolve(workspace, base)
         sets = {}
         for choice in choices:
             if not isinstance(choice, AdapterSet):
-                sets[_key(choice)] = load_adapter_set(workspace, opened.manifest, choice.loras, choice.control)
+                sets[_key(choice)] = choice.load(workspace, opened.manifest)
         loaded = [c if isinstance(c, AdapterSet) else sets[_key(c)] for c in choices]
         first = loaded[0] if loaded else AdapterSet()
-        runner = open_runner(opened, first, backend, options, union_touched(loaded))
+        runner = open_runner(opened, first, backend, options, touched_names(swappable, *loaded))
         try:
             pipeline = make_pipeline(opened, runner)
         except BaseException:
@@ -127,7 +132,7 @@ class Generator:
         choice = choice or AdapterChoice()
         key = _key(choice)
         if key not in self._sets:
-            self._sets[key] = load_adapter_set(self.workspace, self.base.manifest, choice.loras, choice.control)
+            self._sets[key] = choice.load(self.workspace, self.base.manifest)
         return self._sets[key]
 
     def generate(self, choice: AdapterChoice | AdapterSet | None, settings, image: np.ndarray | None = None, *,

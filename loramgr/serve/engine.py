@@ -33,7 +33,7 @@ from ..backends.options import OrtOptions
 from ..bases import OpenBase
 from ..errors import LoramgrError
 from ..pipeline.settings import GenerationSettings, check_inputs
-from ..runtime import Generator, make_pipeline, open_runner
+from ..runtime import Generator
 from ..workspace import Workspace
 from .catalog import AdapterCatalog, CatalogError
 from .codec import decode_image
@@ -147,14 +147,8 @@ class Engine:
                     f"; over the budget: {', '.join(excluded)}" if excluded else "")
 
     def _open(self, swappable: dict[str, set[str]]) -> None:
-        start = time.perf_counter()
-        runner = open_runner(self.opened, AdapterSet(), self.config.backend, self._ort_options(), swappable)
-        try:
-            pipeline = make_pipeline(self.opened, runner)
-        except BaseException:
-            runner.close()
-            raise
-        self.generator = Generator(self.workspace, self.opened, runner, pipeline, time.perf_counter() - start)
+        self.generator = Generator.open(self.workspace, self.opened, self.config.backend, self._ort_options(),
+                                        swappable=swappable)
         self._key = ()
 
     def close(self) -> None:
