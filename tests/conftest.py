@@ -56,3 +56,15 @@ def tiny_workspace(tmp_path_factory):
     ws = Workspace.resolve(tmp_path_factory.mktemp("ws"))
     export_base(ws, "tiny", arch="tiny", seed=0)
     return ws
+
+
+@pytest.fixture(scope="session")
+def input_png(tmp_path_factory) -> Path:
+    """loramgr's 64 px sample picture as a PNG file: the ``--image`` of CLI runs."""
+    from PIL import Image
+
+    from loramgr.samples import sample_image
+
+    path = tmp_path_factory.mktemp("img") / "in.png"
+    Image.fromarray(sample_image(64)).save(path)
+    return path

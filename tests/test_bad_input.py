@@ -28,7 +28,7 @@ from loramgr.errors import LoramgrError, parse_weight
 from loramgr.manifest import Manifest
 from loramgr.pipeline.outputs import claim_stems, default_stem
 from loramgr.pipeline.settings import GenerationSettings, check_inputs
-from loramgr.samples import sample_image, write_kohya_lora
+from loramgr.samples import write_kohya_lora
 from loramgr.workspace import Workspace, atomic_dir, atomic_path, check_name, clean_stale_temps
 
 from cli_support import cli, one_error_line, run_args
@@ -50,20 +50,13 @@ def lora_file(ws, tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("img") / "in.png"
-    Image.fromarray(sample_image(64)).save(path)
-    return path
-
-
 # 4. Weights that are not finite numbers.
 
 
 @pytest.mark.parametrize("spec", ["good:nan", "good:1e309", "good:inf", "good:-inf", "good:NaN"])
 @pytest.mark.parametrize("option", ["--lora", "--sweep"])
-def test_run_refuses_non_finite_weights(ws, lora_file, image, tmp_path, capsys, spec, option):
-    assert cli(ws, *run_args(image, tmp_path / "out", option, spec)) == 2
+def test_run_refuses_non_finite_weights(ws, lora_file, input_png, tmp_path, capsys, spec, option):
+    assert cli(ws, *run_args(input_png, tmp_path / "out", option, spec)) == 2
     one_error_line(capsys, "not a finite number")
     assert not (tmp_path / "out").exists()
 
@@ -106,12 +99,12 @@ def test_convert_refuses_non_finite_tensors_and_alpha(ws, lora_file, tmp_path, c
     assert not ws.adapter_path("poisoned").exists()
 
 
-def test_run_refuses_an_adapter_with_a_non_finite_default_weight(ws, lora_file, image, tmp_path, capsys):
+def test_run_refuses_an_adapter_with_a_non_finite_default_weight(ws, lora_file, input_png, tmp_path, capsys):
     adapter = load_adapter(ws.adapter_path("good"))
     meta = {k: v for k, v in adapter.metadata.items() if not k.startswith(("loramgr.format_version", "loramgr.kind"))}
     save_adapter(tmp_path / "nandw.lora", "lora", {**meta, "loramgr.default_weight": "nan"},
                  list(adapter.targets.values()))
-    assert cli(ws, *run_args(image, tmp_path / "out", "--lora", str(tmp_path / "nandw.lora"))) == 2
+    assert cli(ws, *run_args(input_png, tmp_path / "out", "--lora", str(tmp_path / "nandw.lora"))) == 2
     one_error_line(capsys, "default weight", "not a finite number")
 
 
@@ -226,8 +219,8 @@ def broken_targets(ws, lora_file):
 @pytest.mark.parametrize("name, needle", [
     ("bad_meta", "not valid JSON"), ("bad_entry", "no valid 'kind'"), ("bad_shape", "do not make its shape"),
 ])
-def test_damaged_lora_is_refused_by_run_and_verify(ws, broken_targets, image, tmp_path, capsys, name, needle):
-    assert cli(ws, *run_args(image, tmp_path / "out", "--lora", name)) == 2
+def test_damaged_lora_is_refused_by_run_and_verify(ws, broken_targets, input_png, tmp_path, capsys, name, needle):
+    assert cli(ws, *run_args(input_png, tmp_path / "out", "--lora", name)) == 2
     one_error_line(capsys, name, needle)
     assert not (tmp_path / "out").exists()
     assert cli(ws, "verify", name, "--checks", "tensors") == 2
@@ -370,13 +363,13 @@ def test_converted_adapter_is_readable_by_the_group(ws, lora_file):
 # 11. Two runs into one folder.
 
 
-def test_output_stems_are_unique_and_checked_before_generating(ws, lora_file, image, tmp_path, capsys, monkeypatch):
+def test_output_stems_are_unique_and_checked_before_generating(ws, lora_file, input_png, tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    assert cli(ws, *run_args(image, out, "--json")) == 0
-    assert cli(ws, *run_args(image, out, "--json")) == 0  # same second, same process: another stem
+    assert cli(ws, *run_args(input_png, out, "--json")) == 0
+    assert cli(ws, *run_args(input_png, out, "--json")) == 0  # same second, same process: another stem
     assert len(list(out.glob("*.json"))) == 2
     capsys.readouterr()
-    assert cli(ws, *run_args(image, out, "--name", "mine")) == 0
+    assert cli(ws, *run_args(input_png, out, "--name", "mine")) == 0
     capsys.readouterr()
 
     import loramgr.runtime
@@ -385,12 +378,12 @@ def test_output_stems_are_unique_and_checked_before_generating(ws, lora_file, im
         raise AssertionError("a session was opened for a run whose outputs exist")
 
     monkeypatch.setattr(loramgr.runtime, "open_runner", no_session)
-    assert cli(ws, *run_args(image, out, "--name", "mine")) == 2
+    assert cli(ws, *run_args(input_png, out, "--name", "mine")) == 2
     one_error_line(capsys, "mine", "already exists", "--overwrite")
-    assert cli(ws, *run_args(image, out, "--name", "bad\nname")) == 2
+    assert cli(ws, *run_args(input_png, out, "--name", "bad\nname")) == 2
     one_error_line(capsys, "invalid output name")
     monkeypatch.undo()
-    assert cli(ws, *run_args(image, out, "--name", "mine", "--overwrite")) == 0
+    assert cli(ws, *run_args(input_png, out, "--name", "mine", "--overwrite")) == 0
 
 
 def test_default_stems_differ_between_processes(tmp_path):

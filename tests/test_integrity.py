@@ -16,7 +16,6 @@ from pathlib import Path
 
 import onnx
 import pytest
-from PIL import Image
 
 import loramgr.integrity as integrity
 from loramgr.adapter_file import CHECKSUM_KEY, load_adapter
@@ -26,7 +25,7 @@ from loramgr.bases import VERIFIED_CACHE, OpenBase
 from loramgr.convert import convert_adapter
 from loramgr.errors import BadFileError
 from loramgr.manifest import FUSED, GRAPHS, TEXT_ENCODER, VAE_DECODER, Manifest
-from loramgr.samples import sample_image, write_kohya_lora
+from loramgr.samples import write_kohya_lora
 from loramgr.workspace import Workspace
 
 from cli_support import cli, one_error_line, run_args
@@ -46,13 +45,6 @@ def ws(tiny_workspace, source_lora, tmp_path) -> Workspace:
     shutil.copytree(tiny_workspace.base_dir("tiny"), ws.base_dir("tiny"))
     convert_adapter(ws, source_lora, name="good")
     return ws
-
-
-@pytest.fixture(scope="module")
-def image(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("img") / "in.png"
-    Image.fromarray(sample_image(64)).save(path)
-    return path
 
 
 @pytest.fixture
@@ -98,33 +90,33 @@ def assert_refused(ws: Workspace, image: Path, tmp_path: Path, capsys, path: Pat
     assert caught.value.path == path
 
 
-def test_a_good_base_runs(ws, image, tmp_path, capsys):
+def test_a_good_base_runs(ws, input_png, tmp_path, capsys):
     """The control for every case below: the same commands on the undamaged copy succeed."""
-    assert cli(ws, *run_args(image, tmp_path / "out", "--lora", "good")) == 0
+    assert cli(ws, *run_args(input_png, tmp_path / "out", "--lora", "good")) == 0
     assert len(list((tmp_path / "out").glob("*-0.png"))) == 1
     assert cli(ws, "bake", "--lora", "good", "-o", str(tmp_path / "baked.lora")) == 0
     assert load_adapter(tmp_path / "baked.lora").kind == "baked"
 
 
-def test_flipped_bits_in_a_data_file_are_refused_even_after_a_checked_open(ws, image, tmp_path, capsys):
+def test_flipped_bits_in_a_data_file_are_refused_even_after_a_checked_open(ws, input_png, tmp_path, capsys):
     OpenBase.resolve(ws, "tiny")  # hashed and remembered: the damage comes after
     data = graph_file(ws, FUSED, "data")
     flip(data, data.stat().st_size // 2, 3)
-    assert_refused(ws, image, tmp_path, capsys, data, "content changed", "re-export base 'tiny'")
+    assert_refused(ws, input_png, tmp_path, capsys, data, "content changed", "re-export base 'tiny'")
 
 
-def test_a_truncated_data_file_is_refused(ws, image, tmp_path, capsys):
+def test_a_truncated_data_file_is_refused(ws, input_png, tmp_path, capsys):
     data = graph_file(ws, TEXT_ENCODER, "data")
     size = data.stat().st_size
     os.truncate(data, size - 1000)
-    assert_refused(ws, image, tmp_path, capsys, data, f"is {size - 1000:,} bytes, {size:,} were written",
+    assert_refused(ws, input_png, tmp_path, capsys, data, f"is {size - 1000:,} bytes, {size:,} were written",
                    "truncated", "re-export")
 
 
-def test_a_missing_graph_file_is_refused(ws, image, tmp_path, capsys):
+def test_a_missing_graph_file_is_refused(ws, input_png, tmp_path, capsys):
     model = graph_file(ws, VAE_DECODER, "model")
     model.unlink()
-    assert_refused(ws, image, tmp_path, capsys, model, "missing", "re-export")
+    assert_refused(ws, input_png, tmp_path, capsys, model, "missing", "re-export")
 
 
 def test_a_manifest_without_recorded_sizes_still_refuses_a_truncated_file(ws):
@@ -182,7 +174,7 @@ def test_a_copied_base_is_hashed_again(ws, tmp_path, hashes):
     assert len(hashes) == 2 * len(GRAPHS)
 
 
-def test_64_flipped_bytes_in_a_lora_are_refused(ws, image, tmp_path, capsys):
+def test_64_flipped_bytes_in_a_lora_are_refused(ws, input_png, tmp_path, capsys):
     """Flipped inside the largest tensor's bytes, so the file still parses: only the checksum sees it."""
     path = ws.adapter_path("good")
     assert CHECKSUM_KEY in load_adapter(path).metadata
@@ -194,7 +186,7 @@ def test_64_flipped_bytes_in_a_lora_are_refused(ws, image, tmp_path, capsys):
         load_adapter(path)
     assert caught.value.path == path
     out = tmp_path / "out"
-    assert cli(ws, *run_args(image, out, "--lora", "good")) == 2
+    assert cli(ws, *run_args(input_png, out, "--lora", "good")) == 2
     one_error_line(capsys, str(path), "content changed", "convert its source again")
     assert not out.exists() or not any(out.iterdir())
     assert cli(ws, "verify", "good", "--checks", "tensors") == 2

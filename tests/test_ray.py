@@ -25,7 +25,7 @@ from loramgr.cli import main
 from loramgr.serve import ServeConfig
 from loramgr.serve.ray_config import RayOptions, serve_config, set_id
 from loramgr.serve.schemas import GenerateRequest
-from test_serve_support import FAST, cli_run, free_port, png_b64, serve_workspace
+from test_serve_support import FAST, cli_run, free_port, png_b64, reaped, serve_workspace, start_server
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray Serve is not installed: pip install -e '.[ray]'")
@@ -332,34 +332,11 @@ def test_shutdown_leaves_no_process(cluster):
 @pytest.mark.slow
 def test_cli_serves_on_ray_and_exits_0_on_sigterm(ws, expected):
     """The real `loramgr serve --ray` process: a local cluster, one request, SIGTERM, nothing left behind."""
-    import subprocess
-    import sys
-
-    root = Path(__file__).resolve().parents[1]
     port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(root) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("LORAMGR_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "loramgr", "--home", str(ws.home), "serve", "--ray", "--replicas",
-                             "1", "--port", str(port), "--log-level", "warning"], cwd=root, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        deadline = time.monotonic() + 240
-        while True:
-            assert proc.poll() is None and time.monotonic() < deadline, "loramgr serve --ray did not get ready"
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
+    with reaped(start_server(ws, port, "--ray", "--replicas", "1", ready_s=240)) as proc:
         started = _children(proc.pid)
         r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=request_body(ws, *SETS[2]), timeout=300)
         assert r.status_code == 200 and _images(r.json()) == expected[2]
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = proc.stdout.read()
-    assert "Traceback" not in output, output
     assert not _wait_gone(started), "Ray processes left behind"

@@ -9,14 +9,11 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
-from test_serve_support import png_b64, serve_workspace, free_port
-
-ROOT = Path(__file__).resolve().parents[1]
+from test_serve_support import ROOT, free_port, png_b64, reaped, serve_workspace, start_server
 
 
 @pytest.fixture(scope="module")
@@ -24,31 +21,10 @@ def ws(tiny_workspace, tmp_path_factory):
     return serve_workspace(tiny_workspace, tmp_path_factory)
 
 
-def start_server(ws, port: int, *args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("LORAMGR_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "loramgr", "--home", str(ws.home), "serve", "--port", str(port),
-                             "--log-level", "warning", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()}")
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("server not ready within 120 s")
-
-
 def test_sigterm_drains_in_flight_requests_and_exits_0(ws):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(ws, port)
-    try:
+    with reaped(start_server(ws, port)) as proc:
         slow = {"prompt": "a house", "image": png_b64(ws.home / "house.png"), "resolution": 256, "steps": 30,
                 "loras": [{"name": "sv_a", "weight": 0.6}]}
         results = []
@@ -76,11 +52,6 @@ def test_sigterm_drains_in_flight_requests_and_exits_0(ws):
         assert [r.status_code for r in results] == [200, 200]
         assert all(r.json()["images"] for r in results)
         assert proc.wait(60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    output = proc.stdout.read()
-    assert "Traceback" not in output, output
 
 
 def test_bounded_load_test_is_bit_exact_and_grouping_swaps_less(ws, tmp_path):

@@ -7,13 +7,21 @@ test session through a module-level cache, and links the session's tiny base.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import os
 import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
 
 _CACHE: dict[str, Path] = {}
 
@@ -78,3 +86,36 @@ def cli_run(ws, out: Path, *, prompt: str, loras=(), control="canny", seed=0, **
     assert main(argv) == 0
     sidecar = json.loads(next(Path(out).glob("*.json")).read_text())
     return [(Path(out) / name).read_bytes() for name in [*sidecar["images"], sidecar["edge_map"]]]
+
+
+def start_server(ws, port: int, *args: str, ready_s: float = 120) -> subprocess.Popen:
+    """A real ``loramgr serve`` process on a loopback ``port`` (no API key), once ``/readyz`` answers 200."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("LORAMGR_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-m", "loramgr", "--home", str(ws.home), "serve", "--port", str(port),
+                             "--log-level", "warning", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + ready_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    raise AssertionError(f"server not ready within {ready_s:g} s")
+
+
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
+    """Kill ``proc`` if the block leaves it running; after a block that passed, its output has no traceback."""
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = proc.stdout.read()
+    assert "Traceback" not in output, output
