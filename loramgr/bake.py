@@ -13,7 +13,7 @@ from .adapter_file import AdapterTarget, save_adapter
 from .adapters import load_adapter_set
 from .bases import OpenBase
 from .errors import LoramgrError
-from .manifest import FUSED
+from .manifest import UNET
 from .merge import BaseWeights, merge_tensors
 from .workspace import Workspace
 
@@ -22,8 +22,8 @@ def bake(workspace: Workspace, output: Path, loras: list[str], *, base: str | No
          control: str | None = None) -> dict[str, Path]:
     """Merge adapters into full replacement tensors named as the base's initializers.
 
-    Writes ``output`` for the UNet+ControlNet graph and, when the set changes the text
-    encoder, ``<output stem>.text_encoder.lora`` beside it (ONNX Runtime refuses
+    Writes ``output`` for the UNet graph and, when the set changes the ControlNet or the text
+    encoder, ``<output stem>.<graph>.lora`` beside it (ONNX Runtime refuses
     initializers a graph does not have, so each graph gets its own file). Returns
     graph -> path.
     """
@@ -40,7 +40,7 @@ def bake(workspace: Workspace, output: Path, loras: list[str], *, base: str | No
                          for a, w in adapter_set.adapters])
     written = {}
     for graph, named in tensors.items():
-        path = output if graph == FUSED else output.with_name(f"{output.stem}.{graph}.lora")
+        path = output if graph == UNET else output.with_name(f"{output.stem}.{graph}.lora")
         by_init = manifest.graphs[graph].by_initializer()
         targets = [AdapterTarget(n, graph, by_init[n], "full", 1.0, {"weight": a}) for n, a in named.items()]
         metadata = {"loramgr.base_name": base, "loramgr.base_fingerprint": manifest.fingerprint,

@@ -112,6 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
+    from .pipeline.control import WINDOW_RULES
     from .pipeline.schedulers import SCHEDULERS
     from .pipeline.settings import PREPROCESSORS
     from .pipeline.settings import GenerationSettings as S
@@ -129,9 +130,24 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "a map made before, e.g. depth or pose for a converted ControlNet)")
     p.add_argument("--preprocessor", choices=PREPROCESSORS, default=S.preprocessor,
                    help="canny: ControlNet's canny annotator; none: the control image is the map")
+    p.add_argument("--unit", action="append", default=[], metavar="CONTROLNET[,KEY=VALUE...]",
+                   help="a ControlNet unit (repeatable; replaces --control, --control-image, --strength, "
+                        "--guess-mode): CONTROLNET is canny or a converted ControlNet; keys: image=FILE, "
+                        "preprocessor=canny|none, strength, start, end (fractions of the steps), "
+                        "mode=balanced|prompt|control, low, high (canny thresholds). 'none' alone: no ControlNet")
+    p.add_argument("--control-window", choices=WINDOW_RULES, default=S.control_window,
+                   help="how unit start/end pick steps: diffusers' rule or A1111's")
+    p.add_argument("--width", type=int, help="output width when there is no image at all (multiple of 64)")
+    p.add_argument("--height", type=int, help="output height when there is no image at all (multiple of 64)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--a-prompt", default=S.a_prompt)
     p.add_argument("--n-prompt", default=S.n_prompt)
+    p.add_argument("--plain-prompt", action="store_true",
+                   help="take the prompts as they are (default: A1111's syntax: (emphasis:1.2), [less], BREAK, "
+                        "embeddings, 75-token chunks)")
+    p.add_argument("--clip-skip", type=int, default=S.clip_skip, help="A1111's CLIP skip (1: the last layer)")
+    p.add_argument("--max-prompt-tokens", type=int, default=S.max_prompt_tokens,
+                   help="refuse longer prompts (tokens; 75 per chunk)")
     p.add_argument("--num-samples", type=int, default=S.num_samples)
     p.add_argument("--resolution", type=int, default=S.resolution)
     p.add_argument("--max-pixels", type=int, default=S.max_pixels, help="refuse larger outputs (width * height)")
@@ -206,6 +222,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-resolution", type=int, default=C.max_resolution)
     p.add_argument("--max-steps", type=int, default=C.max_steps)
     p.add_argument("--max-num-samples", type=int, default=C.max_num_samples)
+    p.add_argument("--max-controlnets", type=int, default=C.max_controlnets,
+                   help="ControlNet units per request; each distinct ControlNet keeps one ControlNet's weights")
+    p.add_argument("--max-prompt-tokens", type=int, default=C.max_prompt_tokens,
+                   help="longest prompt and negative prompt, in tokens (75 per chunk)")
     p.add_argument("--max-image-mb", type=float, default=C.max_image_bytes / 2**20,
                    help="largest input image (decoded bytes); larger gets 413")
     p.add_argument("--max-upload-mb", type=float, default=C.max_upload_bytes / 2**20,
@@ -282,7 +302,8 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
             scheduling=args.scheduling, max_queue=args.max_queue, max_overtake=args.max_overtake,
             max_resolution=args.max_resolution, max_steps=args.max_steps, max_num_samples=args.max_num_samples,
             max_image_bytes=int(args.max_image_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
-            swap_budget_mb=args.swap_budget_mb)
+            swap_budget_mb=args.swap_budget_mb, max_controlnets=args.max_controlnets,
+            max_prompt_tokens=args.max_prompt_tokens)
     except ValueError as exc:
         raise LoramgrError(str(exc)) from None
     if args.ray or args.write_config:
@@ -330,6 +351,30 @@ def cmd_bake(args: argparse.Namespace, ws: Workspace) -> int:
 
 # run's options named otherwise than the GenerationSettings field they set
 _SETTING_OPTIONS = {"control_schedule": "guess_schedule"}
+_UNIT_KEYS = {"image": str, "preprocessor": str, "strength": float, "start": float, "end": float, "mode": str,
+              "low": int, "high": int}
+
+
+def parse_unit(spec: str) -> tuple[object, str | None]:
+    """``--unit CONTROLNET[,KEY=VALUE...]`` -> (ControlUnit, image file or None)."""
+    from .pipeline.control import ControlUnit
+
+    name, *items = [item.strip() for item in spec.split(",")]
+    if not name or "=" in name:
+        raise LoramgrError(f"--unit {spec!r}: start with the ControlNet (canny or a converted one), "
+                           "e.g. --unit canny,strength=0.8")
+    values: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _UNIT_KEYS:
+            raise LoramgrError(f"--unit {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(_UNIT_KEYS)}")
+        try:
+            values[key] = _UNIT_KEYS[key](value)
+        except ValueError:
+            raise LoramgrError(f"--unit {spec!r}: {key}={value!r} is not a {_UNIT_KEYS[key].__name__}") from None
+    image = values.pop("image", None)
+    renamed = {"low": "low_threshold", "high": "high_threshold"}
+    return ControlUnit(name, **{renamed.get(k, k): v for k, v in values.items()}), image
 
 
 def _settings(args: argparse.Namespace):
@@ -338,8 +383,20 @@ def _settings(args: argparse.Namespace):
 
     from .pipeline.settings import GenerationSettings
 
-    return GenerationSettings(**{f.name: getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
+    computed = {"units": _units(args)[0], "prompt_syntax": "plain" if args.plain_prompt else "a1111"}
+    return GenerationSettings(**{f.name: computed[f.name] if f.name in computed
+                                 else getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
                                  for f in fields(GenerationSettings)})
+
+
+def _units(args: argparse.Namespace) -> tuple[tuple | None, list[str | None] | None]:
+    """The ``--unit`` options as (units, their image files); ``--unit none``: no ControlNet at all."""
+    if not args.unit:
+        return None, None
+    if args.unit == ["none"]:
+        return (), []
+    parsed = [parse_unit(spec) for spec in args.unit]
+    return tuple(u for u, _ in parsed), [image for _, image in parsed]
 
 
 def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
@@ -349,10 +406,11 @@ def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
     choices = [AdapterChoice(tuple(args.lora), args.control)]
     choices += [AdapterChoice.parse(spec, ws) for spec in args.sweep]
     options = _backend_options(args)
+    _, unit_images = _units(args)
     with console.steps_bar("denoising", enabled=not args.json) as progress:
         reports = generate(ws, args.image, _settings(args), choices, base=args.base, backend=args.backend,
-                           options=options, control_image=args.control_image, out_dir=args.out, progress=progress, stem=args.name,
-                           overwrite=args.overwrite)
+                           options=options, control_image=args.control_image, control_images=unit_images,
+                           out_dir=args.out, progress=progress, stem=args.name, overwrite=args.overwrite)
     _print_runs(reports, choices, args.json)
     return 0
 

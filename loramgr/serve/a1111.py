@@ -24,10 +24,11 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..adapters import BASE_CONTROLNET
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
 from .config import ServeConfig
-from .schemas import GenerateRequest, LoraSpec
+from .schemas import ControlSpec, GenerateRequest, LoraSpec
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -48,12 +49,12 @@ SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
 SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
 CONTROL_MODULES = ("none", "canny")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+NATIVE_MODES = ("balanced", "prompt", "control")  # the same, as the native API's ``controls[].mode``
 UNIT_RESIZE_MODES = {"just resize": "resize", "crop and resize": "crop", "resize and fill": "fill",
                      "inner fit (scale to fit)": "crop", "outer fit (shrink to fit)": "fill",
                      "envelope (outer fit)": "fill", "scale to fit (inner fit)": "crop"}
 UNIT_RESIZE_BY_INDEX = ("resize", "crop", "fill")
 IMG2IMG_RESIZE_MODES = ("resize", "crop", "fill", "resize")  # 3: "Just resize (latent upscale)"
-BASE_CONTROLNET = "canny"  # the base's own ControlNet, as `control` of the native API
 LORA_TAG = re.compile(r"<(lora|lyco):([^>]*)>")
 
 
@@ -128,7 +129,7 @@ class Plan:
     seeds: list[int]
     sampler_name: str
     schedule: str
-    control: dict | None
+    controls: list[dict]  # each enabled unit: model, module, weight, control_mode, window, its A1111 path
     ignored: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
 
@@ -230,9 +231,9 @@ def rgb(image: np.ndarray) -> np.ndarray:
 
 # -- ControlNet --------------------------------------------------------------------------------
 
-def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, ControlNetUnit] | None:
-    """The one enabled ControlNet unit of ``alwayson_scripts`` (key matched case-insensitively), or None."""
-    unit = None
+def find_units(scripts: dict[str, Any], ignored: list[str], limit: int) -> list[tuple[str, ControlNetUnit]]:
+    """The enabled ControlNet units of ``alwayson_scripts`` (key matched case-insensitively), at most ``limit``."""
+    units = []
     for key, value in scripts.items():
         path = f"alwayson_scripts.{key}"
         if key.lower() != "controlnet":
@@ -251,16 +252,16 @@ def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, Control
                 raise CatalogError(422, f"{path}.args.{i}.{where}", first["msg"]) from None
             if not parsed.enabled:
                 continue
-            if unit is not None:
-                raise CatalogError(422, f"{path}.args.{i}", "more than one enabled ControlNet unit; this server "
-                                                            "fuses one ControlNet with the base per generation")
-            unit = (f"{path}.args.{i}", parsed)
+            if len(units) == limit:
+                raise CatalogError(422, f"{path}.args.{i}", f"more than {limit} enabled ControlNet units; this "
+                                                            "server's limit is --max-controlnets")
+            units.append((f"{path}.args.{i}", parsed))
             ignored += [f"{path}.args.{i}.{k}" for k in raw if k not in UNIT_USED]
-    return unit
+    return units
 
 
-def control_mode(unit: ControlNetUnit, path: str) -> bool:
-    """Guess mode for the unit's ``control_mode`` ("ControlNet is more important" is ControlNet's guess mode)."""
+def control_mode(unit: ControlNetUnit, path: str) -> str:
+    """The native mode of the unit's ``control_mode`` (``balanced``, ``prompt``, ``control``)."""
     mode = unit.control_mode
     if isinstance(mode, int):
         if not 0 <= mode < len(CONTROL_MODES):
@@ -270,11 +271,7 @@ def control_mode(unit: ControlNetUnit, path: str) -> bool:
     if matched is None:
         raise CatalogError(422, f"{path}.control_mode", f"unknown control mode {mode!r}; choose one of "
                                                         f"{', '.join(CONTROL_MODES)} (or 0, 1, 2)")
-    if matched == CONTROL_MODES[1]:
-        raise CatalogError(422, f"{path}.control_mode", "'My prompt is more important' (soft weights on both "
-                                                        "guidance halves) is not supported; use 'Balanced' or "
-                                                        "'ControlNet is more important' (ControlNet's guess mode)")
-    return matched == CONTROL_MODES[2]
+    return NATIVE_MODES[CONTROL_MODES.index(matched)]
 
 
 def unit_resize_mode(unit: ControlNetUnit, path: str) -> str:
@@ -363,17 +360,9 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         init = fit(rgb(decode_image(request.init_images[0], "init_images.0", *limits)), width, height,
                    IMG2IMG_RESIZE_MODES[request.resize_mode])
 
-    control, guess_mode, strength, model = None, False, 0.0, BASE_CONTROLNET
-    found = find_unit(request.alwayson_scripts, ignored)
-    if found is None:  # no unit: the ControlNet runs at weight 0 on an empty map (no effect)
-        the_map = np.zeros((height, width, 3), np.uint8)
-    else:
-        path, unit = found
-        if (unit.guidance_start, unit.guidance_end) != (0.0, 1.0):
-            raise CatalogError(422, f"{path}.guidance_start", "only the full range (guidance_start 0, guidance_end "
-                                                              f"1) is supported, got {unit.guidance_start}-"
-                                                              f"{unit.guidance_end}")
-        guess_mode = control_mode(unit, path)
+    controls, specs = [], []
+    for path, unit in find_units(request.alwayson_scripts, ignored, config.max_controlnets):
+        mode = control_mode(unit, path)
         model = resolve_model(unit.model)
         source = unit.image if not isinstance(unit.image, dict) else unit.image.get("image")
         field_ = f"{path}.image"
@@ -386,18 +375,20 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         else:
             raise CatalogError(422, field_, "required: the unit's image (base64 PNG/JPEG)")
         the_map = control_map(unit, path, image, width, height)
-        strength = unit.weight
-        control = {"model": model, "module": unit.module.strip().lower(), "weight": unit.weight,
-                   "control_mode": CONTROL_MODES[2] if guess_mode else CONTROL_MODES[0], "unit": path}
+        specs.append(ControlSpec(name=model, control_map=encode_png(the_map), strength=unit.weight,
+                                 start=unit.guidance_start, end=unit.guidance_end, mode=mode))
+        controls.append({"model": model, "module": unit.module.strip().lower(), "weight": unit.weight,
+                         "control_mode": CONTROL_MODES[NATIVE_MODES.index(mode)],
+                         "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end, "unit": path})
 
     seed = random.randrange(2**32 - 1) if request.seed == -1 else request.seed
     seeds = [seed + i for i in range(total)]
     common = {
         "prompt": prompt, "a_prompt": "", "n_prompt": negative, "image": None if init is None else encode_png(init),
-        "control_map": encode_png(the_map), "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
-        "control": model, "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
-        "resolution": min(width, height), "num_samples": 1, "guess_mode": guess_mode, "strength": strength,
-        "control_schedule": "controlnet", "eta": eta,
+        "controls": specs, "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
+        "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
+        "resolution": min(width, height), "width": width, "height": height, "num_samples": 1,
+        "control_schedule": "controlnet", "control_window": "a1111", "eta": eta,
         "img2img_strength": request.denoising_strength if img2img else None,
     }
     requests = []
@@ -408,7 +399,7 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             first = exc.errors()[0]
             native = str(first["loc"][0]) if first["loc"] else "body"
             raise CatalogError(422, a1111_field(native, request), first["msg"]) from None
-    return Plan(requests, seeds, sampler_name, schedule, control, ignored, warnings)
+    return Plan(requests, seeds, sampler_name, schedule, controls, ignored, warnings)
 
 
 def resolve_model(model: str) -> str:
@@ -421,15 +412,21 @@ def resolve_model(model: str) -> str:
     return BASE_CONTROLNET if name.lower() in ("", "none", BASE_CONTROLNET) else name
 
 
-def a1111_field(native: str | None, request: A1111Request, unit_path: str | None = None) -> str | None:
-    """The A1111 field behind a native field named in an error (``loras.0.name`` -> ``prompt``)."""
+UNIT_FIELDS = {"name": "model", "control_map": "image", "image": "image", "strength": "weight",
+               "start": "guidance_start", "end": "guidance_end", "mode": "control_mode"}
+
+
+def a1111_field(native: str | None, request: A1111Request, unit_paths: list[str] = ()) -> str | None:
+    """The A1111 field behind a native field named in an error (``loras.0.name`` -> ``prompt``,
+    ``controls.1.strength`` -> the second enabled unit's ``weight``)."""
     if native is None:
         return None
-    head = native.split(".")[0]
+    parts = native.split(".")
+    if parts[0] == "controls" and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) < len(unit_paths):
+        path = unit_paths[int(parts[1])]
+        return f"{path}.{UNIT_FIELDS.get(parts[2], parts[2])}" if len(parts) > 2 else path
     mapping = {"loras": "prompt", "scale": "cfg_scale", "img2img_strength": "denoising_strength",
                "scheduler": "sampler_name", "n_prompt": "negative_prompt", "num_samples": "batch_size",
                "resolution": "width" if request.width <= request.height else "height",
-               "image": "init_images.0", "control": f"{unit_path}.model" if unit_path else "alwayson_scripts",
-               "control_map": f"{unit_path}.image" if unit_path else "alwayson_scripts",
-               "strength": f"{unit_path}.weight" if unit_path else "alwayson_scripts"}
-    return mapping.get(head, native)
+               "image": "init_images.0", "controls": "alwayson_scripts"}
+    return mapping.get(parts[0], native)

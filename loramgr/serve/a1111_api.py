@@ -110,7 +110,7 @@ def router(service) -> APIRouter:
         if not service.engine.ready or service.scheduler is None:
             raise CatalogError(503, None, "the runner is not open")
         the_plan = await run_in_threadpool(plan, request, service.config, img2img=img2img)
-        unit = the_plan.control["unit"] if the_plan.control else None
+        units = [c["unit"] for c in the_plan.controls]
         results, interrupted = [], False
         for native in the_plan.requests:
             try:
@@ -121,9 +121,9 @@ def router(service) -> APIRouter:
                 interrupted = True
                 break
             except CatalogError as exc:
-                raise CatalogError(exc.status, a1111_field(exc.field, request, unit), exc.reason) from None
+                raise CatalogError(exc.status, a1111_field(exc.field, request, units), exc.reason) from None
             except LoramgrError as exc:  # found late, in the pipeline
-                raise CatalogError(422, a1111_field(field_of(str(exc)), request, unit), str(exc)) from None
+                raise CatalogError(422, a1111_field(field_of(str(exc)), request, units), str(exc)) from None
         return respond(request, the_plan, results, interrupted, img2img)
 
     def respond(request: A1111Request, the_plan: Plan, results: list[dict], interrupted: bool,
@@ -131,8 +131,7 @@ def router(service) -> APIRouter:
         n = len(results)
         first = results[0]
         images = [r["images"][0] for r in results]
-        if the_plan.control is not None:  # the detected map after the images, as the ControlNet extension
-            images.append(first["control_map"])
+        images += first["control_maps"]  # the detected maps after the images, as the ControlNet extension
         seeds = the_plan.seeds[:n]
         hashes = ", ".join(f"{a['name']}: {a['sha256'][:12]}" for a in first["adapters"] if a["kind"] == "lora")
         _, fingerprint = base_title()
@@ -155,7 +154,7 @@ def router(service) -> APIRouter:
             "clip_skip": 1, "version": f"loramgr {__version__}",
             "loramgr": {
                 "base": first["base"], "backend": first["backend"], "adapters": first["adapters"],
-                "control": the_plan.control, "seeds": seeds, "swapped": [r["swapped"] for r in results],
+                "controls": the_plan.controls, "seeds": seeds, "swapped": [r["swapped"] for r in results],
                 "timings": [r["timings"] for r in results], "ignored_fields": the_plan.ignored,
                 "warnings": the_plan.warnings, "interrupted": interrupted,
             },
@@ -204,7 +203,7 @@ def router(service) -> APIRouter:
         title, fingerprint = base_title()
         return {"sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
                 "eta_ddim": 0.0, "eta_ancestral": 1.0, "CLIP_stop_at_last_layers": 1,
-                "control_net_unit_count": 1}
+                "control_net_unit_count": service.config.max_controlnets}
 
     @api.post("/sdapi/v1/options", responses=ERRORS)
     async def set_options(options: dict[str, Any] = Body(...)):

@@ -102,13 +102,15 @@ class Service:
         generation, wait = await asyncio.wrap_future(future)
         self.metrics.queue_seconds.observe(wait)
         images = await run_in_threadpool(lambda: [encode_png(i) for i in generation.images])
-        control_map = await run_in_threadpool(encode_png, generation.control_map)
+        control_maps = await run_in_threadpool(lambda: [encode_png(m) for m in generation.control_maps])
         t = generation.timings
-        height, width = generation.control_map.shape[:2]
+        height, width = generation.images[0].shape[:2]
         total = time.perf_counter() - start
         self.metrics.total_seconds.observe(total)
         return {
-            "images": images, "control_map": control_map, "adapters": job.applied, "control": job.control,
+            "images": images, "control_map": control_maps[0] if control_maps else None, "control_maps": control_maps,
+            "adapters": job.applied, "control": job.controls[0] if job.controls else "none",
+            "controls": job.controls,
             "seed": generation.settings.seed, "base": self.engine.base, "backend": self.config.backend,
             "width": width, "height": height, "swapped": generation.swapped,
             "timings": {"queue_wait": wait, "swap": t["swap"], "encode": t.get("encode_prompt", 0.0),

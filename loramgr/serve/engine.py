@@ -28,10 +28,11 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from ..adapters import AdapterSet, touched_names
+from ..adapters import BASE_CONTROLNET, AdapterSet, is_controlnet, touched_names
 from ..backends.options import OrtOptions
 from ..bases import OpenBase
 from ..errors import LoramgrError
+from ..pipeline.control import ControlUnit
 from ..pipeline.settings import GenerationSettings, check_inputs
 from ..runtime import Generator
 from ..workspace import Workspace
@@ -59,18 +60,18 @@ class Job:
     """A checked request, ready for the worker: no further validation can fail on input."""
 
     settings: GenerationSettings
-    image: np.ndarray
-    control_map: np.ndarray | None
+    image: np.ndarray | None
+    control_images: list[np.ndarray | None]  # one per unit (None: the unit uses ``image``)
     adapter_set: AdapterSet
     applied: list[dict]
-    control: str
+    controls: list[str]  # each unit's ControlNet
     key: tuple = field(default_factory=tuple)  # identical keys need no swap between them
 
 
 @dataclass
 class Generation:
     images: list[np.ndarray]
-    control_map: np.ndarray
+    control_maps: list[np.ndarray]
     settings: GenerationSettings
     swapped: bool
     reopened: bool
@@ -171,36 +172,79 @@ class Engine:
             value = getattr(request, name)
             if value > limit:
                 raise CatalogError(422, name, f"{name}={value} exceeds this server's limit of {limit} ({flag})")
-        image = control_map = None
-        if request.image is not None:
-            image = decode_image(request.image, "image", c.max_image_bytes, c.max_image_pixels)
-        if request.control_map is not None:
-            control_map = decode_image(request.control_map, "control_map", c.max_image_bytes, c.max_image_pixels)
-        if image is None and control_map is None:
-            raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
+        limits = (c.max_image_bytes, c.max_image_pixels)
+        image = None if request.image is None else decode_image(request.image, "image", *limits)
+        fields_ = {k: getattr(request, k) for k in SETTING_FIELDS}
+        fields_["max_prompt_tokens"] = c.max_prompt_tokens
+        if request.controls is None:  # the one-unit form
+            control_map = None if request.control_map is None else decode_image(request.control_map, "control_map",
+                                                                                 *limits)
+            if image is None and control_map is None:
+                raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
+            settings = GenerationSettings(**fields_, preprocessor="canny" if control_map is None else "none")
+            control_images, controls = [control_map], [request.control]
+        else:
+            settings, control_images = self._units(request, image, fields_)
+            controls = [spec.name for spec in request.controls]
         if image is None and request.img2img_strength is not None:
-            raise CatalogError(422, "img2img_strength", "img2img needs an image, not only a control_map")
-        settings = GenerationSettings(**{k: getattr(request, k) for k in SETTING_FIELDS},
-                                      preprocessor="canny" if control_map is None else "none")
+            raise CatalogError(422, "img2img_strength", "img2img needs an image, not only control maps")
         try:
-            for given in (image, control_map):
-                if given is not None:
-                    check_inputs(given, settings)
+            given = [i for i in (image, *control_images) if i is not None]
+            for each in given or [None]:
+                check_inputs(each, settings)
         except LoramgrError as exc:
-            raise CatalogError(422, field_of(str(exc)), str(exc)) from None
-        adapter_set, applied, key = self.adapter_set(request)
-        return Job(settings, image, control_map, adapter_set, applied, request.control, key)
+            message = str(exc).replace("units.", "controls.")  # the request's name for the units
+            unit_field = re.match(r"controls\.\d+\.\w+", message)
+            raise CatalogError(422, unit_field.group(0) if unit_field else field_of(message), message) from None
+        adapter_set, applied, key = self.adapter_set(request, controls)
+        return Job(settings, image, control_images, adapter_set, applied, controls, key)
 
-    def adapter_set(self, request: GenerateRequest) -> tuple[AdapterSet, list[dict], tuple]:
-        """The request's adapters, loaded and checked against the base (ControlNet first, as ``loramgr run``)."""
-        chosen, key = [], []
-        if request.control != "canny":
-            field_ = "control"
-            adapter, sha = self.catalog.load(request.control, field_)
-            if adapter.kind != "controlnet":
-                raise CatalogError(422, field_, f"{request.control!r} is a {adapter.kind} adapter, not a ControlNet; "
+    def _units(self, request: GenerateRequest, image: np.ndarray | None, fields_: dict
+               ) -> tuple[GenerationSettings, list[np.ndarray | None]]:
+        """The settings and images of ``controls`` (several units, or none)."""
+        c = self.config
+        if len(request.controls) > c.max_controlnets:
+            raise CatalogError(422, "controls", f"{len(request.controls)} ControlNet units exceed this server's "
+                                                f"limit of {c.max_controlnets} (--max-controlnets)")
+        units, images = [], []
+        for i, spec in enumerate(request.controls):
+            if spec.image is not None and spec.control_map is not None:
+                raise CatalogError(422, f"controls.{i}.control_map", "give image or control_map, not both")
+            source, what = (spec.control_map, "control_map") if spec.control_map is not None else (spec.image, "image")
+            pixels = None if source is None else decode_image(source, f"controls.{i}.{what}", c.max_image_bytes,
+                                                              c.max_image_pixels)
+            if pixels is None and image is None:
+                raise CatalogError(422, f"controls.{i}.image", "required: the unit's image or control_map, "
+                                                                "or the request's image")
+            preprocessor = spec.preprocessor or ("none" if spec.control_map is not None else "canny")
+            units.append(ControlUnit(spec.name, preprocessor, spec.strength, spec.start, spec.end, spec.mode,
+                                     spec.low_threshold, spec.high_threshold))
+            images.append(pixels)
+        if image is None and not any(i is not None for i in images) and (request.width is None or request.height is None):
+            raise CatalogError(422, "image", "required without ControlNet units: an image, or width and height")
+        try:
+            return GenerationSettings(**fields_, units=tuple(units)), images
+        except TypeError as exc:  # pragma: no cover - the schema and the dataclass agree
+            raise CatalogError(422, "controls", str(exc)) from None
+
+    def adapter_set(self, request: GenerateRequest, controls: list[str] | None = None
+                    ) -> tuple[AdapterSet, list[dict], tuple]:
+        """The request's adapters, loaded and checked against the base (ControlNets first, as ``loramgr run``).
+
+        ``controls``: the ControlNet of each unit (default: the one-unit ``control``).
+        """
+        controls = [request.control] if controls is None else controls
+        chosen, fields_ = [], []
+        for name in dict.fromkeys(controls):
+            if name == BASE_CONTROLNET:
+                continue
+            field_ = "control" if request.controls is None else f"controls.{controls.index(name)}.name"
+            adapter, sha = self.catalog.load(name, field_)
+            if not is_controlnet(adapter):
+                raise CatalogError(422, field_, f"{name!r} is a {adapter.kind} adapter, not a ControlNet; "
                                                 "pass LoRAs in loras")
             chosen.append((adapter, 1.0, sha))
+            fields_.append(field_)
         for i, spec in enumerate(request.loras):
             field_ = f"loras.{i}.name"
             adapter, sha = self.catalog.load(spec.name, field_)
@@ -211,19 +255,20 @@ class Engine:
             if not math.isfinite(weight):
                 raise CatalogError(422, f"loras.{i}.weight", f"weight must be a finite number, got {weight}")
             chosen.append((adapter, weight, sha))
-        for i, (adapter, _, _) in enumerate(chosen):
+            fields_.append(field_)
+        for (adapter, _, _), field_ in zip(chosen, fields_):
             try:
                 adapter.check_base(self.manifest)
             except LoramgrError as exc:
-                field_ = "control" if adapter.kind == "controlnet" else f"loras.{i - (request.control != 'canny')}.name"
                 raise CatalogError(422, field_, str(exc).replace(str(adapter.path), adapter.name)) from None
+        base_controlnet = BASE_CONTROLNET in controls
         try:
-            adapter_set = AdapterSet(tuple((a, w) for a, w, _ in chosen))
+            adapter_set = AdapterSet(tuple((a, w) for a, w, _ in chosen), base_controlnet=base_controlnet)
         except LoramgrError as exc:
             raise CatalogError(422, "loras", str(exc)) from None
         applied = [{"name": a.name, "kind": a.kind, "weight": w, "sha256": sha,
                     "source_sha256": a.metadata.get("loramgr.source_sha256", "")} for a, w, sha in chosen]
-        key = tuple((a.kind, a.name, w, sha) for a, w, sha in chosen)
+        key = (*((a.kind, a.name, w, sha) for a, w, sha in chosen), ("base_controlnet", base_controlnet))
         return adapter_set, applied, key
 
     # -- job -> images (worker thread) --------------------------------------------------------
@@ -243,8 +288,10 @@ class Engine:
             reopened = swapped and self._needs_reopen(adapter_set)
             swappable = self.swappable()
             try:
-                made = self.generator.generate(adapter_set, job.settings, job.image, control_image=job.control_map,
-                                               progress=self.progress)
+                one_unit = job.settings.units is None
+                made = self.generator.generate(
+                    adapter_set, job.settings, job.image, control_image=job.control_images[0] if one_unit else None,
+                    control_images=None if one_unit else job.control_images, progress=self.progress)
             except BaseException:
                 if self.runner.adapter_set is not adapter_set:  # the swap itself failed: weights may be half written
                     self._recover(swappable)
@@ -255,7 +302,7 @@ class Engine:
             if swapped:
                 self._swapped(job.key, swap_s, reopened)
         timings = {"swap": swap_s, **made.result.timings}
-        return Generation(made.images, made.control_map, replace(job.settings), swapped, reopened, timings)
+        return Generation(made.images, made.control_maps, replace(job.settings), swapped, reopened, timings)
 
     def _swapped(self, key: tuple, seconds: float, reopened: bool) -> None:
         """Record that the runner now holds the set of ``key`` (what the next request compares with)."""

@@ -15,7 +15,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..pipeline.settings import CONTROL_SCHEDULES, GenerationSettings
+from ..pipeline.control import CONTROL_MODES, PREPROCESSORS, WINDOW_RULES, ControlUnit
+from ..pipeline.settings import CONTROL_SCHEDULES, PROMPT_SYNTAXES, GenerationSettings
 
 # The defaults of `loramgr run`: read from the dataclass, never copied.
 RUN_DEFAULTS = {f.name: f.default for f in fields(GenerationSettings) if f.default is not MISSING}
@@ -30,8 +31,32 @@ class LoraSpec(BaseModel):
     weight: FiniteFloat | None = Field(None, description="strength; omitted: the adapter's default weight")
 
 
+UNIT_DEFAULTS = {f.name: f.default for f in fields(ControlUnit)}
+
+
+class ControlSpec(BaseModel):
+    """One ControlNet unit of ``controls``: which ControlNet, its image or map, how strong, when."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field("canny", description="`canny`: the base's own ControlNet; else a converted ControlNet",
+                      max_length=100)
+    image: str | None = Field(None, description="base64 image the map is made from (default: the request's image)")
+    control_map: str | None = Field(None, description="base64 precomputed map, used as it is (preprocessor none)")
+    preprocessor: Literal[PREPROCESSORS] | None = Field(  # type: ignore[valid-type]
+        None, description="how the image becomes the map; default `canny`, or `none` with a control_map")
+    strength: FiniteFloat = UNIT_DEFAULTS["strength"]
+    start: FiniteFloat = Field(UNIT_DEFAULTS["start"], description="fraction of the steps where the unit starts")
+    end: FiniteFloat = Field(UNIT_DEFAULTS["end"], description="fraction of the steps where it stops")
+    mode: Literal[CONTROL_MODES] = Field(  # type: ignore[valid-type]
+        UNIT_DEFAULTS["mode"], description="balanced | prompt (soft weights) | control (soft weights, "
+                                           "conditional half only: diffusers' guess mode)")
+    low_threshold: int = UNIT_DEFAULTS["low_threshold"]
+    high_threshold: int = UNIT_DEFAULTS["high_threshold"]
+
+
 class GenerateRequest(BaseModel):
-    """``POST /v1/generate``: one canny ControlNet generation with its adapters."""
+    """``POST /v1/generate``: one generation with its adapters and ControlNet units."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +69,13 @@ class GenerateRequest(BaseModel):
     loras: list[LoraSpec] = Field(default_factory=list, max_length=16)
     control: str = Field("canny", description="`canny`: the base's own ControlNet; else a converted ControlNet",
                          max_length=100)
+    controls: list[ControlSpec] | None = Field(
+        None, description="ControlNet units (`[]`: none); when given, `control`, `control_map`, `strength`, "
+                          "`guess_mode` and the thresholds are not used", max_length=16)
+    width: int | None = Field(None, description="output width without any image (multiple of 64)")
+    height: int | None = Field(None, description="output height without any image (multiple of 64)")
+    clip_skip: int = RUN_DEFAULTS["clip_skip"]
+    prompt_syntax: Literal[PROMPT_SYNTAXES] = RUN_DEFAULTS["prompt_syntax"]  # type: ignore[valid-type]
     steps: int = RUN_DEFAULTS["steps"]
     scale: FiniteFloat = RUN_DEFAULTS["scale"]
     seed: int = RUN_DEFAULTS["seed"]
@@ -52,6 +84,9 @@ class GenerateRequest(BaseModel):
     num_samples: int = RUN_DEFAULTS["num_samples"]
     guess_mode: bool = RUN_DEFAULTS["guess_mode"]
     control_schedule: Literal[CONTROL_SCHEDULES] = RUN_DEFAULTS["control_schedule"]  # type: ignore[valid-type]
+    control_window: Literal[WINDOW_RULES] = Field(  # type: ignore[valid-type]
+        RUN_DEFAULTS["control_window"], description="how `controls[].start/end` pick steps: diffusers' rule or "
+                                                    "A1111's (docs/serving.md)")
     strength: FiniteFloat = RUN_DEFAULTS["strength"]
     img2img_strength: FiniteFloat | None = RUN_DEFAULTS["img2img_strength"]
     eta: FiniteFloat = RUN_DEFAULTS["eta"]
@@ -82,9 +117,11 @@ class Timings(BaseModel):
 
 class GenerateResponse(BaseModel):
     images: list[str] = Field(description="base64 PNG, num_samples of them")
-    control_map: str = Field(description="base64 PNG of the control (edge) map the ControlNet saw")
+    control_map: str | None = Field(description="base64 PNG of the first unit's control map (null: no unit)")
+    control_maps: list[str] = Field(description="base64 PNG of every unit's control map, in unit order")
     adapters: list[AppliedAdapter]
-    control: str
+    control: str = Field(description="the first unit's ControlNet (`none` without units)")
+    controls: list[str] = Field(description="every unit's ControlNet, in unit order")
     seed: int
     base: str
     backend: str

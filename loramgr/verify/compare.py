@@ -108,10 +108,8 @@ def _output_diff(name: str, ours: torch.Tensor, theirs: torch.Tensor, rtol: floa
 
 
 def compare_outputs(injected, reference, manifest: Manifest, image_size: int, seed: int, rtol: float) -> list[OutputDiff]:
-    """Graph outputs of two runners on the same seeded inputs: the fused UNet+ControlNet in normal and
-    guess mode (unconditional row without control, shallow residuals weakest), and the text encoder."""
-    from ..pipeline.control import control_scales
-
+    """Graph outputs of two runners on the same seeded inputs: the ControlNet's residuals, the UNet with
+    those residuals and without any, and the text encoder (every CLIP-skip layer)."""
     gen = torch.Generator().manual_seed(seed)
     text = manifest.configs["text_encoder"]
     latent = image_size // 8
@@ -119,13 +117,16 @@ def compare_outputs(injected, reference, manifest: Manifest, image_size: int, se
         "sample": torch.randn(2, 4, latent, latent, generator=gen),
         "timestep": torch.tensor([981.0, 981.0]),
         "encoder_hidden_states": torch.randn(2, 77, text["hidden_size"], generator=gen),
-        "controlnet_cond": torch.rand(2, 3, image_size, image_size, generator=gen),
     }
-    cases = {"noise_pred": control_scales(1, 1.0, False, "controlnet"),
-             "noise_pred, guess mode": control_scales(1, 1.0, True, "controlnet")}
-    diffs = [_output_diff(name, injected.predict_noise(**inputs, control_scales=scales),
-                          reference.predict_noise(**inputs, control_scales=scales), rtol)
-             for name, scales in cases.items()]
+    cond = torch.rand(2, 3, image_size, image_size, generator=gen)
+    ours = injected.control_residuals(None, **inputs, controlnet_cond=cond)
+    theirs = reference.control_residuals(None, **inputs, controlnet_cond=cond)
+    diffs = [_output_diff("controlnet residuals", torch.cat([r.flatten() for r in ours]),
+                          torch.cat([r.flatten() for r in theirs]), rtol)]
+    diffs += [_output_diff("noise_pred", injected.predict_noise(**inputs, residuals=theirs),
+                           reference.predict_noise(**inputs, residuals=theirs), rtol),
+              _output_diff("noise_pred, no unit", injected.predict_noise(**inputs), reference.predict_noise(**inputs),
+                           rtol)]
     input_ids = torch.randint(0, text["vocab_size"], (2, 77), generator=gen)
     diffs.append(_output_diff("text embeddings", injected.encode_text(input_ids), reference.encode_text(input_ids), rtol))
     return diffs
