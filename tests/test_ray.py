@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import importlib.util
+import ipaddress
 import os
 import signal
 import threading
@@ -18,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -123,54 +125,46 @@ def test_gpu_backends_reserve_a_gpu_per_replica(ws):
 
 # -- a local Ray cluster ----------------------------------------------------------------------
 
-def _children(pid: int) -> set[int]:
-    """Every live descendant of ``pid`` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] != "Z":
-                parents[int(entry.name)] = int(fields[1])
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {p for p, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def _alive(pids: set[int]) -> set[int]:
-    """Those of ``pids`` still running (not zombies), wherever they were re-parented."""
-    alive = set()
-    for pid in pids:
+def _running(procs) -> list[psutil.Process]:
+    """Those of ``procs`` still running (zombies count as gone: they hold no socket and no memory)."""
+    def up(proc: psutil.Process) -> bool:
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            continue
-        if state != "Z":
-            alive.add(pid)
-    return alive
+            return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    return [proc for proc in procs if up(proc)]
 
 
-def _wait_gone(pids: set[int], timeout: float = 30) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while _alive(pids) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return _alive(pids)
+def _wait_gone(procs, deadline: float) -> list[psutil.Process]:
+    """Wait until every one of ``procs`` has exited or ``deadline`` (monotonic) passed; those left running."""
+    while _running(procs) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return _running(procs)
 
 
 def _replica_pids() -> set[int]:
-    pids = set()
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if b"ServeReplica:loramgr:Generator" in (entry / "cmdline").read_bytes():
-                    pids.add(int(entry.name))
-            except OSError:
-                continue
-    return pids
+    return {proc.pid for proc in psutil.process_iter(["cmdline"])
+            if "ServeReplica:loramgr:Generator" in " ".join(proc.info["cmdline"] or ())}
+
+
+def _exposed(procs) -> list[tuple[int, str, str]]:
+    """(pid, name, address) of each TCP socket that one of ``procs`` listens on outside loopback.
+
+    A v4-mapped IPv6 address (``::ffff:127.0.0.1``, gRPC's dual-stack sockets) counts as its IPv4 address.
+    """
+    exposed = []
+    for proc in _running(procs):
+        try:
+            sockets, name = proc.net_connections(kind="tcp"), proc.name()
+        except psutil.NoSuchProcess:
+            continue
+        for sock in sockets:
+            if sock.status == psutil.CONN_LISTEN:
+                ip = ipaddress.ip_address(sock.laddr.ip)
+                if not (getattr(ip, "ipv4_mapped", None) or ip).is_loopback:
+                    exposed.append((proc.pid, name, f"{sock.laddr.ip}:{sock.laddr.port}"))
+    return exposed
 
 
 @pytest.fixture(scope="module")
@@ -179,21 +173,21 @@ def cluster(ws):
     import ray
     from ray import serve
 
-    from loramgr.serve.ray_serve import application
+    from loramgr.serve.ray_serve import application, init_local
 
-    before, environ = _children(os.getpid()), dict(os.environ)
-    ray.init(address="local", num_cpus=2, object_store_memory=100 * 2**20, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, _node_ip_address="127.0.0.1")  # loopback only
+    me, environ = psutil.Process(), dict(os.environ)
+    before = set(me.children(recursive=True))
+    init_local(num_cpus=2, object_store_memory=100 * 2**20, log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(application(ws.home, CONFIG, RayOptions(replicas=2, sets_per_replica=2)), name="loramgr",
               route_prefix="/")
-    state = {"url": f"http://127.0.0.1:{port}", "started": _children(os.getpid()) - before, "up": True}
+    state = {"url": f"http://127.0.0.1:{port}", "started": set(me.children(recursive=True)) - before, "up": True}
     yield state
     if state["up"]:
         serve.shutdown()
         ray.shutdown()
-    os.environ.clear()  # ray.init leaves RAY_AUTH_MODE, PYTHONBREAKPOINT, ... for later tests' subprocesses
+    os.environ.clear()  # ray.init (and init_local) leave RAY_AUTH_MODE, ... for later tests' subprocesses
     os.environ.update(environ)
 
 
@@ -325,18 +319,61 @@ def test_shutdown_leaves_no_process(cluster):
     serve.shutdown()
     ray.shutdown()
     cluster["up"] = False
-    assert not _wait_gone(cluster["started"]), "Ray processes left behind"
+    assert not _wait_gone(cluster["started"], time.monotonic() + 30), "Ray processes left behind"
 
 
 @needs_ray
-@pytest.mark.slow
-def test_cli_serves_on_ray_and_exits_0_on_sigterm(ws, expected):
-    """The real `loramgr serve --ray` process: a local cluster, one request, SIGTERM, nothing left behind."""
+def test_cli_listens_on_loopback_only_and_drains_on_sigterm(ws, tmp_path):
+    """The real ``loramgr serve --ray --replicas 1``: every listening socket of every process it started is
+    on loopback; on SIGTERM the generations in flight finish (bit for bit) while new ones get 503, then the
+    process and all of Ray's are gone within 15 s of the last answer, without Serve's controller timeout."""
+    slow = {"steps": 12}  # three of them queue in the one replica: SIGTERM comes while they run
+    expected = cli_run(ws, tmp_path, prompt="a house", loras=SETS[2][0], control=SETS[2][1], seed=SEED, **slow)
+    body = {**request_body(ws, *SETS[2]), **slow}
     port = free_port()
-    with reaped(start_server(ws, port, "--ray", "--replicas", "1", ready_s=240)) as proc:
-        started = _children(proc.pid)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/generate", json=request_body(ws, *SETS[2]), timeout=300)
-        assert r.status_code == 200 and _images(r.json()) == expected[2]
+    started: list[psutil.Process] = []
+    server = start_server(ws, port, "--ray", "--replicas", "1", ready_s=300)
+    with reaped(server, started, unwanted=("Traceback", "failed to shut down")) as proc:  # Serve's controller timeout
+        url = f"http://127.0.0.1:{port}"
+        answers: list[tuple[float, httpx.Response]] = []
+
+        def send():
+            r = httpx.post(f"{url}/v1/generate", json=body, timeout=300)
+            answers.append((time.monotonic(), r))
+
+        clients = [threading.Thread(target=send) for _ in range(3)]
+        for client in clients:
+            client.start()
+        deadline = time.monotonic() + 120
+        while _queue_depth(url) < 3:  # all three forwarded to the replica, none answered yet
+            assert time.monotonic() < deadline, "the generations were not forwarded"
+            time.sleep(0.05)
+        started += psutil.Process(proc.pid).children(recursive=True)
+        names = {p.name() for p in _running(started)}
+        assert {"gcs_server", "raylet"} <= names and any("ServeReplica" in n for n in names), names
+        assert not _exposed([psutil.Process(proc.pid), *started]), "listening outside loopback"
+
+        sigterm = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(120) == 0
-    assert not _wait_gone(started), "Ray processes left behind"
+        while httpx.get(f"{url}/readyz").status_code == 200:  # the drain has begun
+            assert time.monotonic() < sigterm + 60, "/readyz stayed 200 after SIGTERM"
+            time.sleep(0.05)
+        late = httpx.post(f"{url}/v1/generate", json=body, timeout=60)
+        assert late.status_code == 503 and "Retry-After" in late.headers, late.text
+        for client in clients:
+            client.join(300)
+        assert [r.status_code for _, r in answers] == [200] * 3, [r.text for _, r in answers]
+        assert all(_images(r.json()) == expected for _, r in answers)
+        last = max(t for t, _ in answers)
+        assert last > sigterm, "every generation had finished before SIGTERM: the drain was not exercised"
+
+        assert proc.wait(max(1.0, last + 15 - time.monotonic())) == 0
+        left = _wait_gone(started, last + 15)
+        assert not left, f"Ray processes still running 15 s after the last generation: {left}"
+        print(f"exit {time.monotonic() - last:.1f} s after the last generation")
+
+
+def _queue_depth(url: str) -> float:
+    """The ingress's ``loramgr_queue_depth``: generations forwarded to the replicas and not answered yet."""
+    text = httpx.get(f"{url}/metrics").text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("loramgr_queue_depth "))
