@@ -90,18 +90,18 @@ def _replica_grpc_on_loopback() -> None:
     Called in the deployments' constructors, which Serve runs before it starts the server.
     """
     import ray
+    from ray._common.network_utils import build_address
     from ray.serve._private import replica
 
     node_ip = ray.util.get_node_ip_address()
     bind = getattr(replica, "add_port_to_grpc_server", None)
-    if bind is None or not is_loopback(node_ip) or getattr(bind, "loopback", False):
+    if bind is None or not is_loopback(node_ip):
         return
 
     def loopback(server, address: str) -> int:
         host, _, port = address.rpartition(":")
-        return bind(server, f"{node_ip}:{port}" if host in ("[::]", "0.0.0.0") else address)
+        return bind(server, build_address(node_ip, int(port)) if host in ("[::]", "0.0.0.0") else address)
 
-    loopback.loopback = True
     replica.add_port_to_grpc_server = loopback
 
 
@@ -352,21 +352,24 @@ def run(workspace: Workspace, config: ServeConfig, options: RayOptions, log_leve
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (abort) handler
         signal.signal(sig, lambda *_: stop.set())
+    deployed = False
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         scale = (f"{options.autoscale[0]}-{options.autoscale[1]} replicas (autoscaled)" if options.autoscale
                  else f"{options.replicas} replica{'s' * (options.replicas > 1)}")
         print(f"deploying on Ray: {scale}, {options.sets_per_replica} adapter sets per replica", flush=True)
         serve.run(application(workspace.home, config, options), name=APP_NAME, route_prefix="/")
+        deployed = True
         print(f"serving on http://{config.host}:{config.port} (Ray Serve); Ctrl-C or SIGTERM stops", flush=True)
         stop.wait()
         print("stopping: accepted generations finish first", flush=True)
         serve.get_app_handle(APP_NAME).drain.remote().result(timeout_s=None)
-        # Each replica stops once its requests are done: the ingress's responses reach Ray's proxy,
-        # which serve.shutdown kills without a drain of its own.
-        serve.delete(APP_NAME)
     finally:
-        if not options.address:  # a cluster we joined keeps running, without our application
+        if deployed or options.address:  # a cluster we joined keeps running, without our application
+            # Each replica stops once its requests are done: the ingress's last responses reach
+            # Ray's proxy, which serve.shutdown kills without a drain of its own.
+            serve.delete(APP_NAME)
+        if not options.address:
             serve.shutdown()
         ray.shutdown()
     return 0
