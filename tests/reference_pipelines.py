@@ -29,7 +29,7 @@ def diffusers_images(reference, image: np.ndarray, settings: GenerationSettings,
             reference.scheduler.config, **SCHEDULER_OPTIONS.get(settings.scheduler, {})),
     }
     kwargs = {
-        "prompt": f"{settings.prompt}, {settings.a_prompt}",
+        "prompt": f"{settings.prompt}, {settings.a_prompt}" if settings.a_prompt else settings.prompt,
         "negative_prompt": settings.n_prompt,
         "num_images_per_prompt": settings.num_samples,
         "height": resized.shape[0],

@@ -25,7 +25,7 @@ from ..manifest import FUSED, TEXT_ENCODER, VAE_ENCODER
 from .canny import HWC3, detect_edges, resize_image
 from .control import control_scales
 from .schedulers import make_scheduler, step_kwargs
-from .settings import GenerationSettings, check_inputs, output_size
+from .settings import GenerationSettings, check_inputs, full_prompt, output_size
 
 logger = logging.getLogger(__name__)
 
@@ -186,7 +186,7 @@ class ControlNetPipeline:
 
     def encode_prompt(self, settings: GenerationSettings) -> torch.Tensor:
         """``[2N, 77, D]`` embeddings of ``n_prompt`` (N rows) then ``prompt, a_prompt`` (N rows)."""
-        texts = {"n_prompt": settings.n_prompt, "prompt, a_prompt": f"{settings.prompt}, {settings.a_prompt}"}
+        texts = {"n_prompt": settings.n_prompt, "prompt, a_prompt": full_prompt(settings)}
         max_length = self.tokenizer.model_max_length
         for what, text in texts.items():
             ids = self.tokenizer(text).input_ids

@@ -114,6 +114,14 @@ def check_inputs(image: np.ndarray, settings: GenerationSettings) -> None:
             )
 
 
+def full_prompt(settings: GenerationSettings) -> str:
+    """``prompt, a_prompt`` as ControlNet's ``process()`` joins them; an empty ``a_prompt`` adds nothing.
+
+    A1111 clients send no added prompt: their text must reach the encoder exactly as written.
+    """
+    return f"{settings.prompt}, {settings.a_prompt}" if settings.a_prompt else settings.prompt
+
+
 def output_size(height: int, width: int, resolution: int) -> tuple[int, int]:
     """The generated (height, width): short side ``resolution``, both rounded to 64, as ``resize_image``."""
     k = float(resolution) / min(height, width)
