@@ -221,7 +221,7 @@ def test_limit_names_the_field_count_and_option(clip):
         plan_prompt(words(("cat", 226)), clip, what="negative_prompt")
     assert str(err.value) == ("negative_prompt: 226 tokens, over the limit of 225 (3 chunks of 75): shorten it, "
                               "or raise the limit with --max-prompt-tokens")
-    with pytest.raises(LoramgrError, match="prompt: 151 tokens, over the limit of 150"):
+    with pytest.raises(LoramgrError, match="prompt: 151 tokens, over the limit of 150 \\(2 chunks of 75\\)"):
         plan_prompt(words(("cat", 1), ("BREAK", 1), ("cat", 76)), clip, max_tokens=150)  # BREAK pads to 75
     assert plan_prompt(words(("cat", 1), ("BREAK", 1), ("cat", 75)), clip, max_tokens=150).tokens == 150
 
@@ -234,6 +234,8 @@ def test_plain_syntax_is_diffusers_tokenization(clip):
     assert plan.chunks[0].weights == [1.0] * 77 and plan.chunks[0].vectors == {} and plan.embeddings == []
     with pytest.raises(LoramgrError, match="prompt: 76 tokens; with prompt syntax 'plain' a prompt holds at most 75"):
         plan_prompt(words(("cat", 76)), clip, syntax="plain")
+    with pytest.raises(LoramgrError, match="prompt: 3 tokens, over the limit of 2: shorten it"):
+        plan_prompt("cat cat cat", clip, syntax="plain", max_tokens=2)
     with pytest.raises(LoramgrError, match="syntax 'compel' is not one of a1111, plain"):
         plan_prompt("cat", clip, syntax="compel")
 

@@ -276,8 +276,10 @@ def plan_prompt(text: str, tokenizer, embeddings: Mapping[str, np.ndarray] | Non
 
 
 def _too_long(what: str, tokens: int, limit: int) -> LoramgrError:
-    return LoramgrError(f"{what}: {tokens} tokens, over the limit of {limit} ({-(-limit // CHUNK_TOKENS)} "
-                        f"chunks of {CHUNK_TOKENS}): shorten it, or raise the limit with --max-prompt-tokens")
+    chunks = limit // CHUNK_TOKENS
+    size = f" ({chunks} chunk{'s' * (chunks > 1)} of {CHUNK_TOKENS})" if chunks and not limit % CHUNK_TOKENS else ""
+    return LoramgrError(f"{what}: {tokens} tokens, over the limit of {limit}{size}: shorten it, or raise the limit "
+                        "with --max-prompt-tokens")
 
 
 def apply_emphasis(hidden: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
