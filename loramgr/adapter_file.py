@@ -12,6 +12,9 @@ open it. Two kinds of content (docs/lora-format.md is the full contract):
   source dtype, so that strength and stacking are chosen at run time and the file
   stays about the size of the source. The per-target kind, scale (alpha / rank) and
   layout are in the ``loramgr.targets`` metadata entry (JSON).
+* **Textual-inversion embeddings**, named ``loramgr.embedding::<trigger>`` ([n, D] float32),
+  indexed by ``loramgr.embeddings``: the whole content of a file of kind ``embedding``, or
+  the ones a LoRA bundles, triggered by name in prompts while the LoRA is applied.
 
 ``loramgr.content_sha256`` records a sha256 of every tensor and metadata entry, written
 by :func:`save_adapter` and checked by :func:`load_adapter` at every load, so a damaged
@@ -37,8 +40,10 @@ from .workspace import atomic_path
 
 FORMAT_VERSION = 1
 SEPARATOR = "::"
-KINDS = ("lora", "controlnet", "baked")
+KINDS = ("lora", "controlnet", "baked", "embedding")
 CHECKSUM_KEY = "loramgr.content_sha256"
+EMBEDDINGS_KEY = "loramgr.embeddings"
+EMBEDDING_PREFIX = "loramgr.embedding::"
 # ONNX's protobuf limit is 2 GiB; larger files keep their tensors in a sibling data file.
 _PROTO_LIMIT = 1_800_000_000
 
@@ -62,6 +67,9 @@ class AdapterFile:
     kind: str
     metadata: dict[str, str]
     targets: dict[str, AdapterTarget] = field(default_factory=dict)
+    # textual-inversion vectors [n, D] by trigger; a file of kind "embedding" holds one, triggered
+    # by the adapter's name (the file stem, as A1111 names embeddings by theirs)
+    embeddings: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -77,6 +85,9 @@ class AdapterFile:
 
     def check_base(self, manifest: Manifest) -> None:
         """Refuse an adapter converted against another base before any work is done."""
+        if self.kind == "embedding":
+            raise LoramgrError(f"{self.path}: a textual-inversion embedding, not a LoRA: write its name "
+                               f"{self.name!r} in the prompt instead")
         if self.base_fingerprint != manifest.fingerprint:
             raise LoramgrError(
                 f"{self.path}: converted for base {self.metadata.get('loramgr.base_name', '?')!r} "
@@ -86,8 +97,9 @@ class AdapterFile:
         check_target_shapes(self.path, self.targets.values(), manifest)
 
 
-def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[AdapterTarget]) -> None:
-    """Write a ``.lora`` atomically (temp file + rename).
+def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[AdapterTarget],
+                 embeddings: dict[str, np.ndarray] | None = None) -> None:
+    """Write a ``.lora`` atomically (temp file + rename); ``embeddings``: trigger -> [n, D] vectors.
 
     Example:
         >>> save_adapter(Path("adapters/x.lora"), "lora", {"loramgr.base_name": "tiny"}, targets)
@@ -105,10 +117,16 @@ def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[
                                 "factors": list(t.tensors)}
         if "dora_scale" in t.tensors:
             index[t.initializer]["dora_rule"] = t.dora_rule
+    embeddings = embeddings or {}
+    for trigger, vectors in embeddings.items():
+        initializers.append(numpy_helper.from_array(np.ascontiguousarray(vectors, np.float32),
+                                                    EMBEDDING_PREFIX + trigger))
     graph = onnx.helper.make_graph([], "loramgr_adapter", [], [], initializer=initializers)
     model = onnx.helper.make_model(graph, producer_name="loramgr")
     props = {"loramgr.format_version": str(FORMAT_VERSION), "loramgr.kind": kind, **metadata,
              "loramgr.targets": json.dumps(index)}
+    if embeddings:
+        props[EMBEDDINGS_KEY] = json.dumps(embedding_shapes(embeddings))
     onnx.helper.set_model_props(model, props)
     onnx.helper.set_model_props(model, {**props, CHECKSUM_KEY: content_sha256(model)})
     size = sum(a.nbytes for t in targets for a in t.tensors.values())
@@ -118,6 +136,11 @@ def save_adapter(path: Path, kind: str, metadata: dict[str, str], targets: list[
                             location=path.name + ".data", size_threshold=1024)
         else:
             onnx.save_model(model, str(tmp))
+
+
+def embedding_shapes(embeddings: dict[str, np.ndarray]) -> dict[str, dict[str, int]]:
+    """Trigger -> ``{vectors, dim}``: the ``loramgr.embeddings`` index entry of each embedding."""
+    return {t: {"vectors": int(v.shape[0]), "dim": int(v.shape[1])} for t, v in embeddings.items()}
 
 
 def content_sha256(model: onnx.ModelProto) -> str:
@@ -171,7 +194,51 @@ def load_adapter(path: Path) -> AdapterFile:
             raise BadFileError(path, f"tensor of {initializer!r} cannot be read ({type(exc).__name__})") from None
         targets[initializer] = AdapterTarget(initializer, entry["graph"], entry["param"], entry["kind"],
                                              float(entry["scale"]), arrays, entry.get("dora_rule", "lycoris"))
-    return AdapterFile(Path(path), meta["loramgr.kind"], meta, targets)
+    embeddings = {}
+    for trigger, entry in _parse_embeddings(path, meta).items():
+        tensor = tensors.get(EMBEDDING_PREFIX + trigger)
+        vectors = numpy_helper.to_array(tensor) if tensor is not None else None
+        if vectors is None or vectors.shape != (entry["vectors"], entry["dim"]):
+            got = "missing" if vectors is None else f"shaped {list(vectors.shape)}"
+            raise BadFileError(path, f"embedding {trigger!r} listed in the metadata is {got} (damaged file?)")
+        embeddings[trigger] = vectors
+    if meta["loramgr.kind"] == "embedding":
+        if len(embeddings) != 1 or targets:
+            raise BadFileError(path, "an embedding file holds one embedding and no weight changes (damaged file?)")
+        embeddings = {Path(path).stem: next(iter(embeddings.values()))}
+    return AdapterFile(Path(path), meta["loramgr.kind"], meta, targets, embeddings)
+
+
+def embedding_index(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
+    """Trigger -> ``{vectors, dim}`` of the embeddings a ``.lora`` holds, from its metadata (no
+    tensors read); a file of kind ``embedding`` adds A1111's ``step``, ``sd_checkpoint`` and
+    ``sd_checkpoint_name`` and is triggered by its name."""
+    index = _parse_embeddings(path, metadata)
+    if metadata.get("loramgr.kind") != "embedding":
+        return index
+    if len(index) != 1:
+        raise BadFileError(path, f"an embedding file indexes {len(index)} embeddings, not one (damaged file?)")
+    fields = {}
+    for key in ("step", "sd_checkpoint", "sd_checkpoint_name"):
+        try:
+            fields[key] = json.loads(metadata.get(f"loramgr.embedding.{key}", "null"))
+        except ValueError:
+            raise BadFileError(path, f"metadata loramgr.embedding.{key} is not JSON (damaged file?)") from None
+    return {Path(path).stem: {**next(iter(index.values())), **fields}}
+
+
+def _parse_embeddings(path: Path, metadata: dict[str, str]) -> dict[str, dict[str, int]]:
+    """The ``loramgr.embeddings`` index of a ``.lora``, checked: name at conversion -> {vectors, dim}."""
+    try:
+        index = json.loads(metadata.get(EMBEDDINGS_KEY, "{}"))
+    except ValueError:
+        index = None
+    valid = isinstance(index, dict) and all(
+        isinstance(e, dict) and all(isinstance(e.get(k), int) and not isinstance(e.get(k), bool) and e[k] > 0
+                                    for k in ("vectors", "dim")) for e in index.values())
+    if not valid:
+        raise BadFileError(path, f"metadata {EMBEDDINGS_KEY} is not a JSON object of {{vectors, dim}} (damaged file?)")
+    return index
 
 
 _TARGET_FIELDS = {"graph": str, "param": str, "kind": str, "scale": (int, float), "factors": list}

@@ -40,11 +40,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
-    p = sub.add_parser("convert", help="convert a LoRA / LyCORIS / PEFT file or a ControlNet into adapters/NAME.lora")
-    p.add_argument("source", help="adapter file (.safetensors/.pt/.pth) or folder (PEFT, diffusers ControlNet)")
+    p = sub.add_parser("convert", help="convert a LoRA / LyCORIS / PEFT file, a ControlNet or a textual-inversion "
+                                       "embedding into adapters/NAME.lora")
+    p.add_argument("source", help="adapter file (.safetensors/.pt/.pth/.bin) or folder (PEFT, diffusers ControlNet, "
+                                  "diffusers learned_embeds)")
     p.add_argument("--base", help="base to convert against (default: the only base)")
-    p.add_argument("--name", help="adapter name (default: the file stem)")
-    p.add_argument("--kind", choices=("lora", "controlnet"), help="refuse the other kind")
+    p.add_argument("--name", help="adapter name (default: the file stem); an embedding's trigger word in prompts")
+    p.add_argument("--kind", choices=("lora", "controlnet", "embedding"), help="refuse the other kinds")
     p.add_argument("--strict", action="store_true", help="refuse files with keys that are not applied")
     p.add_argument("--default-weight", type=float, default=1.0, help="weight used when none is given at run time")
     p.add_argument("--json", action="store_true")
@@ -324,15 +326,21 @@ def cmd_convert(args: argparse.Namespace, ws: Workspace) -> int:
     if report.unknown_keys:
         console.err.print(f"[yellow]warning:[/] {args.source}: {len(report.unknown_keys)} keys were not applied "
                           f"(use --strict to refuse): {', '.join(report.unknown_keys[:8])}", highlight=False)
-    rows = [
-        ("format", report.format), ("kind", report.kind), ("base", report.base),
-        *((f"modules ({graph})", n) for graph, n in report.modules.items()),
-        ("keys used", f"{report.keys_used} / {report.keys_total}"),
-        ("rank(s)", ", ".join(map(str, report.ranks)) or "-"), ("dtype", report.dtype),
-        ("size", f"{console.human_size(report.size_bytes)} (source {console.human_size(report.source_bytes)})"),
-        ("trigger words", ", ".join(report.trigger_words[:5]) or "-"),
-        ("time", f"{report.seconds:.2f} s"),
-    ]
+    size = f"{console.human_size(report.size_bytes)} (source {console.human_size(report.source_bytes)})"
+    if report.kind == "embedding":  # no weights: the trigger word and its vectors are the whole of it
+        rows = [("format", report.format), ("kind", report.kind),
+                ("trigger (vectors×width)", _embeddings(report.embeddings)), ("size", size),
+                ("time", f"{report.seconds:.2f} s")]
+    else:
+        rows = [
+            ("format", report.format), ("kind", report.kind), ("base", report.base),
+            *((f"modules ({graph})", n) for graph, n in report.modules.items()),
+            ("keys used", f"{report.keys_used} / {report.keys_total}"),
+            ("rank(s)", ", ".join(map(str, report.ranks)) or "-"), ("dtype", report.dtype), ("size", size),
+            ("trigger words", ", ".join(report.trigger_words[:5]) or "-"),
+            *((("embeddings", _embeddings(report.embeddings)),) if report.embeddings else ()),
+            ("time", f"{report.seconds:.2f} s"),
+        ]
     console.out.print(console.table(f"converted {args.source} -> {report.path}", ("", ""), rows))
     return 0
 
@@ -524,6 +532,11 @@ def _source(source: dict) -> str:
     return str(source.get("model", ""))
 
 
+def _embeddings(embeddings: dict[str, dict]) -> str:
+    """``{trigger: {"vectors": n, "dim": D}}`` as ``trigger (n×D), ...``."""
+    return ", ".join(f"{t} ({e['vectors']}×{e['dim']})" for t, e in embeddings.items())
+
+
 def cmd_list(args: argparse.Namespace, ws: Workspace) -> int:
     from .inventory import inventory
 
@@ -533,9 +546,9 @@ def cmd_list(args: argparse.Namespace, ws: Workspace) -> int:
         return 0
     _print_bases(data["bases"], f"bases in {ws.base_models}")
     rows = [(a["name"], a["kind"], a["base"], a["format"], a["targets"], console.human_size(a["size_bytes"]),
-             ", ".join(a["trigger_words"][:3])) for a in data["adapters"]]
-    console.out.print(console.table(f"adapters in {ws.adapters}",
-                                    ("adapter", "kind", "base", "format", "targets", "size", "trigger words"), rows))
+             ", ".join(a["trigger_words"][:3]), _embeddings(a["embeddings"])) for a in data["adapters"]]
+    console.out.print(console.table(f"adapters in {ws.adapters}", ("adapter", "kind", "base", "format", "targets",
+                                                                     "size", "trigger words", "embeddings"), rows))
     if data["problems"]:
         rows = [(p["kind"], p["name"], p["reason"]) for p in data["problems"]]
         console.out.print(console.table("[red]entries that cannot be used[/]", ("", "name", "reason"), rows))
@@ -559,9 +572,16 @@ def cmd_inspect(args: argparse.Namespace, ws: Workspace) -> int:
         blocks = [(g, b, n) for g, info in data["graphs"].items() for b, n in info["blocks"].items()]
         console.out.print(console.table("weights per block", ("graph", "block", "weights"), blocks))
     else:
-        rows = [(k, v) for k, v in data.items() if k not in ("blocks", "type")]
+        rows = [(k, v) for k, v in data.items() if k not in ("blocks", "type", "embeddings")]
         console.out.print(console.table(f"adapter {args.name}", ("field", "value"), rows))
-        console.out.print(console.table("targets per block", ("block", "weights"), sorted(data["blocks"].items())))
+        if data["embeddings"]:
+            fields = ("vectors", "dim", "step", "sd_checkpoint", "sd_checkpoint_name")
+            rows = [(t, *("-" if e.get(k) is None else e[k] for k in fields)) for t, e in data["embeddings"].items()]
+            console.out.print(console.table("textual-inversion embeddings (triggered by name in prompts)",
+                                            ("trigger", "vectors", "width", "step", "sd_checkpoint",
+                                             "sd_checkpoint_name"), rows))
+        if data["blocks"]:
+            console.out.print(console.table("targets per block", ("block", "weights"), sorted(data["blocks"].items())))
     return 0
 
 

@@ -7,7 +7,7 @@ import math
 from collections import Counter
 from pathlib import Path
 
-from .adapter_file import parse_targets, read_metadata
+from .adapter_file import embedding_index, parse_targets, read_metadata
 from .errors import BadFileError, LoramgrError, parse_weight
 from .manifest import Manifest
 from .workspace import Workspace, stale_temps
@@ -63,6 +63,7 @@ def adapter_summary(workspace: Workspace, name: str) -> dict:
         "size_bytes": path.stat().st_size, "targets": len(targets),
         "trigger_words": _json_list(path, meta, "loramgr.trigger_words"),
         "default_weight": parse_weight(meta.get("loramgr.default_weight", "1.0"), f"{path} default weight"),
+        "embeddings": embedding_index(path, meta),
     }
 
 

@@ -88,3 +88,46 @@ def lycoris_file(path: Path, layers: dict, part_prefix: str, alpha: float) -> Pa
         tensors |= {f"{name}.{k}": v for k, v in peft_factors(layer, part_prefix).items()}
         tensors[f"{name}.alpha"] = torch.tensor(alpha)
     return save(path, tensors)
+
+
+# ---------------------------------------------------------------- textual-inversion embeddings
+
+def a1111_embedding(path: Path, vectors: torch.Tensor, *, step: int | None = 1000, checkpoint: str | None = "abc123",
+                    checkpoint_name: str | None = "base-v1") -> Path:
+    """A1111's ``Embedding.save``: ``string_to_param {"*": [n, D]}`` and the training record, pickled."""
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": {"*": vectors}, "name": path.stem, "step": step,
+                "sd_checkpoint": checkpoint, "sd_checkpoint_name": checkpoint_name}, path)
+    return path
+
+
+def a1111_embedding_needing_code(path: Path, vectors: torch.Tensor) -> Path:
+    """An A1111 file of torch 1.11 days: ``string_to_param`` pickled as an ``nn.ParameterDict`` module."""
+    params = torch.nn.ParameterDict({"*": torch.nn.Parameter(vectors)})
+    torch.save({"string_to_token": {"*": 265}, "string_to_param": params, "name": path.stem, "step": 10}, path)
+    return path
+
+
+def diffusers_embedding(path: Path, token: str, vector: torch.Tensor) -> Path:
+    """diffusers' textual-inversion training output, ``{token: [D]}``: ``.bin`` pickled, else safetensors."""
+    if path.suffix == ".bin":
+        torch.save({token: vector}, path)
+        return path
+    return save(path, {token: vector})
+
+
+def kohya_embedding(path: Path, vectors: torch.Tensor) -> Path:
+    """kohya's ``train_textual_inversion.py`` output: ``{"emb_params": [n, D]}``."""
+    return save(path, {"emb_params": vectors})
+
+
+def sdxl_embedding(path: Path, vectors_l: torch.Tensor, vectors_g: torch.Tensor) -> Path:
+    return save(path, {"clip_l": vectors_l, "clip_g": vectors_g})
+
+
+def bundle_embeddings(lora: Mapping[str, torch.Tensor], a1111: Mapping[str, torch.Tensor] | None = None,
+                      kohya: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA's tensors plus bundled embeddings as kohya's ``networks/lora.py`` / A1111 spell them."""
+    tensors = dict(lora)
+    tensors |= {f"bundle_emb.{name}.string_to_param.*": v for name, v in (a1111 or {}).items()}
+    tensors |= {f"bundle_emb.{name}.emb_params": v for name, v in (kohya or {}).items()}
+    return tensors

@@ -517,8 +517,9 @@ def test_cloneofsimo_current_diffusers_order(tmp_path, tiny, params):
         factors = [lora_factors(gen, params[f"{prefix}{m}.weight"], 4) for m in modules]
         path = cloneofsimo_file(tmp_path / f"{component}.safetensors", component, targets, factors, embeddings={"<s1>": torch.zeros(32)})
         parsed = read_adapter(path, params)
-        assert parsed.format == "cloneofsimo" and parsed.keys_used == 2 * len(modules)
-        assert parsed.unknown_keys == ["<s1>"]  # a pivotal-tuning token embedding: not a weight delta
+        assert parsed.format == "cloneofsimo" and parsed.keys_used == 2 * len(modules) + 1
+        assert parsed.unknown_keys == []  # the pivotal-tuning token embedding is one of the file's embeddings
+        assert torch.equal(parsed.embeddings["<s1>"], torch.zeros(1, 32))
         deltas = by_param(parsed)
         for module, (up, down) in zip(modules, factors):
             assert torch.equal(deltas[f"{prefix}{module}.weight"].tensors["down"], down)

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("models", ("models.*",)),
     ("export", ("export", "manifest")),
     ("formats", ("formats.*",)),
-    ("adapter files", ("adapter_file", "adapters", "bases", "convert", "samples", "inventory")),
+    ("adapter files", ("adapter_file", "adapters", "bases", "convert", "samples", "inventory", "embeddings")),
     ("merge", ("merge", "bake")),
     ("backends", ("backends.*",)),
     ("pipeline", ("pipeline.*", "runtime")),

@@ -362,7 +362,8 @@ def test_upload_converts_with_the_clis_checks(client, ws, service, tmp_path):
 @pytest.mark.parametrize("filename, content, form, status, field, message", [
     ("bad.safetensors", b"\x00" * 64, {}, 422, "file", "not a safetensors file"),
     ("trunc.safetensors", b"\x40\x00\x00\x00\x00\x00\x00\x00{\"a\": 1", {}, 422, "file", "truncated"),
-    ("model.pt", b"PK\x03\x04" + b"\x00" * 60, {}, 422, "file", "never opened"),
+    ("model.ckpt", b"PK\x03\x04" + b"\x00" * 60, {}, 422, "file", "never opened"),
+    ("model.pt", b"PK\x03\x04" + b"\x00" * 60, {}, 422, "file", "unreadable PyTorch file"),  # embeddings only
     ("ok.safetensors", "lora", {"name": "../evil"}, 422, "name", "invalid adapter name"),
     ("ok.safetensors", "lora", {"kind": "controlnet"}, 422, "file", ""),
     ("ok.safetensors", "lora", {"default_weight": "nan"}, 422, "default_weight", "finite"),

@@ -14,11 +14,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
+import psutil
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,17 +106,35 @@ def start_server(ws, port: int, *args: str, ready_s: float = 120) -> subprocess.
         except httpx.HTTPError:
             pass
         time.sleep(0.3)
-    proc.kill()
+    kill_tree(proc)
     raise AssertionError(f"server not ready within {ready_s:g} s")
 
 
+def kill_tree(proc: subprocess.Popen, recorded: Iterable[psutil.Process] = ()) -> None:
+    """SIGKILL ``proc``, the processes it started (``loramgr serve --ray``: all of Ray's) and ``recorded``.
+
+    ``recorded``: processes seen in the tree earlier, which may have been re-parented since.
+    psutil checks each one's start time, so a reused pid is never killed.
+    """
+    procs = list(recorded)
+    if proc.poll() is None:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            procs += psutil.Process(proc.pid).children(recursive=True)
+        proc.kill()
+    for child in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
+    proc.wait()
+
+
 @contextlib.contextmanager
-def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
-    """Kill ``proc`` if the block leaves it running; after a block that passed, its output has no traceback."""
+def reaped(proc: subprocess.Popen, recorded: Iterable[psutil.Process] = (),
+           unwanted: tuple[str, ...] = ("Traceback",)) -> Iterator[subprocess.Popen]:
+    """Kill ``proc`` and its tree (:func:`kill_tree`) if the block leaves them running; after a block that
+    passed, its output has none of ``unwanted``. ``recorded`` may grow during the block."""
     try:
         yield proc
     finally:
-        if proc.poll() is None:
-            proc.kill()
+        kill_tree(proc, recorded)
     output = proc.stdout.read()
-    assert "Traceback" not in output, output
+    assert not [text for text in unwanted if text in output], output

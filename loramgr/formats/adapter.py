@@ -8,7 +8,7 @@ user brought.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -55,6 +55,7 @@ class ParsedAdapter:
     trigger_words: list[str]
     ranks: set[int]
     dtype: str
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)  # bundled textual inversion: name -> [n, D]
 
 
 class ShapeMismatch(Exception):

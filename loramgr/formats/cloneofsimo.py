@@ -37,7 +37,7 @@ _TEXT_LAYER = re.compile(r"^text_model\.encoder\.layers\.(?P<index>\d+)$")
 
 
 def is_cloneofsimo(keys: list[str]) -> bool:
-    """Any ``unet:<n>:up`` key: other keys of such files (pivotal-tuning embeddings) stay unused."""
+    """Any ``unet:<n>:up`` key (the pivotal-tuning embeddings of such files are :mod:`.embeddings`' part)."""
     return any(KEY.match(key) for key in keys)
 
 

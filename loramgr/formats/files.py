@@ -71,10 +71,11 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     raise BadFileError(path, f"not a safetensors or PyTorch weight file (it starts with {head[:24]!r})")
 
 
-def _read_torch(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
-    """A state dict from torch's zip (memory-mapped: original ControlNet files bundle all of SD) or legacy format."""
+def load_torch_safely(path: Path, mmap: bool = False) -> object:
+    """What a PyTorch file holds, read by torch's safe loader (``weights_only=True``) only: a
+    pickle that needs code to load is refused, never run."""
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "Weights only load failed" in str(e):
@@ -82,6 +83,11 @@ def _read_torch(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
             raise BadFileError(path, "refused by torch's safe loader (weights_only=True): the pickle "
                                      "references objects other than tensors; convert it to safetensors") from None
         raise BadFileError(path, f"unreadable PyTorch file, truncated or corrupt ({first})") from None
+
+
+def _read_torch(path: Path, mmap: bool) -> dict[str, torch.Tensor]:
+    """A state dict from torch's zip (memory-mapped: original ControlNet files bundle all of SD) or legacy format."""
+    obj = load_torch_safely(path, mmap)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]  # .ckpt files wrap the weights
     if not isinstance(obj, dict):

@@ -6,7 +6,7 @@ cloneofsimo) goes through one pipeline: split each key into module name and part
 each group to the builder of its kind (:mod:`.lora`, :mod:`.lycoris`). ControlNets go
 to :mod:`.controlnet`. What happens to each key:
 
-- used: part of a delta;
+- used: part of a delta, or of a bundled textual-inversion embedding (:mod:`.embeddings`);
 - unknown (reported, refused with ``strict``): a part loramgr does not apply (OFT, IA3,
   biases, norms…) or a module whose parts do not form a whole delta;
 - refused (always): a key naming a module the base lacks, or a tensor whose shape does
@@ -29,6 +29,7 @@ from .adapter import Incomplete, ParsedAdapter, ShapeMismatch, WeightDelta
 from .cloneofsimo import cloneofsimo_modules, is_cloneofsimo
 from .controlnet import controlnet_format, read_controlnet
 from .deltas import dora_axis, factor_rank
+from .embeddings import bundled_embeddings
 from .files import WeightFile, load_weight_file
 from .lora import lora_delta
 from .lycoris import loha_delta, lokr_delta
@@ -85,8 +86,10 @@ def read_adapter(
     if cn_format:
         fmt = cn_format
         deltas, unknown = read_controlnet(source, params, cn_format, controlnet_config)
+        embeddings = {}
     else:
-        fmt, deltas, unknown = _read_lora(source, ModuleIndex(params))
+        embeddings, embedding_keys = bundled_embeddings(source)
+        fmt, deltas, unknown = _read_lora(source, ModuleIndex(params), embedding_keys)
     if strict and unknown:
         raise BadFileError(source.path, f"{len(unknown)} of {len(source.tensors)} keys are not applied "
                                         f"(strict mode), e.g. {_describe_unknown(unknown)}")
@@ -95,6 +98,7 @@ def read_adapter(
         path=source.path, format=fmt, kind=found, deltas=deltas, keys_total=len(source.tensors),
         keys_used=len(source.tensors) - len(unknown), unknown_keys=unknown, metadata=source.metadata,
         trigger_words=trigger_words(source.metadata), ranks=ranks, dtype=dominant_dtype(source.tensors),
+        embeddings=embeddings,
     )
 
 
@@ -116,8 +120,9 @@ class _Group:
         self.keys[(kind, part)] = key
 
 
-def _read_lora(source: WeightFile, index: ModuleIndex) -> tuple[str, list[WeightDelta], list[str]]:
-    keys = list(source.tensors)
+def _read_lora(source: WeightFile, index: ModuleIndex,
+               embedding_keys: set[str]) -> tuple[str, list[WeightDelta], list[str]]:
+    keys = [key for key in source.tensors if key not in embedding_keys]
     groups: dict[str, _Group] = {}
     unknown: list[str] = []
     unmatched: list[str] = []

@@ -280,11 +280,12 @@ def create_app(workspace: Workspace, config: ServeConfig, service: Service | Non
         return {"base": service.engine.base, "adapters": await run_in_threadpool(service.engine.catalog.list)}
 
     @app.post("/v1/adapters", response_model=UploadResponse, status_code=201, tags=["v1"], responses=ERRORS)
-    async def upload_adapter(file: UploadFile = File(..., description="a .safetensors LoRA or ControlNet"),
+    async def upload_adapter(file: UploadFile = File(..., description="a .safetensors LoRA or ControlNet, or a "
+                                                               "textual-inversion embedding (.safetensors, .pt, .bin)"),
                              name: str | None = Form(None), kind: str | None = Form(None),
                              strict: bool = Form(False), default_weight: float = Form(1.0),
                              overwrite: bool = Form(False)):
-        """Convert an uploaded `.safetensors` into the workspace with `loramgr convert`'s checks."""
+        """Convert an uploaded adapter or embedding into the workspace with `loramgr convert`'s checks."""
         if not math.isfinite(default_weight):
             raise CatalogError(422, "default_weight", f"must be a finite number, got {default_weight}")
         return await run_in_threadpool(

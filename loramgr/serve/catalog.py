@@ -6,9 +6,10 @@ are picked up by the next request without a restart. Loaded adapters are kept in
 bounded in bytes, so a request does not re-read a 1.4 GB ControlNet.
 
 Uploads go through :func:`loramgr.convert.convert_adapter`, the call behind
-``loramgr convert``, so they get exactly the CLI's checks; only safetensors bytes are
-accepted (a pickle is never opened), and the source is written to a private temporary
-folder that is removed afterwards, so a refused file leaves nothing behind.
+``loramgr convert``, so they get exactly the CLI's checks; safetensors bytes are accepted,
+and pickles (``.pt``/``.bin``) only as textual-inversion embeddings, read by torch's
+``weights_only`` loader, which refuses any pickle that needs code. The source is written to
+a private temporary folder that is removed afterwards, so a refused file leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -24,12 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter_file import AdapterFile, load_adapter, read_metadata
+from ..adapter_file import AdapterFile, embedding_index, load_adapter, read_metadata
 from ..errors import LoramgrError
 from ..filechecks import looks_like_safetensors
 from ..manifest import Manifest
 from ..workspace import Workspace, check_name, sha256_file
 
+
+
+PICKLED_EMBEDDINGS = (".pt", ".bin")  # A1111 and diffusers textual-inversion files
 
 
 class CatalogError(Exception):
@@ -101,7 +105,20 @@ class AdapterCatalog:
         return self.entry(name, field).metadata.get("loramgr.kind", "")
 
     def fits(self, name: str) -> bool:
-        return self.entry(name).metadata.get("loramgr.base_fingerprint") == self.manifest.fingerprint
+        """Converted for this base; an embedding only needs the base's text width (docs/lora-format.md)."""
+        entry = self.entry(name)
+        if entry.metadata.get("loramgr.kind") == "embedding":
+            width = self.manifest.configs["text_encoder"]["hidden_size"]
+            return all(e["dim"] == width for e in self.embeddings(name).values())
+        return entry.metadata.get("loramgr.base_fingerprint") == self.manifest.fingerprint
+
+    def embeddings(self, name: str) -> dict[str, dict]:
+        """Trigger -> ``{vectors, dim}`` (and A1111's step, sd_checkpoint, sd_checkpoint_name for a
+        file of kind ``embedding``) of the textual-inversion embeddings adapter ``name`` holds."""
+        try:
+            return embedding_index(self.workspace.adapter_path(name), self.entry(name).metadata)
+        except LoramgrError as exc:
+            raise CatalogError(422, None, f"adapter {name!r} cannot be read: {exc}") from None
 
     def info(self, name: str) -> dict:
         entry = self.entry(name)
@@ -113,6 +130,7 @@ class AdapterCatalog:
             "default_weight": float(meta.get("loramgr.default_weight", "1.0")),
             "base": meta.get("loramgr.base_name", ""), "fits": self.fits(name), "sha256": entry.sha256,
             "size_bytes": entry.stamp.size, "format": meta.get("loramgr.source_format", ""),
+            "embeddings": self.embeddings(name),
         }
 
     def list(self) -> list[dict]:
@@ -165,7 +183,8 @@ class AdapterCatalog:
 
     def upload(self, stream, filename: str, *, name: str | None, kind: str | None, strict: bool,
                default_weight: float, overwrite: bool, max_bytes: int) -> dict:
-        """Convert an uploaded ``.safetensors`` into ``adapters/NAME.lora`` with the CLI's checks.
+        """Convert an uploaded ``.safetensors`` (or an embedding's ``.pt``/``.bin``) into
+        ``adapters/NAME.lora`` with the CLI's checks.
 
         ``stream`` is a binary file object. Raises :class:`CatalogError` (413 too large,
         409 name taken, 422 bad name or file, with the CLI's one-line reason); on any
@@ -174,24 +193,30 @@ class AdapterCatalog:
         from ..convert import convert_adapter
 
         source_name = Path(filename or "upload.safetensors").name
-        if not source_name.endswith(".safetensors"):
-            raise CatalogError(422, "file", f"{source_name!r}: only .safetensors uploads are accepted "
-                                            "(pickled .pt/.pth/.ckpt files are never opened by the server)")
-        stem = source_name[: -len(".safetensors")]
+        suffix = Path(source_name).suffix
+        if suffix not in (".safetensors", *PICKLED_EMBEDDINGS):
+            raise CatalogError(422, "file", f"{source_name!r}: only .safetensors uploads are accepted, and .pt/.bin "
+                                            "for textual-inversion embeddings (.pth/.ckpt pickles are never opened)")
+        if suffix in PICKLED_EMBEDDINGS:
+            if kind not in (None, "embedding"):
+                raise CatalogError(422, "kind", f"{source_name!r}: a pickled upload can only be an embedding, "
+                                                f"not kind {kind!r}")
+            kind = "embedding"
+        stem = source_name[: -len(suffix)]
         name = name or stem
         try:
             check_name(name, "adapter")
         except LoramgrError as exc:
             raise CatalogError(422, "name" if name != stem else "file", str(exc)) from None
-        if kind not in (None, "lora", "controlnet"):
-            raise CatalogError(422, "kind", f"kind {kind!r}: choose lora or controlnet")
+        if kind not in (None, "lora", "controlnet", "embedding"):
+            raise CatalogError(422, "kind", f"kind {kind!r}: choose lora, controlnet or embedding")
         if not math.isfinite(default_weight):
             raise CatalogError(422, "default_weight", f"default_weight must be a finite number, got {default_weight}")
         tmp = Path(tempfile.mkdtemp(prefix="loramgr-upload-"))
         try:
             # the file keeps its uploaded name: convert records it as the source
             source = tmp / (stem if check_name_ok(stem) else "upload")
-            source = source.with_name(source.name + ".safetensors")
+            source = source.with_name(source.name + suffix)
             written = 0
             with source.open("wb") as out:
                 while chunk := stream.read(1 << 20):
@@ -202,7 +227,7 @@ class AdapterCatalog:
                     out.write(chunk)
             with source.open("rb") as f:
                 head = f.read(16)
-            if not looks_like_safetensors(head):
+            if suffix == ".safetensors" and not looks_like_safetensors(head):
                 raise CatalogError(422, "file", f"{source_name}: not a safetensors file "
                                                 f"(it starts with {head[:16]!r}); only safetensors bytes are read")
             with self._upload_lock:  # the existence check and the write are one step
@@ -222,7 +247,8 @@ class AdapterCatalog:
         return {"name": name, "kind": report.kind, "format": report.format, "base": report.base,
                 "rank": report.ranks, "trigger_words": report.trigger_words, "keys_used": report.keys_used,
                 "keys_total": report.keys_total, "unknown_keys": report.unknown_keys[:50],
-                "size_bytes": report.size_bytes, "sha256": info["sha256"], "replaced": replaced}
+                "size_bytes": report.size_bytes, "sha256": info["sha256"], "replaced": replaced,
+                "embeddings": report.embeddings}
 
 
 def check_name_ok(name: str) -> bool:

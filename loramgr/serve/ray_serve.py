@@ -12,10 +12,15 @@ Two deployments (docs/ray.md):
 
 Routing is a preference, never a condition of correctness: a replica that holds another set
 swaps to the request's own adapters, exactly as ``loramgr serve`` does.
+
+A cluster started here (:func:`init_local`) listens on loopback only, and SIGTERM drains
+the ingress before Serve and Ray are stopped (:func:`run`); docs/ray.md, "Network and shutdown".
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -23,6 +28,7 @@ import re
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from ray import serve
@@ -34,7 +40,7 @@ from ..errors import LoramgrError
 from ..workspace import Workspace
 from .app import Service, create_app
 from .catalog import AdapterCatalog, CatalogError
-from .config import ServeConfig
+from .config import ServeConfig, is_loopback
 from .ray_config import APP_NAME, GENERATOR, INGRESS, RayOptions, app_args, set_id
 from .scheduler import Draining, QueueFull, SchedulerStats
 from .schemas import GenerateRequest
@@ -42,6 +48,9 @@ from .schemas import GenerateRequest
 logger = logging.getLogger("loramgr.serve")
 
 RETRY_AFTER_S = 5
+# Ray's single-node mode (its default on macOS / Windows): every server of the node on loopback.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+SHUTDOWN_WAIT_LOOP_S = 0.2  # how often a stopping replica checks for requests left (Ray's default: 2 s)
 
 
 class ReplicaLost(Exception):
@@ -70,11 +79,38 @@ class HeldSet:
     set_id: str
 
 
-@serve.deployment(name=GENERATOR, graceful_shutdown_timeout_s=120)
+def _replica_grpc_on_loopback() -> None:
+    """On a loopback node, bind this replica's inter-deployment gRPC server to loopback too.
+
+    Ray Serve 2.60 starts that server (used only with ``RAY_SERVE_USE_GRPC_BY_DEFAULT``) on
+    ``[::]:0`` whatever the node's address, with no option to change it (ray-project/ray#64623
+    adds a port range, not a host): the one listener of a local cluster that would stay
+    reachable from the network. Ray binds its own servers to loopback on a loopback node; this
+    does the same for the replica's, and changes nothing on a node with a routable address.
+    Called in the deployments' constructors, which Serve runs before it starts the server.
+    """
+    import ray
+    from ray._common.network_utils import build_address
+    from ray.serve._private import replica
+
+    node_ip = ray.util.get_node_ip_address()
+    bind = getattr(replica, "add_port_to_grpc_server", None)
+    if bind is None or not is_loopback(node_ip):
+        return
+
+    def loopback(server, address: str) -> int:
+        host, _, port = address.rpartition(":")
+        return bind(server, build_address(node_ip, int(port)) if host in ("[::]", "0.0.0.0") else address)
+
+    replica.add_port_to_grpc_server = loopback
+
+
+@serve.deployment(name=GENERATOR, graceful_shutdown_timeout_s=120, graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S)
 class Generator:
     """One replica: a started :class:`Service` (engine + scheduler) on the workspace's base."""
 
     def __init__(self, home: str, config: dict, sets_per_replica: int):
+        _replica_grpc_on_loopback()
         self.service = Service(Workspace.resolve(home), _config(config))
         self.service.start()
         self.replica = serve.get_replica_context().replica_id.unique_id
@@ -151,10 +187,27 @@ class _Forwarded:
     def __init__(self):
         self.stats = SchedulerStats()
         self.accepting = True
+        self._idle = asyncio.Event()  # no generation forwarded and unanswered
+        self._idle.set()
 
     @property
     def depth(self) -> int:
         return self.stats.queued
+
+    @contextlib.contextmanager
+    def forwarding(self) -> Iterator[None]:
+        """One generation on its way to a replica and back."""
+        self.stats.queued += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self.stats.queued -= 1
+            if not self.stats.queued:
+                self._idle.set()
+
+    async def wait_idle(self) -> None:
+        await self._idle.wait()
 
     def drain(self) -> None:
         self.accepting = False
@@ -182,17 +235,16 @@ class RayService(Service):
         start = time.perf_counter()
         model_id = serve.get_multiplexed_model_id() or set_id(request)
         stats = self.scheduler.stats
-        stats.queued += 1
-        self.metrics.queue_depth.set(stats.queued)
         try:
-            reply = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
+            with self.scheduler.forwarding():
+                self.metrics.queue_depth.set(stats.queued)
+                reply = await self.generator.options(multiplexed_model_id=model_id).generate.remote(request)
         except RayActorError as exc:  # ActorDiedError, ActorUnavailableError
             stats.failed += 1
             self.metrics.generations.labels("failed").inc()
             logger.warning("a replica was lost during a generation (%s); the client may retry", type(exc).__name__)
             raise ReplicaLost() from None
         finally:
-            stats.queued -= 1
             self.metrics.queue_depth.set(stats.queued)
         if "error" in reply:
             stats.failed += 1
@@ -224,21 +276,29 @@ def _exception(error: list) -> Exception:
     return LoramgrError(*args)
 
 
-@serve.deployment(name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024,
+                  graceful_shutdown_wait_loop_s=SHUTDOWN_WAIT_LOOP_S)
 @serve.ingress()
 class Ingress:
     """The HTTP app of ``loramgr serve`` behind Ray's proxy; built in the replica (it holds locks and a catalog)."""
 
     async def __init__(self, generator: DeploymentHandle, home: str, config: dict):
+        _replica_grpc_on_loopback()
         self._generator = generator
         self._workspace = Workspace.resolve(home)
         self._config = _config(config)
+        self._service = RayService(self._workspace, self._config, generator)
         await generator.stats.remote()  # ready (/readyz 200) once a replica's runner is open
+
+    async def drain(self) -> None:
+        """Stop accepting generations (503 + Retry-After) and return once every accepted one is answered."""
+        self._service.begin_drain()
+        await self._service.scheduler.wait_idle()
 
     def __serve_build_asgi_app__(self):
         from .app import _error
 
-        app = create_app(self._workspace, self._config, RayService(self._workspace, self._config, self._generator))
+        app = create_app(self._workspace, self._config, self._service)
 
         @app.exception_handler(ReplicaLost)
         async def _lost(request, exc: ReplicaLost):
@@ -262,31 +322,54 @@ def build_app(args: dict):
     return Ingress.bind(generator, args["home"], args["config"])
 
 
+def init_local(**options) -> None:
+    """``ray.init`` a new single-node cluster of our own whose servers all listen on loopback.
+
+    ``_node_ip_address="127.0.0.1"`` does not do it: ``ray.init`` replaces a loopback node
+    address by the machine's outward one. Ray keeps a node on loopback in its single-node
+    mode, ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, which the processes it starts inherit
+    from the environment; this process read the variable when it imported ``ray``, so its
+    copy (``ray_constants.ENABLE_RAY_CLUSTER``) is set too. docs/ray.md lists each listener.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    os.environ[SINGLE_NODE_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(address="local", include_dashboard=False, **options)
+
+
 def run(workspace: Workspace, config: ServeConfig, options: RayOptions, log_level: str = "info") -> int:
-    """Start (or join) a Ray cluster, deploy, serve until SIGINT / SIGTERM, then take it all down."""
+    """Start (or join) a Ray cluster, deploy, serve until SIGINT / SIGTERM, drain, then take it all down."""
     import ray
 
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
-    # "local": always a new cluster of our own, never one found on this machine (we stop it on exit)
-    local = {} if options.address else {"_node_ip_address": "127.0.0.1"}  # a local cluster talks over loopback only
-    ray.init(address=options.address or "local", include_dashboard=False, logging_level=log_level.upper(),
-             log_to_driver=log_level in ("debug", "info"), **local)
+    logs = {"logging_level": log_level.upper(), "log_to_driver": log_level in ("debug", "info")}
+    if options.address:
+        ray.init(address=options.address, include_dashboard=False, **logs)
+    else:
+        init_local(**logs)  # always a new cluster, never one found on this machine: we stop it on exit
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own (abort) handler
         signal.signal(sig, lambda *_: stop.set())
+    deployed = False
     try:
         serve.start(http_options={"host": config.host, "port": config.port})
         scale = (f"{options.autoscale[0]}-{options.autoscale[1]} replicas (autoscaled)" if options.autoscale
                  else f"{options.replicas} replica{'s' * (options.replicas > 1)}")
         print(f"deploying on Ray: {scale}, {options.sets_per_replica} adapter sets per replica", flush=True)
         serve.run(application(workspace.home, config, options), name=APP_NAME, route_prefix="/")
+        deployed = True
         print(f"serving on http://{config.host}:{config.port} (Ray Serve); Ctrl-C or SIGTERM stops", flush=True)
         stop.wait()
         print("stopping: accepted generations finish first", flush=True)
+        serve.get_app_handle(APP_NAME).drain.remote().result(timeout_s=None)
     finally:
-        if options.address:
-            serve.delete(APP_NAME)  # a cluster we joined keeps running, without our application
-        else:
+        if deployed or options.address:  # a cluster we joined keeps running, without our application
+            # Each replica stops once its requests are done: the ingress's last responses reach
+            # Ray's proxy, which serve.shutdown kills without a drain of its own.
+            serve.delete(APP_NAME)
+        if not options.address:
             serve.shutdown()
         ray.shutdown()
     return 0

@@ -134,6 +134,18 @@ class GenerateResponse(BaseModel):
     set_id: str | None = Field(None, description="`loramgr serve --ray`: the multiplexed id it was routed by")
 
 
+EMBEDDINGS_DOC = ("textual-inversion embeddings by trigger word: the adapter's own name for kind 'embedding', "
+                  "the ones a LoRA bundles (used in prompts while it is applied)")
+
+
+class EmbeddingInfo(BaseModel):
+    vectors: int
+    dim: int
+    step: int | None = None
+    sd_checkpoint: str | None = None
+    sd_checkpoint_name: str | None = None
+
+
 class AdapterInfo(BaseModel):
     name: str
     kind: str
@@ -145,6 +157,7 @@ class AdapterInfo(BaseModel):
     sha256: str
     size_bytes: int
     format: str = ""
+    embeddings: dict[str, EmbeddingInfo] = Field(default_factory=dict, description=EMBEDDINGS_DOC)
 
 
 class AdapterList(BaseModel):
@@ -165,6 +178,7 @@ class UploadResponse(BaseModel):
     size_bytes: int
     sha256: str
     replaced: bool
+    embeddings: dict[str, EmbeddingInfo] = Field(default_factory=dict, description=EMBEDDINGS_DOC)
 
 
 class ServerInfo(BaseModel):
