@@ -46,17 +46,25 @@ __all__ = ["BACKENDS", "AdapterChoice", "Generation", "Generator", "RunReport", 
            "open_runner"]
 
 
-def make_pipeline(base: OpenBase, runner: Runner):
-    """The canny pipeline over ``runner`` with the base's tokenizer and scheduler config."""
+def make_pipeline(base: OpenBase, runner: Runner, workspace: Workspace | None = None):
+    """The pipeline over ``runner`` with the base's tokenizer and scheduler config.
+
+    ``workspace``: its textual-inversion embeddings are read by every prompt (files re-read when
+    they change); without one, only the embeddings bundled in the set's LoRAs are known.
+    """
     import json
 
     from transformers import CLIPTokenizer
 
+    from .embeddings import EmbeddingLibrary
     from .pipeline.controlnet import ControlNetPipeline
 
     tokenizer = CLIPTokenizer.from_pretrained(base.dir / "tokenizer", local_files_only=True)
     scheduler_config = json.loads((base.dir / "scheduler" / "scheduler_config.json").read_text())
-    return ControlNetPipeline(runner, tokenizer, scheduler_config, base.manifest.vae_scaling_factor)
+    library = None if workspace is None else EmbeddingLibrary(
+        workspace, base.manifest.configs["text_encoder"]["hidden_size"])
+    return ControlNetPipeline(runner, tokenizer, scheduler_config, base.manifest.vae_scaling_factor,
+                              embeddings=None if library is None else library.vectors)
 
 
 @dataclass
@@ -123,7 +131,7 @@ class Generator:
         first = loaded[0] if loaded else AdapterSet()
         runner = open_runner(opened, first, backend, options, touched_names(swappable, *loaded))
         try:
-            pipeline = make_pipeline(opened, runner)
+            pipeline = make_pipeline(opened, runner, workspace)
         except BaseException:
             runner.close()
             raise

@@ -14,9 +14,8 @@ when they do not (A1111 pads neither), and not at all for ``scale <= 1``.
 
 from __future__ import annotations
 
-import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import cv2
@@ -30,10 +29,9 @@ from ..errors import LoramgrError
 from ..manifest import CONTROLNET, TEXT_ENCODER, UNET, VAE_ENCODER
 from .canny import HWC3, detect_edges, resize_image
 from .control import ControlUnit
+from .prompts import Chunk, apply_emphasis, plan_prompt
 from .schedulers import make_scheduler, step_kwargs
 from .settings import GenerationSettings, check_inputs, full_prompt, output_size
-
-logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 4  # SD1.5 VAE
 VAE_SCALE_FACTOR = 8  # image size / latent size
@@ -80,6 +78,8 @@ class ControlNetPipeline:
         tokenizer: the base's ``CLIPTokenizer``.
         scheduler_config: the base's ``scheduler_config.json`` as a dict.
         vae_scaling_factor: the VAE's ``scaling_factor`` (0.18215 for SD1.5).
+        embeddings: returns the workspace's textual-inversion vectors by trigger (e.g.
+            :meth:`loramgr.embeddings.EmbeddingLibrary.vectors`); ``None``: only those bundled in LoRAs.
 
     Example::
 
@@ -87,11 +87,13 @@ class ControlNetPipeline:
         result = pipe(load_image("bird.png"), GenerationSettings(prompt="a bird", seed=1))
     """
 
-    def __init__(self, runner: Runner, tokenizer, scheduler_config: dict, vae_scaling_factor: float):
+    def __init__(self, runner: Runner, tokenizer, scheduler_config: dict, vae_scaling_factor: float,
+                 embeddings: Callable[[], Mapping[str, np.ndarray]] | None = None):
         self.runner = runner
         self.tokenizer = tokenizer
         self.scheduler_config = dict(scheduler_config)
         self.vae_scaling_factor = vae_scaling_factor
+        self.embeddings = embeddings  # the workspace's textual-inversion vectors by trigger, read per call
 
     def __call__(
         self, image: np.ndarray | None, settings: GenerationSettings, progress: ProgressHook | None = None,
@@ -135,17 +137,18 @@ class ControlNetPipeline:
         for each in given or [None]:
             check_inputs(each, settings)
         with self.runner.hold() as adapter_set:
-            result = self._generate(image, sources, units, settings, progress, release)
+            result = self._generate(image, sources, units, settings, progress, release, adapter_set)
         result.adapter_set = adapter_set
         return result
 
     def _generate(self, image: np.ndarray | None, sources: list[np.ndarray], units: tuple[ControlUnit, ...],
-                  settings: GenerationSettings, progress: ProgressHook | None, release: bool) -> GenerationResult:
+                  settings: GenerationSettings, progress: ProgressHook | None, release: bool,
+                  adapter_set) -> GenerationResult:
         clock = _Stopwatch(self.runner.device)
         generator = torch.Generator("cpu").manual_seed(settings.seed)
 
         # 2. Encode prompt: the conditional and unconditional embeddings, N rows each
-        cond, uncond = self.encode_prompt(settings)
+        cond, uncond = self.encode_prompt(settings, adapter_set)
         self._done_with(TEXT_ENCODER, release)
         clock.lap("encode_prompt")
 
@@ -188,31 +191,51 @@ class ControlNetPipeline:
 
     # -- phases ------------------------------------------------------------------------------
 
-    def encode_prompt(self, settings: GenerationSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(self, settings: GenerationSettings, adapter_set=None) -> tuple[torch.Tensor, torch.Tensor]:
         """``([N, T, D], [N, T', D])``: the embeddings of ``prompt, a_prompt`` and of ``n_prompt``.
 
-        ``settings.clip_skip`` picks the text encoder's layer (A1111's ``CLIP_stop_at_last_layers``).
+        Each prompt is planned (:func:`~loramgr.pipeline.prompts.plan_prompt`: A1111's syntax or
+        the text as it is), its chunks encoded in one text-encoder call with the textual-inversion
+        vectors in place, ``settings.clip_skip`` picks the layer (A1111's ``CLIP_stop_at_last_layers``),
+        emphasis is applied per chunk, and the chunks are joined along the token axis. Embeddings:
+        the workspace's (:attr:`embeddings`) and those bundled in the LoRAs of ``adapter_set``; the
+        workspace's win a tie, as in A1111.
         """
-        texts = {"prompt, a_prompt": full_prompt(settings), "n_prompt": settings.n_prompt}
-        max_length = self.tokenizer.model_max_length
-        for what, text in texts.items():
-            ids = self.tokenizer(text).input_ids
-            if len(ids) > max_length:
-                removed = self.tokenizer.decode(ids[max_length - 1 : -1])
-                logger.warning(
-                    "%s is longer than CLIP's %d tokens; this part was truncated: %r", what, max_length, removed
-                )
-        input_ids = self.tokenizer(
-            list(texts.values()), padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
-        ).input_ids
-        states = self.runner.encode_text(input_ids.to(self.runner.device))
+        vectors = {} if adapter_set is None else {
+            name: v for adapter, _ in adapter_set.adapters for name, v in getattr(adapter, "embeddings", {}).items()}
+        if self.embeddings is not None:
+            vectors.update(self.embeddings())
+        encoded = []
+        for what, text in (("prompt", full_prompt(settings)), ("n_prompt", settings.n_prompt)):
+            plan = plan_prompt(text, self.tokenizer, vectors, syntax=settings.prompt_syntax,
+                               max_tokens=settings.max_prompt_tokens, what=what)
+            encoded.append(self._encode_chunks(plan.chunks, settings))
+        n = settings.num_samples
+        cond, uncond = encoded
+        return cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0)
+
+    def _encode_chunks(self, chunks: list[Chunk], settings: GenerationSettings) -> torch.Tensor:
+        """``[1, 77 * len(chunks), D]``: every chunk through the text encoder, emphasis applied, joined."""
+        device = self.runner.device
+        ids = torch.tensor([c.ids for c in chunks], dtype=torch.int64, device=device)
+        vectors = mask = None
+        if any(c.vectors for c in chunks):
+            width = next(iter(next(c for c in chunks if c.vectors).vectors.values())).shape[-1]
+            vectors = torch.zeros(len(chunks), ids.shape[1], width)
+            mask = torch.zeros(len(chunks), ids.shape[1])
+            for row, chunk in enumerate(chunks):
+                for position, vector in chunk.vectors.items():
+                    vectors[row, position] = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+                    mask[row, position] = 1.0
+            vectors, mask = vectors.to(device), mask.to(device)
+        states = self.runner.encode_text(ids, vectors, mask)
         if not 1 <= settings.clip_skip <= states.shape[0]:
             raise LoramgrError(f"clip_skip must be in [1, {states.shape[0]}] for this base's text encoder "
                                f"({states.shape[0]} layers), got {settings.clip_skip}")
-        embeds = states[settings.clip_skip - 1]
-        cond, uncond = embeds[0:1], embeds[1:2]
-        n = settings.num_samples
-        return cond.repeat_interleave(n, dim=0), uncond.repeat_interleave(n, dim=0)
+        hidden = states[settings.clip_skip - 1]
+        if settings.prompt_syntax == "a1111":
+            hidden = apply_emphasis(hidden, torch.tensor([c.weights for c in chunks]))
+        return hidden.reshape(1, -1, hidden.shape[-1])
 
     def prepare_control(self, image: np.ndarray | None, sources: Sequence[np.ndarray], units: Sequence[ControlUnit],
                         settings: GenerationSettings) -> tuple[np.ndarray | None, list[np.ndarray]]:

@@ -326,8 +326,13 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         raise CatalogError(422, "script_name", f"script {request.script_name!r} is not available on this server")
     if request.subseed_strength:
         warnings.append(f"subseed_strength={request.subseed_strength} ignored (no variation seeds)")
-    if request.override_settings:
-        warnings.append(f"override_settings ignored: {', '.join(sorted(request.override_settings))}")
+    overrides = dict(request.override_settings or {})
+    clip_skip = overrides.pop("CLIP_stop_at_last_layers", 1)
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
+        raise CatalogError(422, "override_settings.CLIP_stop_at_last_layers",
+                           f"must be an integer from 1 to 12 (A1111's CLIP skip), got {clip_skip!r}")
+    if overrides:
+        warnings.append(f"override_settings ignored: {', '.join(sorted(overrides))}")
     for name in ("width", "height"):
         value = getattr(request, name)
         if value < 64 or value % 64:
@@ -388,7 +393,7 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         "controls": specs, "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
         "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
         "resolution": min(width, height), "width": width, "height": height, "num_samples": 1,
-        "control_schedule": "controlnet", "control_window": "a1111", "eta": eta,
+        "control_schedule": "controlnet", "control_window": "a1111", "eta": eta, "clip_skip": clip_skip,
         "img2img_strength": request.denoising_strength if img2img else None,
     }
     requests = []

@@ -151,7 +151,7 @@ def router(service) -> APIRouter:
             "eta": first["settings"]["eta"], "sd_model_name": service.engine.base, "sd_model_hash": fingerprint[:10],
             "index_of_first_image": 0, "infotexts": [infotext.replace("{seed}", str(s)) for s in seeds],
             "extra_generation_params": {"Lora hashes": hashes} if hashes else {},
-            "clip_skip": 1, "version": f"loramgr {__version__}",
+            "clip_skip": first["settings"]["clip_skip"], "version": f"loramgr {__version__}",
             "loramgr": {
                 "base": first["base"], "backend": first["backend"], "adapters": first["adapters"],
                 "controls": the_plan.controls, "seeds": seeds, "swapped": [r["swapped"] for r in results],
