@@ -16,15 +16,14 @@ import time
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import webuiapi
 from PIL import Image
 
 from loramgr.pipeline.canny import detect_edges
-from loramgr.serve import ServeConfig, create_app
+from loramgr.serve import ServeConfig
 from loramgr.serve.a1111 import fit, parse_lora_tags, resolve_sampler
 from loramgr.serve.catalog import CatalogError
-from test_serve_support import decode, free_port, png_b64, serve_workspace
+from test_serve_support import decode, png_b64, serve_in_thread, serve_workspace
 
 CONFIG = ServeConfig(max_resolution=256, max_steps=400, max_num_samples=4, max_image_bytes=256 * 1024,
                      max_queue=8)
@@ -38,17 +37,8 @@ def ws(tiny_workspace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(ws):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ws, CONFIG), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(60)
+    with serve_in_thread(ws, CONFIG) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +94,11 @@ def test_txt2img_with_unit_and_lora_tags_equals_native(api, url, ws, house, unit
 
 
 def test_img2img_without_unit_is_plain_sd(api, url, ws, house):
-    """No unit: the ControlNet runs at weight 0, so the native request with strength 0 is the same image."""
+    """No unit: no ControlNet at all (the native request with `controls: []`)."""
     got = api.img2img(images=[house], prompt="a red house", denoising_strength=0.6, seed=3, sampler_name="DDIM",
                       eta=0.5, **{**FAST, "steps": 4})
     ref = native(url, prompt="a red house", n_prompt="", image=png_b64(ws.home / "house.png"), seed=3, steps=4,
-                 scale=7.0, scheduler="ddim", eta=0.5, resolution=64, img2img_strength=0.6, strength=0.0)
+                 scale=7.0, scheduler="ddim", eta=0.5, resolution=64, img2img_strength=0.6, controls=[])
     assert len(got.images) == 1  # no unit: no control map
     assert np.array_equal(pixels(got.image), decode(ref["images"][0]))
     assert got.info["denoising_strength"] == 0.6 and got.parameters["init_images"] is None
@@ -240,17 +230,15 @@ BAD = [
     pytest.param({"alwayson_scripts": {"ControlNet": {"args": ["canny"]}}}, "alwayson_scripts.ControlNet.args.0",
                  "object", id="unit-not-an-object"),
     pytest.param(_unit(weight="strong"), "alwayson_scripts.controlnet.args.0.weight", "number", id="text-unit-weight"),
-    pytest.param({"alwayson_scripts": {"ControlNet": {"args": [{"image": "IMAGE"}, {"image": "IMAGE"}]}}},
-                 "alwayson_scripts.ControlNet.args.1", "more than one", id="two-units"),
+    pytest.param({"alwayson_scripts": {"ControlNet": {"args": [{"image": "IMAGE"}] * 4}}},
+                 "alwayson_scripts.ControlNet.args.3", "more than 3", id="units-over-the-limit"),
     pytest.param(_unit(image="bm90IGFuIGltYWdl"), "alwayson_scripts.controlnet.args.0.image", "PNG or JPEG",
                  id="undecodable-unit-image"),
     pytest.param(_unit(image=""), "alwayson_scripts.controlnet.args.0.image", "required", id="no-unit-image"),
     pytest.param(_unit(module="depth_midas"), "alwayson_scripts.controlnet.args.0.module", "canny",
                  id="unknown-module"),
-    pytest.param(_unit(guidance_end=0.5), "alwayson_scripts.controlnet.args.0.guidance_start", "full range",
-                 id="guidance-range"),
-    pytest.param(_unit(control_mode="My prompt is more important"), "alwayson_scripts.controlnet.args.0.control_mode",
-                 "not supported", id="prompt-mode"),
+    pytest.param(_unit(guidance_start=0.8, guidance_end=0.5), "alwayson_scripts.controlnet.args.0.guidance_start",
+                 "must not exceed", id="guidance-range"),
     pytest.param(_unit(control_mode=7), "alwayson_scripts.controlnet.args.0.control_mode", "0, 1 or 2",
                  id="bad-control-mode"),
     pytest.param(_unit(threshold_a=300), "alwayson_scripts.controlnet.args.0.threshold_a", "[1, 255]",
@@ -285,12 +273,14 @@ def test_bad_img2img(url, ws):
 
 def test_unknown_fields_and_override_settings_are_listed(url, ws):
     payload = {"prompt": "a house", **FAST, "hr_upscaler": "Latent", "my_own_field": [1, 2],
-               "override_settings": {"CLIP_stop_at_last_layers": 2}, "negative_prompt": "ugly <lora:sv_a:1>"}
+               "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x"},
+               "negative_prompt": "ugly <lora:sv_a:1>"}
     r = httpx.post(f"{url}/sdapi/v1/txt2img", json=payload, timeout=60)
     assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["clip_skip"] == 2
     extra = json.loads(r.json()["info"])["loramgr"]
     assert {"hr_upscaler", "my_own_field"} <= set(extra["ignored_fields"]) and extra["adapters"] == []
-    assert any("override_settings" in w for w in extra["warnings"])
+    assert any("override_settings ignored: sd_vae" in w for w in extra["warnings"])
     assert any("negative_prompt" in w for w in extra["warnings"])
     assert r.json()["parameters"]["my_own_field"] == [1, 2]
 

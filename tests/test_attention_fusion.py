@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from loramgr.backends.attention_fusion import fuse_attention
 from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
 from loramgr.bench.fixtures import StepInputs
-from loramgr.manifest import FUSED, TEXT_ENCODER, VAE_DECODER, Manifest
+from loramgr.manifest import CONTROLNET, TEXT_ENCODER, UNET, VAE_DECODER, Manifest
 
 
 class Attention(torch.nn.Module):
@@ -87,11 +87,11 @@ def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace):
     base_dir = tiny_workspace.base_dir("tiny")
     manifest = Manifest.load(base_dir)
     counts = {}
-    for graph in (FUSED, TEXT_ENCODER, VAE_DECODER):
+    for graph in (UNET, CONTROLNET, TEXT_ENCODER, VAE_DECODER):
         model = onnx.load(str(base_dir / manifest.graphs[graph].path), load_external_data=False)
         softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
         counts[graph] = (fuse_attention(model), softmaxes)
-    assert counts[FUSED][0] == counts[FUSED][1] > 0
+    assert counts[UNET][0] == counts[UNET][1] > 0 and counts[CONTROLNET][0] == counts[CONTROLNET][1] > 0
     assert counts[TEXT_ENCODER][0] == 0  # CLIP's causal mask: left as exported
     assert counts[VAE_DECODER][0] == counts[VAE_DECODER][1] == 1  # the mid-block attention
     inputs = StepInputs.random(manifest, 64)
@@ -99,7 +99,7 @@ def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace):
     outputs = {}
     for fused in (True, False):
         with OrtRunner.open(base_dir, options=OrtOptions(fuse_attention=fused)) as runner:
-            outputs[fused] = (runner.predict_noise(*inputs.args()), runner.encode_text(ids),
+            outputs[fused] = (inputs.step(runner), runner.encode_text(ids),
                               runner.vae_decode(inputs.sample[:1]))
     for a, b in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

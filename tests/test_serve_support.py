@@ -58,6 +58,30 @@ def serve_workspace(tiny_workspace, tmp_path_factory):
     return Workspace.resolve(_CACHE["home"])
 
 
+@contextlib.contextmanager
+def serve_in_thread(ws, config) -> Iterator[str]:
+    """The real app under uvicorn in a thread on a free loopback port; yields its URL."""
+    import threading
+
+    import uvicorn
+
+    from loramgr.serve import create_app
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(ws, config), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
 def png_b64(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
@@ -86,7 +110,7 @@ def cli_run(ws, out: Path, *, prompt: str, loras=(), control="canny", seed=0, **
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main(argv) == 0
     sidecar = json.loads(next(Path(out).glob("*.json")).read_text())
-    return [(Path(out) / name).read_bytes() for name in [*sidecar["images"], sidecar["edge_map"]]]
+    return [(Path(out) / name).read_bytes() for name in [*sidecar["images"], *sidecar["control_maps"]]]
 
 
 def start_server(ws, port: int, *args: str, ready_s: float = 120) -> subprocess.Popen:

@@ -27,7 +27,7 @@ from loramgr.adapter_file import CHECKSUM_KEY, AdapterFile, content_sha256, load
 from loramgr.adapters import AdapterSet, load_adapter_set
 from loramgr.convert import convert_adapter
 from loramgr.errors import LoramgrError
-from loramgr.manifest import FUSED, TEXT_ENCODER, GraphInfo, Manifest, WeightEntry
+from loramgr.manifest import CONTROLNET, TEXT_ENCODER, UNET, GraphInfo, Manifest, WeightEntry
 from loramgr.merge import BaseWeights, merge_tensors
 from loramgr.samples import write_controlnet, write_kohya_lora
 from loramgr.verify import TOLERANCES, VerifySettings, render_report, verify
@@ -112,7 +112,8 @@ def test_stacked_lora_locon_controlnet_passes_every_check(ws, manifest, demo):
     assert min(d.change for d in report.tensors) > 100 * FP32.tensor_rtol  # every change is far above the tolerance
     total = sum(len(g.weights) for g in manifest.graphs.values())
     assert report.untouched == [] and report.untouched_total == total - len(report.tensors)
-    assert {o.name for o in report.outputs} == {"noise_pred", "noise_pred, guess mode", "text embeddings"}
+    assert {o.name for o in report.outputs} == {"controlnet residuals", "noise_pred", "noise_pred, no unit",
+                                                "text embeddings"}
     assert max(o.rel for o in report.outputs) <= 1e-5
     assert report.image.psnr_db >= 60 and report.image.max_pixel_diff <= 1
     assert sum(report.coverage["moxin"].values()) == adapters["moxin"].targets
@@ -445,7 +446,7 @@ def sd15(tmp_path_factory, sd15_param_shapes) -> tuple[Workspace, Manifest, Name
     ws = Workspace.resolve(tmp_path_factory.mktemp("sd15"))
     folder = ws.base_dir("sd15")
     graphs = {}
-    for graph, prefixes in ((FUSED, ("unet.", "controlnet.")), (TEXT_ENCODER, ("text_model.",))):
+    for graph, prefixes in ((UNET, ("unet.",)), (CONTROLNET, ("controlnet.",)), (TEXT_ENCODER, ("text_model.",))):
         weights, offset = {}, 0
         for param, shape in sd15_param_shapes.items():
             if param.startswith(prefixes):

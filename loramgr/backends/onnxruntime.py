@@ -277,8 +277,8 @@ class OrtRunner(AdapterLease):
     def swappable(self) -> Names:
         out = {g: set(s.buffers) for g, s in self._graphs.items() if s.buffers}
         slots = {n for s in self._slots if s.graph is not None for n in s.graph.buffers}
-        return touched_names(out, {CONTROLNET: slots} if slots else {},
-                             {g: self._declared.get(g, set()) for g in self._released | {CONTROLNET}})
+        declared = {g: self._declared[g] for g in self._released | {CONTROLNET} if self._declared.get(g)}
+        return touched_names(out, {CONTROLNET: slots} if slots else {}, declared)
 
     def controlnet_slots(self) -> list[str | None]:
         """The ControlNet in each slot (``None``: the base's own); its weights are resident while open."""
