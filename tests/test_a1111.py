@@ -242,7 +242,7 @@ BAD = [
     pytest.param(_unit(weight="strong"), "alwayson_scripts.controlnet.args.0.weight", "number", id="text-unit-weight"),
     pytest.param({"alwayson_scripts": {"ControlNet": {"args": [{"image": "IMAGE"}, {"image": "IMAGE"}]}}},
                  "alwayson_scripts.ControlNet.args.1", "more than one", id="two-units"),
-    pytest.param(_unit(image="bm90IGFuIGltYWdl"), "alwayson_scripts.controlnet.args.0.image", "PNG or JPEG",
+    pytest.param(_unit(image="bm90IGFuIGltYWdl"), "alwayson_scripts.controlnet.args.0.image", "PNG, JPEG, WebP",
                  id="undecodable-unit-image"),
     pytest.param(_unit(image=""), "alwayson_scripts.controlnet.args.0.image", "required", id="no-unit-image"),
     pytest.param(_unit(module="depth_midas"), "alwayson_scripts.controlnet.args.0.module", "canny",
