@@ -18,8 +18,6 @@ import asyncio
 import base64
 import io
 import json
-import threading
-import time
 import warnings
 from pathlib import Path
 
@@ -27,7 +25,6 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-import uvicorn
 import webuiapi
 from PIL import Image
 
@@ -37,7 +34,7 @@ from sd_backend_client import (ControlNetModel, ControlNetUnit, DiffusionParams,
 from sd_backend_client.api.webui.response_formats import GenerationInfoData  # noqa: E402
 
 from loramgr.serve import ServeConfig, create_app  # noqa: E402
-from test_serve_support import decode, free_port, png_b64, serve_workspace, start_server  # noqa: E402
+from test_serve_support import decode, free_port, png_b64, serve_workspace, served, start_server  # noqa: E402
 
 with warnings.catch_warnings():  # beartype's notes on aaa1111's typing.List hints, at import
     warnings.simplefilter("ignore", DeprecationWarning)
@@ -67,23 +64,15 @@ def ws(tiny_workspace, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def url(ws):
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ws, CONFIG), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(60)
+def house(ws) -> Image.Image:
+    return Image.open(ws.home / "house.png").convert("RGB")
 
 
 @pytest.fixture(scope="module")
-def house(ws) -> Image.Image:
-    return Image.open(ws.home / "house.png").convert("RGB")
+def url(ws):
+    """The app wanting credentials (CONFIG), under uvicorn on a loopback port."""
+    with served(create_app(ws, CONFIG)) as url:
+        yield url
 
 
 def native(url, **fields) -> dict:
@@ -282,7 +271,7 @@ def test_aaa1111_lists_and_actions(aaa):
     assert embeddings.loaded == {} and embeddings.skipped == {}  # no embedding adapters in this workspace
     memory = aaa.memory()
     assert memory.ram["used"] > 0 and memory.ram["total"] >= memory.ram["used"] and "error" in memory.cuda
-    assert aaa.scripts().txt2img == ["controlnet"]
+    assert aaa.scripts().txt2img == ["controlnet", "controlnet m2m"]
     assert [(s.name, s.is_img2img) for s in aaa.script_info()] == [("controlnet", False), ("controlnet", True)]
     flags = aaa.cmd_flags()
     assert flags["api"] and not flags["listen"] and flags["api_auth"] == "(set)" and PASSWORD not in json.dumps(flags)
@@ -302,18 +291,19 @@ def api(url):
 
 def test_webuiapi_defaults_img2img_controlnet(api, url, ws, house):
     """webuiapi's defaults: Euler a, scheduler automatic (its own), its ControlNetUnit's settings."""
-    got = api.txt2img(prompt="a cat", seed=9, steps=3, width=64, height=64)
+    assert api.has_controlnet  # from the scripts list, as with the extension: see the call without a unit
+    unit = webuiapi.ControlNetUnit(image=house, module="canny", model="canny", processor_res=64)
+    got = api.txt2img(prompt="a cat", seed=9, steps=3, width=64, height=64, controlnet_units=[unit])
+    ref = native(url, prompt="a cat", seed=9, steps=3, scheduler="euler_a", image=png_b64(ws.home / "house.png"),
+                 low_threshold=64, high_threshold=64)  # webuiapi's unit thresholds
+    assert np.array_equal(rgb(got.image), decode(ref["images"][0]))
+    got = api.txt2img(prompt="a cat", seed=9, steps=3, width=64, height=64)  # the unit above is not sent again
     ref = native(url, prompt="a cat", seed=9, steps=3, scheduler="euler_a", strength=0.0)
     assert np.array_equal(rgb(got.image), decode(ref["images"][0]))
     check_info(got.info, sampler_name="Euler a", seed=9)
     got = api.img2img(images=[house], prompt="a cat", seed=9, steps=3, width=64, height=64)
     ref = native(url, prompt="a cat", seed=9, steps=3, scheduler="euler_a", image=png_b64(ws.home / "house.png"),
                  img2img_strength=0.75, strength=0.0)  # webuiapi's denoising_strength default
-    assert np.array_equal(rgb(got.image), decode(ref["images"][0]))
-    unit = webuiapi.ControlNetUnit(image=house, module="canny", model="canny", processor_res=64)
-    got = api.txt2img(prompt="a cat", seed=9, steps=3, width=64, height=64, controlnet_units=[unit])
-    ref = native(url, prompt="a cat", seed=9, steps=3, scheduler="euler_a", image=png_b64(ws.home / "house.png"),
-                 low_threshold=64, high_threshold=64)  # webuiapi's unit thresholds
     assert np.array_equal(rgb(got.image), decode(ref["images"][0]))
 
 

@@ -115,6 +115,28 @@ def start_server(ws, port: int, *args: str, ready_s: float = 120, env: dict[str,
 
 
 @contextlib.contextmanager
+def served(app) -> Iterator[str]:
+    """``app`` under uvicorn in a thread on a free loopback port: its base URL, until the block ends."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
+
+
+@contextlib.contextmanager
 def reaped(proc: subprocess.Popen) -> Iterator[subprocess.Popen]:
     """Kill ``proc`` if the block leaves it running; after a block that passed, its output has no traceback."""
     try:

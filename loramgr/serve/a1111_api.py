@@ -34,6 +34,11 @@ from .schemas import ErrorBody
 
 ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 409, 413, 422, 503)}
 CONTROLNET_API_VERSION = 2  # what the ControlNet extension's /controlnet/version answers
+# The scripts the ControlNet extension lists. "controlnet m2m" (its selectable batch script, not
+# offered: script_name is a 422) is how webuiapi knows the extension is there; only then does it
+# send an empty unit list with a call without units, instead of the units of its previous call
+# (webuiapi keeps them in a shared default argument).
+SCRIPTS = ("controlnet", "controlnet m2m")
 
 
 class Interrupted(CatalogError):
@@ -205,7 +210,7 @@ def router(service) -> APIRouter:
 
     @api.get("/sdapi/v1/scripts")
     async def scripts():
-        return {"txt2img": ["controlnet"], "img2img": ["controlnet"]}
+        return {"txt2img": list(SCRIPTS), "img2img": list(SCRIPTS)}
 
     @api.get("/controlnet/model_list")
     async def controlnet_models():
