@@ -18,6 +18,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -410,6 +411,16 @@ def test_secrets_from_files_and_environment(ws, tmp_path):
     assert "file-key-123" not in output and "env-pass-456" not in output and "Traceback" not in output
 
 
+def test_credentials_alone_silence_the_exposed_address_warning(ws, capsys, monkeypatch):
+    from loramgr.serve import server
+
+    monkeypatch.setattr(server.DrainingServer, "run", lambda self: None)
+    server.serve(ws, ServeConfig(host="0.0.0.0", api_auth="u:p"))
+    assert "without an API key" not in capsys.readouterr().err
+    server.serve(ws, ServeConfig(host="0.0.0.0"))
+    assert "--api-auth" in capsys.readouterr().err
+
+
 def test_bad_credential_options_are_one_line(ws, tmp_path, capsys):
     from loramgr.cli import main
 
@@ -516,3 +527,39 @@ def test_parameters_and_info_as_a1111(url):
     assert text.startswith("a <lora:sv_a:0.5> house\nSteps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0"
                            ", Seed: 11, Size: 64x64, Model hash: ") and '"sv_a: ' in text
     assert {"restore_faces", "styles"} <= set(info["loramgr"]["ignored_fields"])
+
+
+def test_embeddings_are_the_workspace_embedding_adapters(tiny_workspace, tmp_path):
+    """/sdapi/v1/embeddings from adapters of kind `embedding` (their metadata), in aaa1111's types."""
+    import onnx
+    from aaa1111.types.info import EmbeddingItem
+
+    from loramgr.manifest import Manifest
+    from loramgr.serve.a1111_api import list_embeddings
+    from loramgr.serve.catalog import AdapterCatalog
+    from loramgr.workspace import Workspace
+
+    (tmp_path / "base_models").mkdir()
+    os.symlink(tiny_workspace.base_dir("tiny"), tmp_path / "base_models" / "tiny")
+    ws = Workspace.resolve(tmp_path)
+    manifest = Manifest.load(ws.base_dir("tiny"))
+    ws.adapters.mkdir(exist_ok=True)
+
+    def write(name: str, **props: str) -> None:
+        model = onnx.helper.make_model(onnx.helper.make_graph([], "loramgr_adapter", [], []))
+        onnx.helper.set_model_props(model, {"loramgr.format_version": "1", "loramgr.kind": "embedding",
+                                            "loramgr.base_fingerprint": manifest.fingerprint, **props})
+        onnx.save_model(model, str(ws.adapter_path(name)))
+
+    write("easyneg", **{"loramgr.embedding_shape": "[2, 32]", "loramgr.embedding_step": "500",
+                        "loramgr.embedding_checkpoint": "abcd1234"})
+    write("for_sdxl", **{"loramgr.embedding_shape": "[4, 1280]", "loramgr.base_fingerprint": "0" * 64})
+    write("no_shape")
+    listed = list_embeddings(AdapterCatalog(ws, manifest))
+    assert listed == {"loaded": {"easyneg": {"step": 500, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": None,
+                                             "shape": 32, "vectors": 2}},
+                      "skipped": {"for_sdxl": {"step": None, "sd_checkpoint": None, "sd_checkpoint_name": None,
+                                               "shape": 1280, "vectors": 4}}}
+    for items in listed.values():
+        for item in items.values():
+            EmbeddingItem(**item)  # aaa1111's (beartype-checked) types
