@@ -191,7 +191,7 @@ def _backend_options(args: argparse.Namespace):
 
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from .serve.config import ENV_API_KEY, ServeConfig as C
+    from .serve.config import ENV_API_AUTH, ENV_API_KEY, ServeConfig as C
 
     p.add_argument("--base", help="base to serve (default: the only base)")
     p.add_argument("--backend", choices=BACKENDS, default=C.backend)
@@ -199,6 +199,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=C.port)
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every endpoint but /healthz "
                                      f"and the page at / (default: ${ENV_API_KEY})")
+    p.add_argument("--api-key-file", metavar="PATH", help="read the key from this file (argv is visible in ps)")
+    p.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
+                   help=f"HTTP Basic credentials, as A1111's --api-auth; with --api-key either one is accepted "
+                        f"(default: ${ENV_API_AUTH})")
+    p.add_argument("--api-auth-file", metavar="PATH", help="read the credentials from this file (USER:PASS a line)")
     p.add_argument("--scheduling", choices=("grouping", "fifo"), default=C.scheduling,
                    help="grouping: run queued requests with the runner's adapter set first (bounded by "
                         "--max-overtake); fifo: arrival order, a swap whenever the set changes")
@@ -275,12 +280,15 @@ def _serve_on_ray(args: argparse.Namespace, ws: Workspace, config) -> int:
 
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
     from .serve import ServeConfig, serve
+    from .serve.auth import read_secret
+    from .serve.config import ENV_API_AUTH, ENV_API_KEY
 
     try:
         config = ServeConfig(
             base=args.base, backend=args.backend, ort_optimization=args.ort_opt, hot_swap=not args.no_hot_swap,
-            fuse_attention=not args.no_fuse_attention,
-            host=args.host, port=args.port, api_key=args.api_key or ServeConfig.api_key_from_env(),
+            fuse_attention=not args.no_fuse_attention, host=args.host, port=args.port,
+            api_key=read_secret(args.api_key, args.api_key_file, ENV_API_KEY, "--api-key"),
+            api_auth=read_secret(args.api_auth, args.api_auth_file, ENV_API_AUTH, "--api-auth"),
             scheduling=args.scheduling, max_queue=args.max_queue, max_overtake=args.max_overtake,
             max_resolution=args.max_resolution, max_steps=args.max_steps, max_num_samples=args.max_num_samples,
             max_image_bytes=int(args.max_image_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),

@@ -1,7 +1,7 @@
 """The FastAPI application: a thin HTTP layer over :class:`Service`.
 
 Routes, error mapping (every bad input is a 4xx JSON :class:`ErrorBody` naming the
-field), bearer-token check, body size limit, drain. The work is done by
+field), credentials check, body size limit, drain. The work is done by
 :class:`~loramgr.serve.engine.Engine` (runtime) and :class:`~loramgr.serve.scheduler.Scheduler`
 (queue and worker); :class:`Service` ties them together for any caller, HTTP or not.
 """
@@ -9,7 +9,6 @@ field), bearer-token check, body size limit, drain. The work is done by
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -27,6 +26,7 @@ from ..pipeline.schedulers import SCHEDULERS
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
+from .auth import Access
 from .catalog import CatalogError
 from .codec import encode_png
 from .config import ServeConfig
@@ -135,7 +135,7 @@ def _error(status: int, field: str | None, reason: str, headers: dict | None = N
 
 
 class _Guard:
-    """ASGI middleware: drain, bearer token, body size limit, request metrics."""
+    """ASGI middleware: drain, credentials (serve/auth.py), body size limit, request metrics."""
 
     def __init__(self, app, service: Service):
         self.app = app
@@ -187,13 +187,11 @@ class _Guard:
             return None
         if service.draining and path not in ("/metrics",) and path not in OPEN_PATHS:
             return _error(503, None, "the server is shutting down", {"Retry-After": "5"})
-        key = service.config.api_key
-        if key and path not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                return _error(401, "authorization", "a valid bearer token is required (Authorization: Bearer KEY)",
-                              {"WWW-Authenticate": "Bearer"})
+        access = Access.of(service.config.api_key, service.config.api_auth)  # per request: the config may be replaced
+        if access.required and path not in OPEN_PATHS:
+            if not access.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
+                return _error(401, "authorization", f"valid credentials are required ({access.wanted})",
+                              {"WWW-Authenticate": access.challenge})
         return None
 
 
