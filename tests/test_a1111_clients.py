@@ -530,10 +530,15 @@ def test_parameters_and_info_as_a1111(url):
 
 
 def test_embeddings_are_the_workspace_embedding_adapters(tiny_workspace, tmp_path):
-    """/sdapi/v1/embeddings from adapters of kind `embedding` (their metadata), in aaa1111's types."""
-    import onnx
+    """/sdapi/v1/embeddings from adapters of kind `embedding` (converted from an A1111 file), in aaa1111's types;
+    one of another text width (written directly: convert refuses it) is skipped."""
+    import numpy as np
+    import torch
     from aaa1111.types.info import EmbeddingItem
 
+    from format_writers import a1111_embedding
+    from loramgr.adapter_file import save_adapter
+    from loramgr.convert import convert_adapter
     from loramgr.manifest import Manifest
     from loramgr.serve.a1111_api import list_embeddings
     from loramgr.serve.catalog import AdapterCatalog
@@ -543,18 +548,10 @@ def test_embeddings_are_the_workspace_embedding_adapters(tiny_workspace, tmp_pat
     os.symlink(tiny_workspace.base_dir("tiny"), tmp_path / "base_models" / "tiny")
     ws = Workspace.resolve(tmp_path)
     manifest = Manifest.load(ws.base_dir("tiny"))
-    ws.adapters.mkdir(exist_ok=True)
-
-    def write(name: str, **props: str) -> None:
-        model = onnx.helper.make_model(onnx.helper.make_graph([], "loramgr_adapter", [], []))
-        onnx.helper.set_model_props(model, {"loramgr.format_version": "1", "loramgr.kind": "embedding",
-                                            "loramgr.base_fingerprint": manifest.fingerprint, **props})
-        onnx.save_model(model, str(ws.adapter_path(name)))
-
-    write("easyneg", **{"loramgr.embedding_shape": "[2, 32]", "loramgr.embedding_step": "500",
-                        "loramgr.embedding_checkpoint": "abcd1234"})
-    write("for_sdxl", **{"loramgr.embedding_shape": "[4, 1280]", "loramgr.base_fingerprint": "0" * 64})
-    write("no_shape")
+    source = a1111_embedding(tmp_path / "easyneg.pt", torch.randn(2, 32), step=500, checkpoint="abcd1234",
+                             checkpoint_name=None)
+    convert_adapter(ws, source, base="tiny")
+    save_adapter(ws.adapter_path("for_sdxl"), "embedding", {}, [], {"for_sdxl": np.zeros((4, 1280), np.float32)})
     listed = list_embeddings(AdapterCatalog(ws, manifest))
     assert listed == {"loaded": {"easyneg": {"step": 500, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": None,
                                              "shape": 32, "vectors": 2}},

@@ -374,26 +374,19 @@ async def _empty_list() -> list:
 def list_embeddings(catalog) -> dict:
     """A1111's ``/sdapi/v1/embeddings`` from the workspace's adapters of kind ``embedding``.
 
-    Read from their metadata: ``loramgr.embedding_shape`` (JSON ``[vectors, length]``: A1111's
-    ``vectors`` and ``shape``) and, when the source had them, ``loramgr.embedding_step``,
-    ``loramgr.embedding_checkpoint`` and ``loramgr.embedding_checkpoint_name``. One made for another
-    base is ``skipped``, as A1111 skips one of another architecture; one that cannot be read is
-    left out, as ``catalog.list`` leaves out unreadable files.
+    Each comes from the catalog's embedding index (``{vectors, dim}`` and A1111's ``step``,
+    ``sd_checkpoint``, ``sd_checkpoint_name``: docs/lora-format.md). One of another text width
+    is ``skipped``, as A1111 skips one of another architecture; one that cannot be read is left
+    out, as ``catalog.list`` leaves out unreadable files.
     """
     out: dict[str, dict] = {"loaded": {}, "skipped": {}}
     for entry in catalog.list():
-        if entry["kind"] != "embedding":
+        if entry["kind"] != "embedding" or len(entry["embeddings"]) != 1:
             continue
-        try:
-            meta = catalog.entry(entry["name"]).metadata
-            vectors, length = json.loads(meta["loramgr.embedding_shape"])
-            step = meta.get("loramgr.embedding_step")
-            item = {"step": int(step) if step else None,
-                    "sd_checkpoint": meta.get("loramgr.embedding_checkpoint") or None,
-                    "sd_checkpoint_name": meta.get("loramgr.embedding_checkpoint_name") or None,
-                    "shape": int(length), "vectors": int(vectors)}
-        except (CatalogError, KeyError, ValueError, TypeError):  # replaced meanwhile, or not readable
-            continue
+        found = next(iter(entry["embeddings"].values()))
+        item = {"step": found.get("step"), "sd_checkpoint": found.get("sd_checkpoint"),
+                "sd_checkpoint_name": found.get("sd_checkpoint_name"), "shape": found["dim"],
+                "vectors": found["vectors"]}
         out["loaded" if entry["fits"] else "skipped"][entry["name"]] = item
     return out
 
