@@ -222,8 +222,9 @@ def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
 
 
 def test_bake_output_loads_in_plain_onnxruntime(tiny_workspace, adapters, tmp_path):
-    written = bake(tiny_workspace, tmp_path / "mix.lora", ["rt_a:0.8", "rt_b:0.5"], control="rt_hed")
-    assert set(written) == {"unet_controlnet", "text_encoder"}
+    outputs = {FUSED: tmp_path / "mix.lora", TEXT_ENCODER: tmp_path / "mix-te.lora"}
+    written = bake(tiny_workspace, outputs, ["rt_a:0.8", "rt_b:0.5"], control="rt_hed")
+    assert written == outputs and sorted(tmp_path.iterdir()) == sorted(outputs.values())  # exactly the files named
     import onnx
 
     baked = onnx.load(str(written[FUSED]))

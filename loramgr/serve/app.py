@@ -33,8 +33,7 @@ from .config import ServeConfig
 from .engine import Engine, field_of
 from .metrics import Metrics
 from .scheduler import Draining, QueueFull, Scheduler
-from .schemas import (RUN_DEFAULTS, AdapterList, ErrorBody, GenerateRequest, GenerateResponse, ServerInfo,
-                      UploadResponse)
+from .schemas import AdapterList, ErrorBody, GenerateRequest, GenerateResponse, ServerInfo, UploadResponse
 
 logger = logging.getLogger("loramgr.serve")
 
@@ -121,7 +120,7 @@ class Service:
     def info(self) -> dict:
         c = self.config
         return {"base": self.engine.base, "backend": c.backend, "scheduling": c.scheduling,
-                "defaults": {**RUN_DEFAULTS, "control": "canny"},
+                "defaults": {**self.engine.defaults.as_dict(), "control": "canny"},
                 "limits": {"max_resolution": c.max_resolution, "max_steps": c.max_steps,
                            "max_num_samples": c.max_num_samples, "max_image_bytes": c.max_image_bytes,
                            "max_image_pixels": c.max_image_pixels, "max_upload_bytes": c.max_upload_bytes,

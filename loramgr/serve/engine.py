@@ -31,6 +31,7 @@ import numpy as np
 from ..adapters import AdapterSet, touched_names
 from ..backends.options import OrtOptions
 from ..bases import OpenBase
+from ..defaults import base_defaults
 from ..errors import LoramgrError
 from ..pipeline.settings import GenerationSettings, check_inputs
 from ..runtime import Generator
@@ -86,6 +87,7 @@ class Engine:
         self.opened = OpenBase.resolve(workspace, config.base)
         self.base = self.opened.name
         self.manifest = self.opened.manifest
+        self.defaults = base_defaults(self.opened)  # `loramgr run`'s for this base: omitted fields take them
         self.catalog = AdapterCatalog(workspace, self.manifest)
         self.generator: Generator | None = None
         self._key: tuple = ()
@@ -165,10 +167,12 @@ class Engine:
     def prepare(self, request: GenerateRequest) -> Job:
         """Check everything about ``request`` that can be checked without the runner."""
         c = self.config
+        settings = self.defaults.settings(**{k: getattr(request, k) for k in SETTING_FIELDS},
+                                          preprocessor="canny" if request.control_map is None else "none")
         for name, limit, flag in (("resolution", c.max_resolution, "--max-resolution"),
                                   ("steps", c.max_steps, "--max-steps"),
                                   ("num_samples", c.max_num_samples, "--max-num-samples")):
-            value = getattr(request, name)
+            value = getattr(settings, name)
             if value > limit:
                 raise CatalogError(422, name, f"{name}={value} exceeds this server's limit of {limit} ({flag})")
         image = control_map = None
@@ -180,8 +184,6 @@ class Engine:
             raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
         if image is None and request.img2img_strength is not None:
             raise CatalogError(422, "img2img_strength", "img2img needs an image, not only a control_map")
-        settings = GenerationSettings(**{k: getattr(request, k) for k in SETTING_FIELDS},
-                                      preprocessor="canny" if control_map is None else "none")
         try:
             for given in (image, control_map):
                 if given is not None:

@@ -36,6 +36,7 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from ..bases import OpenBase
+from ..defaults import base_defaults
 from ..errors import LoramgrError
 from ..workspace import Workspace
 from .app import Service, create_app
@@ -173,6 +174,7 @@ class _BaseView:
         opened = OpenBase.resolve(workspace, config.base)
         self.base = opened.name
         self.manifest = opened.manifest
+        self.defaults = base_defaults(opened)
         self.catalog = AdapterCatalog(workspace, self.manifest)
         self.ready = False
         self.startup: dict = {}
