@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from . import console
+from . import __version__, console
 from .backends import BACKENDS
 from .backends.options import OPTIMIZATION_LEVELS
 from .errors import LoramgrError
@@ -24,6 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="loramgr", description="LoRA / ControlNet weight swaps for one exported SD1.5 + ControlNet base.")
     parser.add_argument("--home", help="workspace folder holding base_models/ and adapters/ "
                                        "(default: $LORAMGR_HOME, else the current directory)")
+    parser.add_argument("--version", action="version", version=f"loramgr {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("export", help="export a base once: UNet+ControlNet, text encoder and VAE to ONNX")
@@ -54,8 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("bake", help="merge adapters into full tensors for AddExternalInitializers")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]")
     p.add_argument("--control", metavar="NAME", help="a converted ControlNet")
-    p.add_argument("--base")
-    p.add_argument("-o", "--output", required=True, help="output .lora file")
+    p.add_argument("--base", help="base name (default: the only base in the workspace)")
+    p.add_argument("-o", "--output", action="append", required=True, metavar="[GRAPH=]FILE",
+                   help="the .lora file to write: one per graph the set changes, as GRAPH=FILE "
+                        "(e.g. -o mix.lora -o text_encoder=mix-te.lora); a plain FILE is the UNet graph's")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("run", help="run the canny ControlNet pipeline with adapters")
@@ -64,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="verify adapters against a model merged in torch (diffusers/PEFT) and exported")
     p.add_argument("adapters", nargs="*", metavar="NAME[:WEIGHT]")
     p.add_argument("--control", metavar="NAME", help="a converted ControlNet to verify with the LoRAs")
-    p.add_argument("--base")
+    p.add_argument("--base", help="base name (default: the only base in the workspace)")
     _add_backend_arguments(p)
     p.add_argument("--reference", choices=("auto", "diffusers", "formulas"), default="auto",
                    help="who merges LoRAs for the reference (auto: diffusers where it reads the format correctly)")
@@ -76,12 +79,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-cache", action="store_true", help="rebuild the merged reference export")
     p.add_argument("--top", type=int, default=10, help="rows of the largest-difference tables")
+    p.add_argument("--verbose", action="store_true", help="print every table (default: the verdict and worst figures)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("bench", help="measure convert / swap / step / memory side by side (docs/benchmarks.md)")
     p.add_argument("--arch", choices=("tiny", "sd15"), default="tiny",
                    help="sd15: the real architecture (minutes, ~16 GB peak, ~11 GB of disk in the workspace)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per measurement (medians are reported)")
+    p.add_argument("--verbose", action="store_true", help="print every table (default: one line per measurement)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("demo", help="the embedded default: tiny base, sample adapters, pipeline, verify")
@@ -107,10 +112,25 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="show one base or adapter in detail")
     p.add_argument("name")
+    p.add_argument("--verbose", action="store_true", help="a base: every graph's inputs, outputs and blocks")
     p.add_argument("--json", action="store_true")
     for command in sub.choices.values():  # --home is accepted after the command too
         command.add_argument("--home", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+        _show_defaults(command)
     return parser
+
+
+def _show_defaults(parser: argparse.ArgumentParser) -> None:
+    """Every option's help ends with its default (unless it names it already or has none to show)."""
+    for action in parser._actions:
+        default = action.default
+        if not action.option_strings or default is None or default is False or default == [] \
+                or default is argparse.SUPPRESS:  # -h, --version: SUPPRESS
+            continue
+        if action.help is None:
+            action.help = "default: %(default)s"
+        elif action.help is not argparse.SUPPRESS and "default" not in action.help:
+            action.help += " (default: %(default)s)"
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,7 +139,7 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .pipeline.settings import PREPROCESSORS
     from .pipeline.settings import GenerationSettings as S
 
-    p.add_argument("--base")
+    p.add_argument("--base", help="base name (default: the only base in the workspace)")
     p.add_argument("--lora", action="append", default=[], metavar="NAME[:WEIGHT]", help="repeatable")
     p.add_argument("--control", default="canny", metavar="canny|NAME",
                    help="canny: the base's own ControlNet; NAME: a converted ControlNet")
@@ -143,7 +163,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--height", type=int, help="output height when there is no image at all (multiple of 64)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--a-prompt", default=S.a_prompt)
-    p.add_argument("--n-prompt", default=S.n_prompt)
+    p.add_argument("--n-prompt", help="negative prompt (default: ControlNet's, up to the last of its items that "
+                                       "fits the base's tokenizer in 77 tokens)")
     p.add_argument("--plain-prompt", action="store_true",
                    help="take the prompts as they are (default: A1111's syntax: (emphasis:1.2), [less], BREAK, "
                         "embeddings, 75-token chunks)")
@@ -151,7 +172,8 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-prompt-tokens", type=int, default=S.max_prompt_tokens,
                    help="refuse longer prompts (tokens; 75 per chunk)")
     p.add_argument("--num-samples", type=int, default=S.num_samples)
-    p.add_argument("--resolution", type=int, default=S.resolution)
+    p.add_argument("--resolution", type=int,
+                   help="short side of the output in pixels (default: the base's native size; tiny: 128, sd15: 512)")
     p.add_argument("--max-pixels", type=int, default=S.max_pixels, help="refuse larger outputs (width * height)")
     p.add_argument("--steps", type=int, default=S.steps)
     p.add_argument("--guess-mode", action="store_true")
@@ -163,8 +185,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=S.eta)
     p.add_argument("--low-threshold", type=int, default=S.low_threshold)
     p.add_argument("--high-threshold", type=int, default=S.high_threshold)
-    p.add_argument("--img2img-strength", type=float, default=None)
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler)
+    p.add_argument("--img2img-strength", type=float, default=None,
+                   help="start from --image noised this much, in (0, 1] (default: text to image)")
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler, metavar="NAME",
+                   help=f"one of {', '.join(sorted(SCHEDULERS))}")
     _add_backend_arguments(p)
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     p.add_argument("--name", help="output file stem (default: date-time-pid, made unique)")
@@ -207,7 +231,7 @@ def _backend_options(args: argparse.Namespace):
 
 
 def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
-    from .serve.config import ENV_API_KEY, ServeConfig as C
+    from .serve.config import ENV_API_AUTH, ENV_API_KEY, ServeConfig as C
 
     p.add_argument("--base", help="base to serve (default: the only base)")
     p.add_argument("--backend", choices=BACKENDS, default=C.backend)
@@ -215,6 +239,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=C.port)
     p.add_argument("--api-key", help=f"require 'Authorization: Bearer KEY' on every endpoint but /healthz "
                                      f"and the page at / (default: ${ENV_API_KEY})")
+    p.add_argument("--api-key-file", metavar="PATH", help="read the key from this file (argv is visible in ps)")
+    p.add_argument("--api-auth", metavar="USER:PASS[,USER2:PASS2]",
+                   help=f"HTTP Basic credentials, as A1111's --api-auth; with --api-key either one is accepted "
+                        f"(default: ${ENV_API_AUTH})")
+    p.add_argument("--api-auth-file", metavar="PATH", help="read the credentials from this file (USER:PASS a line)")
     p.add_argument("--scheduling", choices=("grouping", "fifo"), default=C.scheduling,
                    help="grouping: run queued requests with the runner's adapter set first (bounded by "
                         "--max-overtake); fifo: arrival order, a swap whenever the set changes")
@@ -295,12 +324,15 @@ def _serve_on_ray(args: argparse.Namespace, ws: Workspace, config) -> int:
 
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
     from .serve import ServeConfig, serve
+    from .serve.auth import read_secret
+    from .serve.config import ENV_API_AUTH, ENV_API_KEY
 
     try:
         config = ServeConfig(
             base=args.base, backend=args.backend, ort_optimization=args.ort_opt, hot_swap=not args.no_hot_swap,
-            fuse_attention=not args.no_fuse_attention,
-            host=args.host, port=args.port, api_key=args.api_key or ServeConfig.api_key_from_env(),
+            fuse_attention=not args.no_fuse_attention, host=args.host, port=args.port,
+            api_key=read_secret(args.api_key, args.api_key_file, ENV_API_KEY, "--api-key"),
+            api_auth=read_secret(args.api_auth, args.api_auth_file, ENV_API_AUTH, "--api-auth"),
             scheduling=args.scheduling, max_queue=args.max_queue, max_overtake=args.max_overtake,
             max_resolution=args.max_resolution, max_steps=args.max_steps, max_num_samples=args.max_num_samples,
             max_image_bytes=int(args.max_image_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
@@ -346,14 +378,17 @@ def cmd_convert(args: argparse.Namespace, ws: Workspace) -> int:
 
 
 def cmd_bake(args: argparse.Namespace, ws: Workspace) -> int:
-    from .bake import bake
+    from .bake import bake, parse_outputs
 
-    written = bake(ws, args.output, args.lora, base=args.base, control=args.control)
+    written = bake(ws, parse_outputs(args.output), args.lora, base=args.base, control=args.control)
     if args.json:
         console.print_json({g: str(p) for g, p in written.items()})
         return 0
-    rows = [(g, p, console.human_size(p.stat().st_size)) for g, p in written.items()]
-    console.out.print(console.table("baked (pass to AddExternalInitializers of the graph)", ("graph", "file", "size"), rows))
+    console.out.print(f"baked {' + '.join([*args.lora, *filter(None, [args.control])])}: pass each file to "
+                      "AddExternalInitializers of its graph (docs/lora-format.md)", highlight=False)
+    for graph, path in written.items():
+        console.out.print(f"  {graph:<16} {console.human_size(path.stat().st_size):>9}  {path}", highlight=False,
+                          soft_wrap=True)
     return 0
 
 
@@ -385,16 +420,17 @@ def parse_unit(spec: str) -> tuple[object, str | None]:
     return ControlUnit(name, **{renamed.get(k, k): v for k, v in values.items()}), image
 
 
-def _settings(args: argparse.Namespace):
-    """GenerationSettings from ``run``'s options, field by field (every field has an option)."""
+def _settings(args: argparse.Namespace, defaults):
+    """GenerationSettings from ``run``'s options, field by field (every field has an option); options
+    left out that depend on the base take ``defaults`` (:class:`~loramgr.defaults.BaseDefaults`)."""
     from dataclasses import fields
 
     from .pipeline.settings import GenerationSettings
 
     computed = {"units": _units(args)[0], "prompt_syntax": "plain" if args.plain_prompt else "a1111"}
-    return GenerationSettings(**{f.name: computed[f.name] if f.name in computed
-                                 else getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
-                                 for f in fields(GenerationSettings)})
+    return defaults.settings(**{f.name: computed[f.name] if f.name in computed
+                                else getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
+                                for f in fields(GenerationSettings)})
 
 
 def _units(args: argparse.Namespace) -> tuple[tuple | None, list[str | None] | None]:
@@ -409,21 +445,26 @@ def _units(args: argparse.Namespace) -> tuple[tuple | None, list[str | None] | N
 
 def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
     from .adapters import AdapterChoice
+    from .bases import OpenBase
+    from .defaults import base_defaults
     from .runtime import generate
 
     choices = [AdapterChoice(tuple(args.lora), args.control)]
     choices += [AdapterChoice.parse(spec, ws) for spec in args.sweep]
     options = _backend_options(args)
+    opened = OpenBase.resolve(ws, args.base)
+    settings = _settings(args, base_defaults(opened))
     _, unit_images = _units(args)
     with console.steps_bar("denoising", enabled=not args.json) as progress:
-        reports = generate(ws, args.image, _settings(args), choices, base=args.base, backend=args.backend,
+        reports = generate(ws, args.image, settings, choices, base=opened.name, backend=args.backend,
                            options=options, control_image=args.control_image, control_images=unit_images,
                            out_dir=args.out, progress=progress, stem=args.name, overwrite=args.overwrite)
-    _print_runs(reports, choices, args.json)
+    _print_runs(reports, choices, settings, args.json)
     return 0
 
 
-def _print_runs(reports, choices, as_json: bool) -> None:
+def _print_runs(reports, choices, settings, as_json: bool) -> None:
+    """The runs' timings, then every file written, one per line."""
     if as_json:
         console.print_json([vars(r) for r in reports])
         return
@@ -433,12 +474,19 @@ def _print_runs(reports, choices, as_json: bool) -> None:
         load = t.get("open_s", t.get("swap_s", 0.0))
         rows.append((choice.label(), f"{load:.2f} s", "hot swap" if "swap_s" in t else "open + inject",
                      f"{t.get('step_s', 0.0) * 1000:.0f} ms", f"{t.get('run_s', 0.0):.2f} s"))
-    folder = reports[0].files[0].parent if reports else ""
-    console.out.print(console.table(f"runs (files in {folder})", ("adapters", "load", "how", "per step", "run"), rows))
+    base = reports[0].base if reports else ""
+    console.out.print(console.table(f"runs on {base} (resolution {settings.resolution}, {settings.steps} steps)",
+                                    ("adapters", "load", "how", "per step", "run"), rows))
+    console.out.print("wrote:", highlight=False)
+    for path in (p for report in reports for p in report.files):
+        console.out.print(f"  {path}", highlight=False, soft_wrap=True)
 
 
 def cmd_verify(args: argparse.Namespace, ws: Workspace) -> int:
-    from .verify import VerifySettings, render_report, verify
+    from .bases import OpenBase
+    from .defaults import base_defaults
+    from .verify import VerifySettings, verify
+    from .verify.report import render_report, render_summary
 
     sources = {}
     for item in args.source:
@@ -446,20 +494,26 @@ def cmd_verify(args: argparse.Namespace, ws: Workspace) -> int:
         if not sep or not name or not path:
             raise LoramgrError(f"--source {item!r}: use NAME=PATH")
         sources[name] = path
+    opened = OpenBase.resolve(ws, args.base)
     settings = VerifySettings(checks=tuple(c for c in args.checks.split(",") if c), reference=args.reference,
-                              seed=args.seed, image_size=args.size, steps=args.steps, use_cache=not args.no_cache)
+                              seed=args.seed, image_size=args.size, steps=args.steps, use_cache=not args.no_cache,
+                              n_prompt=base_defaults(opened).n_prompt)  # as `run` on this base
     with console.steps("verify", enabled=not args.json) as step:
-        report = verify(ws, args.adapters, base=args.base, control=args.control, backend=args.backend,
+        report = verify(ws, args.adapters, base=opened.name, control=args.control, backend=args.backend,
                         sources=sources, settings=settings, options=_backend_options(args), on_step=step)
     if args.json:
         console.print_json(report.to_dict())
-    else:
+    elif args.verbose:
         render_report(report, console.out, top=args.top)
+    else:
+        render_summary(report, console.out)
+        console.out.print("  every table: --verbose; every number: --json", highlight=False)
     return 0 if report.passed else 1
 
 
 def cmd_bench(args: argparse.Namespace, ws: Workspace) -> int:
     from .bench import render_bench, run_bench
+    from .bench.rendering import render_summary
 
     if args.repeats < 1:
         raise LoramgrError(f"--repeats {args.repeats}: must be at least 1")
@@ -467,8 +521,10 @@ def cmd_bench(args: argparse.Namespace, ws: Workspace) -> int:
         result = run_bench(ws, args.arch, repeats=args.repeats, on_step=step)
     if args.json:
         console.print_json(result)
-    else:
+    elif args.verbose:
         render_bench(result, console.out)
+    else:
+        render_summary(result, console.out)
     return 0
 
 
@@ -544,11 +600,24 @@ def cmd_list(args: argparse.Namespace, ws: Workspace) -> int:
     if args.json:
         console.print_json(data)
         return 0
-    _print_bases(data["bases"], f"bases in {ws.base_models}")
-    rows = [(a["name"], a["kind"], a["base"], a["format"], a["targets"], console.human_size(a["size_bytes"]),
-             ", ".join(a["trigger_words"][:3]), _embeddings(a["embeddings"])) for a in data["adapters"]]
-    console.out.print(console.table(f"adapters in {ws.adapters}", ("adapter", "kind", "base", "format", "targets",
-                                                                     "size", "trigger words", "embeddings"), rows))
+    console.out.print(f"workspace {ws.home}", highlight=False, soft_wrap=True)
+    if data["bases"]:
+        _print_bases(data["bases"], f"bases in {ws.base_models}")
+    else:
+        console.out.print(f"no base in {ws.base_models.name}/: make one with\n"
+                          "  loramgr demo                                      # tiny base + sample adapters\n"
+                          "  loramgr export --arch tiny --random --name tiny   # tiny base only\n"
+                          "  loramgr export --model DIR_OR_FILE --name sd15    # an SD1.5 model (README)\n"
+                          "or read another workspace: --home DIR or $LORAMGR_HOME", highlight=False)
+    if data["adapters"]:
+        rows = [(a["name"], a["kind"], a["base"], a["format"], a["targets"], console.human_size(a["size_bytes"]),
+                 ", ".join(a["trigger_words"][:3]), _embeddings(a["embeddings"])) for a in data["adapters"]]
+        console.out.print(console.table(f"adapters in {ws.adapters}",
+                                        ("adapter", "kind", "base", "format", "targets", "size", "trigger words",
+                                         "embeddings"), rows))
+    else:
+        console.out.print(f"no adapter in {ws.adapters.name}/: convert one with loramgr convert FILE",
+                          highlight=False)
     if data["problems"]:
         rows = [(p["kind"], p["name"], p["reason"]) for p in data["problems"]]
         console.out.print(console.table("[red]entries that cannot be used[/]", ("", "name", "reason"), rows))
@@ -561,28 +630,49 @@ def cmd_inspect(args: argparse.Namespace, ws: Workspace) -> int:
     data = details(ws, args.name)
     if args.json:
         console.print_json(data)
-        return 0
-    if data["type"] == "base":
-        _print_bases([data], f"base {args.name}")
-        for graph, info in data["graphs"].items():
-            io = [("input", i["name"], i["dtype"], i["shape"]) for i in info["inputs"]]
-            io += [("output", o["name"], o["dtype"], o["shape"]) for o in info["outputs"]]
-            console.out.print(console.table(f"{graph}: {data['weights'][graph]} weights, layouts {info['layouts']}",
-                                            ("", "name", "dtype", "shape"), io))
-        blocks = [(g, b, n) for g, info in data["graphs"].items() for b, n in info["blocks"].items()]
-        console.out.print(console.table("weights per block", ("graph", "block", "weights"), blocks))
+    elif data["type"] == "base":
+        _print_base_details(data, args.verbose)
     else:
-        rows = [(k, v) for k, v in data.items() if k not in ("blocks", "type", "embeddings")]
-        console.out.print(console.table(f"adapter {args.name}", ("field", "value"), rows))
-        if data["embeddings"]:
-            fields = ("vectors", "dim", "step", "sd_checkpoint", "sd_checkpoint_name")
-            rows = [(t, *("-" if e.get(k) is None else e[k] for k in fields)) for t, e in data["embeddings"].items()]
-            console.out.print(console.table("textual-inversion embeddings (triggered by name in prompts)",
-                                            ("trigger", "vectors", "width", "step", "sd_checkpoint",
-                                             "sd_checkpoint_name"), rows))
-        if data["blocks"]:
-            console.out.print(console.table("targets per block", ("block", "weights"), sorted(data["blocks"].items())))
+        _print_adapter_details(data)
     return 0
+
+
+def _counts(counts: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def _print_base_details(data: dict, verbose: bool) -> None:
+    _print_bases([data], f"base {data['name']}")
+    rows = [(graph, data["weights"][graph], len(info["blocks"]), _counts(info["layouts"]))
+            for graph, info in data["graphs"].items()]
+    console.out.print(console.table("graphs", ("graph", "weights", "blocks", "weight layouts"), rows))
+    if not verbose:
+        console.out.print("inputs, outputs and weights per block: --verbose", highlight=False)
+        return
+    for graph, info in data["graphs"].items():
+        io = [("input", i["name"], i["dtype"], ", ".join(map(str, i["shape"]))) for i in info["inputs"]]
+        io += [("output", o["name"], o["dtype"], ", ".join(map(str, o["shape"]))) for o in info["outputs"]]
+        console.out.print(console.table(graph, ("", "name", "dtype", "shape"), io))
+    blocks = [(g, b, n) for g, info in data["graphs"].items() for b, n in info["blocks"].items()]
+    console.out.print(console.table("weights per block", ("graph", "block", "weights"), blocks))
+
+
+def _print_adapter_details(data: dict) -> None:
+    rows = [("kind", data["kind"]), ("base", f"{data['base']} (fingerprint {data['base_fingerprint']})"),
+            ("format", data["format"]), ("source", f"{data['source']} (sha256 {data['source_sha256']})"),
+            ("size", console.human_size(data["size_bytes"])), ("default weight", data["default_weight"]),
+            ("trigger words", ", ".join(data["trigger_words"]) or "-"),
+            ("weights changed", f"{data['targets']}: {_counts(data['graphs'])}"), ("as", _counts(data["kinds"]))]
+    console.out.print(console.table(f"adapter {data['name']}", ("field", "value"), rows))
+    if data.get("embeddings"):
+        fields = ("vectors", "dim", "step", "sd_checkpoint", "sd_checkpoint_name")
+        rows = [(t, *("-" if e.get(k) is None else e[k] for k in fields)) for t, e in data["embeddings"].items()]
+        console.out.print(console.table("textual-inversion embeddings (triggered by name in prompts)",
+                                        ("trigger", "vectors", "width", "step", "sd_checkpoint", "sd_checkpoint_name"),
+                                        rows))
+    if data["blocks"]:
+        console.out.print(console.table("weights changed per block", ("block", "weights"),
+                                        list(data["blocks"].items())))
 
 
 COMMANDS = {"export": cmd_export, "convert": cmd_convert, "bake": cmd_bake, "run": cmd_run, "demo": cmd_demo,

@@ -21,9 +21,10 @@ def print_json(data) -> None:
 
 
 def table(title: str, columns: Sequence[str], rows: Sequence[Sequence]) -> Table:
+    """A table whose long cells wrap instead of being cut to ``…``: every character stays readable in 80 columns."""
     t = Table(title=title, title_justify="left")
     for column in columns:
-        t.add_column(column)
+        t.add_column(column, overflow="fold")
     for row in rows:
         t.add_row(*(str(c) for c in row))
     return t

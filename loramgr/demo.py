@@ -31,6 +31,9 @@ VERIFIED = CHOICES[1]  # the stacked set that verify checks
 RANDOM_NOTE = "note: the tiny base has random weights, so its images are noise by design."
 SHEET_NAME = "demo-contact-sheet.png"
 PANEL = 256  # pixels per contact-sheet panel (the 128 px images scaled 2x)
+# Every run's ControlNet (the base's canny one, the sample hed) gets the canny edges of the input.
+CONTROL_MAP_LABEL = ("control map: canny edges, fed to every run's ControlNet ("
+                     + ", ".join(sorted({control or "canny" for _, control in CHOICES})) + ")")
 
 
 def prepare(workspace: Workspace, on_step: Callable[[str], None] = lambda s: None) -> dict[str, Path]:
@@ -190,7 +193,7 @@ def contact_sheet(path: Path, source: np.ndarray, control_map: np.ndarray, label
         drawn.append(label)
 
     put(0, 0, source, "input image")
-    put(1, 0, control_map, "control map (canny edges)")
+    put(1, 0, control_map, CONTROL_MAP_LABEL)
     base = images[0]
     for i, (label, image) in enumerate(zip(labels, images)):
         put(2 + i, 0, image, f"run {i}: {label.replace('+', ' + ')}")
@@ -235,7 +238,7 @@ def render_demo(report: dict, console, verbose: bool = False) -> None:
     ``verbose`` adds the full verify tables."""
     from rich.table import Table
 
-    from .verify import render_report
+    from .verify.report import render_report, render_summary
 
     console.print(RANDOM_NOTE, highlight=False)
     sheet: ContactSheet = report["sheet"]
@@ -255,15 +258,8 @@ def render_demo(report: dict, console, verbose: bool = False) -> None:
                   highlight=False)
     console.print(f"contact sheet: {sheet.path}", highlight=False, soft_wrap=True)
     console.print(f"all outputs:   {report['out_dir']}", highlight=False, soft_wrap=True)
-    verified = report["verify"]
     if verbose:
-        render_report(verified, console, top=5)
-    adapters = _label(VERIFIED)
-    passed = sum(c.status == "passed" for c in verified.checks)
-    verdict = "[bold green]passed[/]" if verified.passed else "[bold red]FAILED[/]"
-    console.print(f"verify {adapters}: {verdict}, {passed}/{len(verified.checks)} checks vs a merge in torch",
-                  highlight=False)
-    for failure in verified.failures():
-        console.print(f"  [red]x[/] {failure}", highlight=False)
-    if not verbose:
+        render_report(report["verify"], console, top=5)
+    else:
+        render_summary(report["verify"], console)
         console.print("full verification tables: loramgr demo --verbose", highlight=False)

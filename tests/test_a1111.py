@@ -20,10 +20,10 @@ import webuiapi
 from PIL import Image
 
 from loramgr.pipeline.canny import detect_edges
-from loramgr.serve import ServeConfig
+from loramgr.serve import ServeConfig, create_app
 from loramgr.serve.a1111 import fit, parse_lora_tags, resolve_sampler
 from loramgr.serve.catalog import CatalogError
-from test_serve_support import decode, png_b64, serve_in_thread, serve_workspace
+from test_serve_support import decode, png_b64, serve_workspace, served
 
 CONFIG = ServeConfig(max_resolution=256, max_steps=400, max_num_samples=4, max_image_bytes=256 * 1024,
                      max_queue=8)
@@ -37,7 +37,7 @@ def ws(tiny_workspace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(ws):
-    with serve_in_thread(ws, CONFIG) as url:
+    with served(create_app(ws, CONFIG)) as url:
         yield url
 
 
@@ -169,7 +169,7 @@ def test_lists(api):
     assert controlnets[0] == "canny" and "sv_hed" in controlnets and not loras & set(controlnets)
     assert api.controlnet_module_list() == ["none", "canny"]
     assert api.controlnet_version() == 2
-    assert api.get_scripts()["txt2img"] == ["controlnet"]
+    assert api.get_scripts()["txt2img"] == ["controlnet", "controlnet m2m"]
     assert api.get_options()["sd_model_checkpoint"] == titles[0]
     assert api.set_options({"sd_model_checkpoint": titles[0], "CLIP_stop_at_last_layers": 2}) == \
         {"ignored": ["CLIP_stop_at_last_layers"]}
@@ -232,7 +232,7 @@ BAD = [
     pytest.param(_unit(weight="strong"), "alwayson_scripts.controlnet.args.0.weight", "number", id="text-unit-weight"),
     pytest.param({"alwayson_scripts": {"ControlNet": {"args": [{"image": "IMAGE"}] * 4}}},
                  "alwayson_scripts.ControlNet.args.3", "more than 3", id="units-over-the-limit"),
-    pytest.param(_unit(image="bm90IGFuIGltYWdl"), "alwayson_scripts.controlnet.args.0.image", "PNG or JPEG",
+    pytest.param(_unit(image="bm90IGFuIGltYWdl"), "alwayson_scripts.controlnet.args.0.image", "PNG, JPEG, WebP",
                  id="undecodable-unit-image"),
     pytest.param(_unit(image=""), "alwayson_scripts.controlnet.args.0.image", "required", id="no-unit-image"),
     pytest.param(_unit(module="depth_midas"), "alwayson_scripts.controlnet.args.0.module", "canny",

@@ -145,6 +145,22 @@ def test_render_prints_every_table_with_the_machine(result):
     assert text.count(result["machine"]["cpu"]) == 6 and "onnxruntime" in text
 
 
+def test_summary_is_one_line_per_measurement_in_80_columns(result):
+    from loramgr.bench.rendering import render_summary
+
+    buffer = io.StringIO()
+    render_summary(result, Console(file=buffer, width=80, color_system=None))
+    text = buffer.getvalue()
+    lines = text.splitlines()
+    assert "…" not in text and all(len(line.rstrip()) <= 80 for line in lines), text
+    for label in ("convert", "swap", "step", "memory", "GPU", "goals"):
+        assert sum(line.startswith(label + " ") for line in lines) == 1, label
+    assert f"hot swap to rank {SMALL}: {result['swap']['times'][f'hot_swap_r{SMALL}']['median_s']:.3f} s" in text
+    assert f"{result['step']['vs_torch']['speedup']:.2f}x faster than diffusers torch" in text
+    assert "not judged on tiny" in text and result["machine"]["cpu"] in text and "--verbose" in text
+    assert len(lines) < 16
+
+
 def test_interleaved_runs_variants_in_turn():
     calls = []
     times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)

@@ -10,20 +10,25 @@ from loramgr.backends import BACKENDS
 from loramgr.backends.options import OrtOptions
 from loramgr.backends.tensorrt import DEFAULT_PROFILE, Shape, ShapeProfile, TrtOptions
 from loramgr.cli import _backend_options, _parser, _settings
+from loramgr.defaults import PER_BASE, BaseDefaults
 from loramgr.errors import LoramgrError
 from loramgr.pipeline.settings import GenerationSettings
 
 RUN = ["run", "--image", "x.png", "--prompt", "a bird"]
+TINY = BaseDefaults(resolution=128, n_prompt="lowres")  # a base's own defaults (loramgr.defaults)
 
 
 def test_run_options_cover_every_generation_setting():
     args = _parser().parse_args([*RUN, "--steps", "7", "--guess-schedule", "diffusers", "--img2img-strength", "0.5"])
-    settings = _settings(args)
+    settings = _settings(args, TINY)
     defaults = GenerationSettings(prompt="a bird")
-    assert settings == GenerationSettings(prompt="a bird", steps=7, control_schedule="diffusers", img2img_strength=0.5)
-    for f in fields(GenerationSettings):  # every default of run is the settings' own
-        if f.name not in ("prompt", "steps", "control_schedule", "img2img_strength"):
+    assert settings == GenerationSettings(prompt="a bird", steps=7, control_schedule="diffusers", img2img_strength=0.5,
+                                          resolution=128, n_prompt="lowres")
+    for f in fields(GenerationSettings):  # every other default of run is the settings' own
+        if f.name not in ("prompt", "steps", "control_schedule", "img2img_strength", *PER_BASE):
             assert getattr(settings, f.name) == getattr(defaults, f.name), f.name
+    given = _settings(_parser().parse_args([*RUN, "--resolution", "256", "--n-prompt", ""]), TINY)
+    assert (given.resolution, given.n_prompt) == (256, "")  # given, even empty: never replaced by the base's
 
 
 def test_backend_options_are_one_object_per_backend():

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from rich.console import Console
 
-from loramgr.demo import PANEL, RANDOM_NOTE, SHEET_NAME, render_demo, run_demo
+from loramgr.demo import CONTROL_MAP_LABEL, PANEL, RANDOM_NOTE, SHEET_NAME, render_demo, run_demo
 from loramgr.workspace import Workspace
 
 
@@ -54,7 +54,9 @@ def test_contact_sheet_shows_every_run_the_control_map_and_the_differences(demo)
     assert image.shape[1] == sheet.size[0] > (2 + runs) * PANEL and image.shape[0] == sheet.size[1] > 2 * PANEL
     # input and control map, each run, and under each run its difference (the base: a note)
     assert len(sheet.labels) == 2 + 2 * runs
-    assert sheet.labels[:2] == ["input image", "control map (canny edges)"]
+    # the map is canny edges for every run, the hed ControlNet's too: the label says so
+    assert sheet.labels[:2] == ["input image", CONTROL_MAP_LABEL]
+    assert "canny edges" in CONTROL_MAP_LABEL and "hed" in CONTROL_MAP_LABEL
     assert sum(label.startswith("run ") for label in sheet.labels) == runs + 1
     assert list(sheet.diffs) == [c.label() for c in report["choices"]]
     assert sheet.diffs["base"] is None
@@ -82,7 +84,8 @@ def test_summary_is_short_and_fits_80_columns(demo):
     assert "…" not in text, text  # no cell cut short
     assert len(lines) <= 20, text
     assert str(report["sheet"].path) in text
-    assert "verify blindbox:0.8 + moxin:0.5 + hed: passed, 6/6 checks" in text
+    assert "verify blindbox:0.8 + moxin:0.5 + hed: PASSED, 6/6 checks vs a merge in torch" in text
+    assert "  worst: weight " in text  # the worst figures, as `loramgr verify` prints them
     assert "largest errors" not in text and "--verbose" in text
 
 

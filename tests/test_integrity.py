@@ -82,7 +82,7 @@ def assert_refused(ws: Workspace, image: Path, tmp_path: Path, capsys, path: Pat
     one_error_line(capsys, str(path), *needles)
     assert not out.exists() or not any(out.iterdir())
     baked = tmp_path / "baked.lora"
-    assert cli(ws, "bake", "--lora", "good", "-o", str(baked)) == 2
+    assert cli(ws, "bake", "--lora", "good", "-o", str(baked), "-o", f"text_encoder={tmp_path / 'te.lora'}") == 2
     one_error_line(capsys, str(path), *needles)
     assert not baked.exists()
     with pytest.raises(BadFileError) as caught:
@@ -94,7 +94,8 @@ def test_a_good_base_runs(ws, input_png, tmp_path, capsys):
     """The control for every case below: the same commands on the undamaged copy succeed."""
     assert cli(ws, *run_args(input_png, tmp_path / "out", "--lora", "good")) == 0
     assert len(list((tmp_path / "out").glob("*-0.png"))) == 1
-    assert cli(ws, "bake", "--lora", "good", "-o", str(tmp_path / "baked.lora")) == 0
+    assert cli(ws, "bake", "--lora", "good", "-o", str(tmp_path / "baked.lora"),
+               "-o", f"text_encoder={tmp_path / 'te.lora'}") == 0
     assert load_adapter(tmp_path / "baked.lora").kind == "baked"
 
 

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("adapter files", ("adapter_file", "adapters", "bases", "convert", "samples", "inventory", "embeddings")),
     ("merge", ("merge", "bake")),
     ("backends", ("backends.*",)),
-    ("pipeline", ("pipeline.*", "runtime")),
+    ("pipeline", ("pipeline.*", "runtime", "defaults")),
     ("verify & bench", ("verify.*", "bench.*")),
     ("service", ("serve.*",)),
     ("CLI", ("cli", "demo", "__main__")),

@@ -66,17 +66,18 @@ def test_set_id_is_canonical():
 
 def test_write_config_is_a_serve_config(ws, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("LORAMGR_API_KEY", "secret-key")
+    monkeypatch.setenv("LORAMGR_API_AUTH", "user:secret-pass")
     path = tmp_path / "serve.yaml"
     assert main(["--home", str(ws.home), "serve", "--write-config", str(path), "--autoscale", "1,4",
                  "--sets-per-replica", "5", "--max-queue", "9", "--port", "8123"]) == 0
     assert "serve deploy" in capsys.readouterr().out
     text = path.read_text()
-    assert "secret-key" not in text  # the key stays in the environment, never in a file
+    assert "secret-key" not in text and "secret-pass" not in text  # secrets stay in the environment, never in a file
     data = yaml.safe_load(text)
     app = data["applications"][0]
     assert app["import_path"] == "loramgr.serve.ray_serve:build_app" and app["route_prefix"] == "/"
     assert app["args"]["home"] == str(ws.home.resolve()) and app["args"]["sets_per_replica"] == 5
-    assert app["args"]["config"]["max_queue"] == 9 and "api_key" not in app["args"]["config"]
+    assert app["args"]["config"]["max_queue"] == 9 and not {"api_key", "api_auth"} & set(app["args"]["config"])
     generator = {d["name"]: d for d in app["deployments"]}["Generator"]
     assert generator["autoscaling_config"] == {"min_replicas": 1, "max_replicas": 4}
     assert generator["max_ongoing_requests"] == 10 and generator["ray_actor_options"] == {"num_cpus": 1.0}

@@ -264,8 +264,9 @@ def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
 
 
 def test_bake_output_loads_in_plain_onnxruntime(tiny_workspace, adapters, tmp_path):
-    written = bake(tiny_workspace, tmp_path / "mix.lora", ["rt_a:0.8", "rt_b:0.5"], control="rt_hed")
-    assert set(written) == {UNET, CONTROLNET, TEXT_ENCODER}
+    outputs = {UNET: tmp_path / "mix.lora", CONTROLNET: tmp_path / "mix-cn.lora", TEXT_ENCODER: tmp_path / "mix-te.lora"}
+    written = bake(tiny_workspace, outputs, ["rt_a:0.8", "rt_b:0.5"], control="rt_hed")
+    assert written == outputs and sorted(tmp_path.iterdir()) == sorted(outputs.values())  # exactly the files named
     import onnx
 
     manifest = Manifest.load(tiny_workspace.base_dir("tiny"))

@@ -79,16 +79,42 @@ def test_generate_equals_loramgr_run_bit_for_bit(client, ws, tmp_path, loras, co
     assert set(got["timings"]) >= {"queue_wait", "swap", "encode", "denoise", "decode", "total"}
 
 
-def test_defaults_are_loramgr_runs(client):
+def test_defaults_are_loramgr_runs(client, ws):
+    from loramgr.bases import OpenBase
+    from loramgr.defaults import base_defaults
     from loramgr.pipeline.settings import GenerationSettings
 
     defaults = client.get("/v1/config").json()["defaults"]
-    reference = GenerationSettings(prompt="x")
+    reference = base_defaults(OpenBase.resolve(ws, "tiny")).settings(prompt="x")  # the tiny base's: 128 px
+    assert reference.resolution == 128
     for field in dataclasses.fields(GenerationSettings):
         if field.name != "prompt":
             assert defaults[field.name] == getattr(reference, field.name), field.name
     schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
     assert schema["steps"]["default"] == reference.steps and schema["scale"]["default"] == reference.scale
+
+
+def test_omitted_size_and_negative_prompt_are_the_bases_as_in_loramgr_run(client, ws, tmp_path, caplog):
+    """Neither the request nor `loramgr run` names resolution or n_prompt: both take the tiny base's
+    (128 px, a negative prompt its tokenizer holds in 77 tokens, so nothing is cut) and agree bit for bit."""
+    import json
+    from pathlib import Path
+
+    from loramgr.cli import main
+
+    argv = ["--home", str(ws.home), "run", "--image", str(ws.home / "house.png"), "--prompt", "a house",
+            "--steps", "3", "--seed", "4", "--out", str(tmp_path), "--json"]
+    assert main(argv) == 0
+    sidecar = json.loads(next(Path(tmp_path).glob("*.json")).read_text())
+    expected = [(tmp_path / name).read_bytes() for name in [*sidecar["images"], sidecar["edge_map"]]]
+    r = client.post("/v1/generate", json={"prompt": "a house", "image": png_b64(ws.home / "house.png"),
+                                          "steps": 3, "seed": 4})
+    assert r.status_code == 200, r.text
+    got = r.json()
+    assert (got["width"], got["height"]) == (128, 128) and got["settings"]["resolution"] == 128
+    assert got["settings"]["n_prompt"] == client.get("/v1/config").json()["defaults"]["n_prompt"]
+    assert [base64.b64decode(b) for b in [*got["images"], got["control_map"]]] == expected
+    assert not [m for m in caplog.messages if "truncated" in m], caplog.messages
 
 
 def test_precomputed_control_map_replaces_canny(client, ws):

@@ -58,30 +58,6 @@ def serve_workspace(tiny_workspace, tmp_path_factory):
     return Workspace.resolve(_CACHE["home"])
 
 
-@contextlib.contextmanager
-def serve_in_thread(ws, config) -> Iterator[str]:
-    """The real app under uvicorn in a thread on a free loopback port; yields its URL."""
-    import threading
-
-    import uvicorn
-
-    from loramgr.serve import create_app
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(ws, config), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 120
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(60)
-
-
 def png_b64(path: Path) -> str:
     return base64.b64encode(Path(path).read_bytes()).decode("ascii")
 
@@ -113,10 +89,15 @@ def cli_run(ws, out: Path, *, prompt: str, loras=(), control="canny", seed=0, **
     return [(Path(out) / name).read_bytes() for name in [*sidecar["images"], *sidecar["control_maps"]]]
 
 
-def start_server(ws, port: int, *args: str, ready_s: float = 120) -> subprocess.Popen:
-    """A real ``loramgr serve`` process on a loopback ``port`` (no API key), once ``/readyz`` answers 200."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    env.pop("LORAMGR_API_KEY", None)
+def start_server(ws, port: int, *args: str, ready_s: float = 120, env: dict[str, str] | None = None,
+                 headers: dict[str, str] | None = None) -> subprocess.Popen:
+    """A real ``loramgr serve`` process on a loopback ``port`` once ``/readyz`` answers 200.
+
+    No API key or credentials from this process's environment; ``env`` adds variables,
+    ``headers`` go with the ``/readyz`` probe (credentials for a server that wants them).
+    """
+    env = {**{k: v for k, v in os.environ.items() if k not in ("LORAMGR_API_KEY", "LORAMGR_API_AUTH")},
+           "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""), **(env or {})}
     proc = subprocess.Popen([sys.executable, "-m", "loramgr", "--home", str(ws.home), "serve", "--port", str(port),
                              "--log-level", "warning", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -125,7 +106,7 @@ def start_server(ws, port: int, *args: str, ready_s: float = 120) -> subprocess.
         if proc.poll() is not None:
             raise AssertionError(f"server exited {proc.returncode}: {proc.stdout.read()}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/readyz", headers=headers, timeout=2).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -149,6 +130,28 @@ def kill_tree(proc: subprocess.Popen, recorded: Iterable[psutil.Process] = ()) -
         with contextlib.suppress(psutil.NoSuchProcess):
             child.kill()
     proc.wait()
+
+
+@contextlib.contextmanager
+def served(app) -> Iterator[str]:
+    """``app`` under uvicorn in a thread on a free loopback port: its base URL, until the block ends."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(60)
 
 
 @contextlib.contextmanager

@@ -22,8 +22,8 @@ import webuiapi
 from PIL import Image
 
 from loramgr.adapter_file import load_adapter
-from loramgr.serve import ServeConfig
-from test_serve_support import decode, serve_in_thread, serve_workspace
+from loramgr.serve import ServeConfig, create_app
+from test_serve_support import decode, served, serve_workspace
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
@@ -37,7 +37,7 @@ def ws(tiny_workspace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def url(ws):
-    with serve_in_thread(ws, ServeConfig(max_resolution=256, max_controlnets=3)) as url:
+    with served(create_app(ws, ServeConfig(max_resolution=256, max_controlnets=3))) as url:
         yield url
 
 

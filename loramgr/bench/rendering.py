@@ -99,3 +99,42 @@ def render_bench(result: dict, console) -> None:
         t.caption = caption
         t.caption_justify = "left"
         console.print(t)
+
+
+def _goals_line(result: dict) -> str:
+    goals = result["goals"]
+    judged = [g for g in goals if g["applies"]]
+    if not judged:
+        return f"{len(goals)} sd15 goals, not judged on {result['arch']} (loramgr bench --arch sd15)"
+    missed = [g for g in judged if not g["passed"]]
+    met = f"{len(judged) - len(missed)} of {len(judged)} met"
+    return met + "".join(f"; missed: {g['goal']} (measured {g['measured']})" for g in missed)
+
+
+def render_summary(result: dict, console) -> None:
+    """One line per measurement (the figure each is about), readable in 80 columns; the tables are
+    :func:`render_bench` (``loramgr bench --verbose``)."""
+    from rich.table import Table
+
+    m, swap, step, mem = result["machine"], result["swap"], result["step"], result["memory"]
+    small = swap["times"][f"hot_swap_r{SMALL}"]["median_s"]
+    rows = [
+        ("convert", ", ".join(f"rank {c['rank']}: {_s(c)} s" for c in result["convert"].values())),
+        ("swap", f"hot swap to rank {SMALL}: {small:.3f} s, {swap['speedup_vs_merged_all']:.1f}x faster than new "
+                 f"sessions on a merged export, {swap['vs_floor'][f'r{SMALL}']:.1f}x a plain copy"),
+        ("step", f"{step['image']} px, batch 2: ORT {_s(step['vs_torch']['ort'])} s, "
+                 f"{step['vs_torch']['speedup']:.2f}x faster than diffusers torch"),
+        ("memory", f"peak RSS of a run with 2 LoRAs: {human_size(mem['peak_rss_bytes'])}, "
+                   f"{mem['ratio']:.2f}x the base weights"),
+        ("GPU", f"{result['gpu']['device']}: swap and step measured (--verbose)" if result["gpu"]["measured"]
+         else result["gpu"]["reason"]),
+        ("goals", _goals_line(result)),
+    ]
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(no_wrap=True)
+    grid.add_column(overflow="fold")
+    for row in rows:
+        grid.add_row(*row)
+    console.print(f"bench on {_caption(result)}", highlight=False)
+    console.print(grid, highlight=False)
+    console.print("every table: loramgr bench --verbose; every number: --json", highlight=False)

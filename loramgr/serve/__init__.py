@@ -4,7 +4,8 @@
 * :mod:`.schemas` - the JSON contract (pydantic)
 * :mod:`.engine` - the one module over the runtime: prepare a request, swap, generate
 * :mod:`.catalog` - adapters in the workspace: listing, cached loading, uploads
-* :mod:`.codec` - base64 PNG/JPEG in and out
+* :mod:`.codec` - base64 images in (the formats A1111 reads) and PNG out
+* :mod:`.auth` - the bearer key and A1111's HTTP Basic credentials
 * :mod:`.scheduler` - the queue, adapter-set grouping with a bound on overtaking, the worker
 * :mod:`.metrics` - Prometheus metrics
 * :mod:`.app` - the FastAPI app (thin over :class:`Service`)

@@ -16,9 +16,11 @@ naming the A1111 field.
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Annotated, Any
 
 import numpy as np
@@ -360,10 +362,11 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
 
     init = None
     if img2img:
-        if request.mask:
+        if request.mask:  # decoded first, as A1111 does: a broken mask is named as such
+            decode_image(request.mask, "mask", *limits)
             raise CatalogError(422, "mask", "inpainting is not supported; send img2img without a mask")
-        init = fit(rgb(decode_image(request.init_images[0], "init_images.0", *limits)), width, height,
-                   IMG2IMG_RESIZE_MODES[request.resize_mode])
+        init = fit(rgb(decode_image(request.init_images[0], "init_images.0", *limits, exif_orientation=True)),
+                   width, height, IMG2IMG_RESIZE_MODES[request.resize_mode])
 
     controls, specs = [], []
     for path, unit in find_units(request.alwayson_scripts, ignored, config.max_controlnets):
@@ -374,11 +377,11 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         if not source and unit.input_image:
             source, field_ = unit.input_image, f"{path}.input_image"
         if source:
-            image = rgb(decode_image(source, field_, *limits))
+            image = rgb(decode_image(source, field_, *limits, exif_orientation=True))
         elif init is not None:  # img2img: a unit without an image takes the init image, as A1111
             image = init
         else:
-            raise CatalogError(422, field_, "required: the unit's image (base64 PNG/JPEG)")
+            raise CatalogError(422, field_, "required: the unit's image (base64 PNG, JPEG, WebP, ...)")
         the_map = control_map(unit, path, image, width, height)
         specs.append(ControlSpec(name=model, control_map=encode_png(the_map), strength=unit.weight,
                                  start=unit.guidance_start, end=unit.guidance_end, mode=mode))
@@ -435,3 +438,115 @@ def a1111_field(native: str | None, request: A1111Request, unit_paths: list[str]
                "resolution": "width" if request.width <= request.height else "height",
                "image": "init_images.0", "controls": "alwayson_scripts"}
     return mapping.get(parts[0], native)
+
+
+# -- the response ------------------------------------------------------------------------------
+
+# The fields of A1111's request models (modules/api/models.py: StableDiffusionProcessingTxt2Img /
+# Img2Img's parameters plus the API's own) with their defaults: `parameters` is A1111's
+# `vars(request)`, so every field is there, sent or not.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "prompt": "", "negative_prompt": "", "styles": None, "seed": -1, "subseed": -1, "subseed_strength": 0,
+    "seed_resize_from_h": -1, "seed_resize_from_w": -1, "sampler_name": None, "scheduler": None, "batch_size": 1,
+    "n_iter": 1, "steps": 50, "cfg_scale": 7.0, "width": 512, "height": 512, "restore_faces": None, "tiling": None,
+    "do_not_save_samples": False, "do_not_save_grid": False, "eta": None, "denoising_strength": 0.75,
+    "s_min_uncond": None, "s_churn": None, "s_tmax": None, "s_tmin": None, "s_noise": None,
+    "override_settings": None, "override_settings_restore_afterwards": True, "refiner_checkpoint": None,
+    "refiner_switch_at": None, "disable_extra_networks": False, "firstpass_image": None, "comments": None,
+    "force_task_id": None, "sampler_index": "Euler", "script_name": None, "script_args": [], "send_images": True,
+    "save_images": False, "alwayson_scripts": {}, "infotext": None,
+}
+TXT2IMG_DEFAULTS: dict[str, Any] = {
+    **_COMMON_DEFAULTS, "enable_hr": False, "firstphase_width": 0, "firstphase_height": 0, "hr_scale": 2.0,
+    "hr_upscaler": None, "hr_second_pass_steps": 0, "hr_resize_x": 0, "hr_resize_y": 0, "hr_checkpoint_name": None,
+    "hr_sampler_name": None, "hr_scheduler": None, "hr_prompt": "", "hr_negative_prompt": "",
+}
+IMG2IMG_DEFAULTS: dict[str, Any] = {
+    **_COMMON_DEFAULTS, "init_images": None, "resize_mode": 0, "image_cfg_scale": None, "mask": None,
+    "mask_blur_x": 4, "mask_blur_y": 4, "mask_blur": None, "mask_round": True, "inpainting_fill": 0,
+    "inpaint_full_res": True, "inpaint_full_res_padding": 0, "inpainting_mask_invert": 0,
+    "initial_noise_multiplier": None, "latent_mask": None, "include_init_images": False,
+}
+
+
+def echo_parameters(request: A1111Request, *, img2img: bool) -> dict:
+    """``parameters`` as A1111 answers it: every field of its request model, the sent values over the defaults.
+
+    Fields A1111 does not know are kept too (they are listed in ``info.loramgr.ignored_fields``);
+    ``init_images`` and ``mask`` are null unless ``include_init_images``, as in A1111.
+    """
+    parameters = {**(IMG2IMG_DEFAULTS if img2img else TXT2IMG_DEFAULTS), **request.model_dump(exclude_unset=True)}
+    if img2img and not parameters["include_init_images"]:
+        parameters["init_images"] = parameters["mask"] = None
+    return parameters
+
+
+def _styles(request: A1111Request) -> list[str]:
+    """The request's ``styles`` (names A1111 reports back; this server has no prompt styles to apply)."""
+    styles = (request.model_extra or {}).get("styles")
+    return [s for s in styles if isinstance(s, str)] if isinstance(styles, list) else []
+
+
+def _quote(value: Any) -> str:
+    """A value of an infotext: JSON-quoted when it holds a comma, colon or newline (A1111's ``quote``)."""
+    text = str(value)
+    return json.dumps(text, ensure_ascii=False) if any(c in text for c in ",:\n") else text
+
+
+@dataclass(frozen=True)
+class Served:
+    """What ``info`` says about the server: the base's name, its 10-character hash, the loramgr version."""
+
+    model_name: str
+    model_hash: str
+    version: str
+
+
+def response_info(request: A1111Request, the_plan: Plan, results: list[dict], served: Served, *, img2img: bool,
+                  started: datetime, interrupted: bool) -> dict:
+    """``info`` as A1111's ``Processed.js()`` builds it (every key, A1111's types), plus ``scheduler``,
+    ``n_iter``, ``eta`` and ``loramgr`` (what was applied, timings, ignored fields, warnings).
+
+    Values are what was done: ``restore_faces`` is false, ``sd_vae_name`` null (the base's own
+    VAE), seed resizing and variation seeds are not applied (-1, strength 0).
+    """
+    n = len(results)
+    first = results[0]
+    seeds = the_plan.seeds[:n]
+    width, height = first["width"], first["height"]
+    denoising = request.denoising_strength if img2img else None
+    hashes = ", ".join(f"{a['name']}: {a['sha256'][:12]}" for a in first["adapters"] if a["kind"] == "lora")
+    extra = {"Lora hashes": hashes} if hashes else {}
+    if first["settings"]["clip_skip"] > 1:
+        extra["Clip skip"] = first["settings"]["clip_skip"]
+    params = {"Steps": request.steps, "Sampler": the_plan.sampler_name, "Schedule type": SCHEDULES[the_plan.schedule],
+              "CFG scale": request.cfg_scale, "Seed": None, "Size": f"{width}x{height}",
+              "Model hash": served.model_hash, "Model": served.model_name, "Denoising strength": denoising, **extra,
+              "Version": served.version}
+    negative = f"\nNegative prompt: {request.negative_prompt}" if request.negative_prompt else ""
+
+    def infotext(seed: int) -> str:
+        values = {**params, "Seed": seed}
+        return f"{request.prompt}{negative}\n" + ", ".join(f"{k}: {_quote(v)}" for k, v in values.items()
+                                                          if v is not None)
+
+    return {
+        "prompt": request.prompt, "all_prompts": [request.prompt] * n,
+        "negative_prompt": request.negative_prompt, "all_negative_prompts": [request.negative_prompt] * n,
+        "seed": seeds[0], "all_seeds": seeds, "subseed": -1, "all_subseeds": [-1] * n, "subseed_strength": 0.0,
+        "width": width, "height": height, "sampler_name": the_plan.sampler_name, "cfg_scale": request.cfg_scale,
+        "steps": request.steps, "batch_size": request.batch_size, "restore_faces": False,
+        "face_restoration_model": None, "sd_model_name": served.model_name, "sd_model_hash": served.model_hash,
+        "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
+        "denoising_strength": denoising, "extra_generation_params": extra, "index_of_first_image": 0,
+        "infotexts": [infotext(s) for s in seeds], "styles": _styles(request),
+        "job_timestamp": started.strftime("%Y%m%d%H%M%S"), "clip_skip": first["settings"]["clip_skip"],
+        "is_using_inpainting_conditioning": False, "version": served.version,
+        "scheduler": the_plan.schedule, "n_iter": request.n_iter, "eta": first["settings"]["eta"],
+        "loramgr": {
+            "base": first["base"], "backend": first["backend"], "adapters": first["adapters"],
+            "controls": the_plan.controls, "seeds": seeds, "swapped": [r["swapped"] for r in results],
+            "timings": [r["timings"] for r in results], "ignored_fields": the_plan.ignored,
+            "warnings": the_plan.warnings, "interrupted": interrupted,
+        },
+    }

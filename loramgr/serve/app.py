@@ -1,7 +1,7 @@
 """The FastAPI application: a thin HTTP layer over :class:`Service`.
 
 Routes, error mapping (every bad input is a 4xx JSON :class:`ErrorBody` naming the
-field), bearer-token check, body size limit, drain. The work is done by
+field), credentials check, body size limit, drain. The work is done by
 :class:`~loramgr.serve.engine.Engine` (runtime) and :class:`~loramgr.serve.scheduler.Scheduler`
 (queue and worker); :class:`Service` ties them together for any caller, HTTP or not.
 """
@@ -9,7 +9,6 @@ field), bearer-token check, body size limit, drain. The work is done by
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import math
 import time
@@ -27,14 +26,14 @@ from ..pipeline.schedulers import SCHEDULERS
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
+from .auth import Access
 from .catalog import CatalogError
 from .codec import encode_png
 from .config import ServeConfig
 from .engine import Engine, field_of
 from .metrics import Metrics
 from .scheduler import Draining, QueueFull, Scheduler
-from .schemas import (RUN_DEFAULTS, AdapterList, ErrorBody, GenerateRequest, GenerateResponse, ServerInfo,
-                      UploadResponse)
+from .schemas import AdapterList, ErrorBody, GenerateRequest, GenerateResponse, ServerInfo, UploadResponse
 
 logger = logging.getLogger("loramgr.serve")
 
@@ -123,7 +122,7 @@ class Service:
     def info(self) -> dict:
         c = self.config
         return {"base": self.engine.base, "backend": c.backend, "scheduling": c.scheduling,
-                "defaults": {**RUN_DEFAULTS, "control": "canny"},
+                "defaults": {**self.engine.defaults.as_dict(), "control": "canny"},
                 "limits": {"max_resolution": c.max_resolution, "max_steps": c.max_steps,
                            "max_num_samples": c.max_num_samples, "max_image_bytes": c.max_image_bytes,
                            "max_image_pixels": c.max_image_pixels, "max_upload_bytes": c.max_upload_bytes,
@@ -137,7 +136,7 @@ def _error(status: int, field: str | None, reason: str, headers: dict | None = N
 
 
 class _Guard:
-    """ASGI middleware: drain, bearer token, body size limit, request metrics."""
+    """ASGI middleware: drain, credentials (serve/auth.py), body size limit, request metrics."""
 
     def __init__(self, app, service: Service):
         self.app = app
@@ -189,13 +188,11 @@ class _Guard:
             return None
         if service.draining and path not in ("/metrics",) and path not in OPEN_PATHS:
             return _error(503, None, "the server is shutting down", {"Retry-After": "5"})
-        key = service.config.api_key
-        if key and path not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-                return _error(401, "authorization", "a valid bearer token is required (Authorization: Bearer KEY)",
-                              {"WWW-Authenticate": "Bearer"})
+        access = Access.of(service.config.api_key, service.config.api_auth)  # per request: the config may be replaced
+        if access.required and path not in OPEN_PATHS:
+            if not access.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
+                return _error(401, "authorization", f"valid credentials are required ({access.wanted})",
+                              {"WWW-Authenticate": access.challenge})
         return None
 
 

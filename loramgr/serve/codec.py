@@ -1,8 +1,12 @@
-"""Images in and out of JSON: base64 PNG/JPEG with size and pixel limits.
+"""Images in and out of JSON: base64 images in the formats A1111 reads, with size and pixel limits.
 
 Decoding follows :func:`loramgr.pipeline.images.load_image` exactly (RGB, or RGBA when the
 image has alpha), so an uploaded PNG gives the same array as ``loramgr run --image`` on
-the same file, and therefore the same image.
+the same file, and therefore the same image. The formats are those A1111's API clients
+send: PNG, JPEG (and MPO, the multi-picture JPEG of phone cameras), WebP (aaa1111 sends
+lossless WebP), BMP and GIF; of an animation the first frame is taken. The byte limit is
+checked before base64 decoding and the pixel limit on the header, before any pixel is
+decoded.
 """
 
 from __future__ import annotations
@@ -13,18 +17,23 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .catalog import CatalogError
 
-FORMATS = ("PNG", "JPEG")
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")  # JPEG opens MPO too
+Image.init()  # registers WebP: Image.open(formats=...) itself loads only BMP, GIF, JPEG, PNG and PPM
+FORMAT_NAMES = "PNG, JPEG, WebP, BMP or GIF"
 
 
-def decode_image(data: str, field: str, max_bytes: int, max_pixels: int) -> np.ndarray:
-    """A base64 PNG/JPEG (or ``data:image/...;base64,`` URL) as an HxWx3/4 uint8 array.
+def decode_image(data: str, field: str, max_bytes: int, max_pixels: int, *, exif_orientation: bool = False
+                 ) -> np.ndarray:
+    """A base64 image (or ``data:image/...;base64,`` URL) as an HxWx3/4 uint8 array.
 
-    Raises :class:`CatalogError`: 413 when the bytes or pixels exceed the limits, 422
-    when it is not base64 or not a PNG/JPEG that decodes.
+    ``exif_orientation``: turn the image as its EXIF orientation says (A1111 does, through
+    ``ImageOps.exif_transpose``; ``loramgr run --image`` does not). Raises
+    :class:`CatalogError`: 413 when the bytes or pixels exceed the limits, 422 when it is
+    not base64 or not an image of :data:`FORMATS` that decodes.
     """
     if data.startswith("data:"):
         header, sep, data = data.partition(",")
@@ -42,19 +51,21 @@ def decode_image(data: str, field: str, max_bytes: int, max_pixels: int) -> np.n
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(raw), formats=FORMATS) as image:
-                width, height = image.size
+                width, height = image.size  # from the header: nothing is decoded yet
                 if width * height > max_pixels:
                     raise CatalogError(413, field, f"image of {width}x{height} pixels exceeds the limit of "
                                                    f"{max_pixels:,} pixels")
-                has_alpha = "A" in image.getbands() or "transparency" in image.info
-                array = np.asarray(image.convert("RGBA" if has_alpha else "RGB")).copy()
+                frame = ImageOps.exif_transpose(image) if exif_orientation else image
+                has_alpha = "A" in frame.getbands() or "transparency" in frame.info
+                array = np.asarray(frame.convert("RGBA" if has_alpha else "RGB")).copy()
     except CatalogError:
         raise
     except UnidentifiedImageError:
-        raise CatalogError(422, field, "not a PNG or JPEG image (its bytes are neither)") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning, OSError,
-            ValueError, SyntaxError, EOFError) as exc:
-        raise CatalogError(422, field, f"not a readable PNG or JPEG image ({type(exc).__name__}: {exc})") from None
+        raise CatalogError(422, field, f"not a {FORMAT_NAMES} image (its bytes are none of these)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # PIL's own header check
+        raise CatalogError(413, field, f"image exceeds the limit of {max_pixels:,} pixels ({exc})") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise CatalogError(422, field, f"not a readable {FORMAT_NAMES} image ({type(exc).__name__}: {exc})") from None
     if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise CatalogError(422, field, f"empty image (shape {array.shape})")
     return array

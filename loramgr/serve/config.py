@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+from .auth import parse_credentials
 
 ENV_API_KEY = "LORAMGR_API_KEY"
+ENV_API_AUTH = "LORAMGR_API_AUTH"  # USER:PASS[,USER2:PASS2], as A1111's --api-auth
 SCHEDULING = ("grouping", "fifo")
 
 
@@ -33,7 +36,8 @@ class ServeConfig:
     fuse_attention: bool = True
     host: str = "127.0.0.1"
     port: int = 7860
-    api_key: str | None = None
+    api_key: str | None = field(default=None, repr=False)
+    api_auth: str | None = field(default=None, repr=False)  # HTTP Basic credentials (serve/auth.py)
     scheduling: str = "grouping"
     max_queue: int = 64
     max_overtake: int = 8
@@ -58,6 +62,7 @@ class ServeConfig:
             raise ValueError(f"max_prompt_tokens must be at least 75 (one chunk), got {self.max_prompt_tokens}")
         if self.max_overtake < 0 or self.swap_budget_mb < 0:
             raise ValueError("max_overtake and swap_budget_mb must not be negative")
+        parse_credentials(self.api_auth)
 
     @property
     def max_body_bytes(self) -> int:

@@ -31,6 +31,7 @@ import numpy as np
 from ..adapters import BASE_CONTROLNET, AdapterSet, is_controlnet, touched_names
 from ..backends.options import OrtOptions
 from ..bases import OpenBase
+from ..defaults import base_defaults
 from ..errors import LoramgrError
 from ..pipeline.control import ControlUnit
 from ..pipeline.settings import GenerationSettings, check_inputs
@@ -87,6 +88,7 @@ class Engine:
         self.opened = OpenBase.resolve(workspace, config.base)
         self.base = self.opened.name
         self.manifest = self.opened.manifest
+        self.defaults = base_defaults(self.opened)  # `loramgr run`'s for this base: omitted fields take them
         self.catalog = AdapterCatalog(workspace, self.manifest)
         self.generator: Generator | None = None
         self._key: tuple = ()
@@ -166,22 +168,23 @@ class Engine:
     def prepare(self, request: GenerateRequest) -> Job:
         """Check everything about ``request`` that can be checked without the runner."""
         c = self.config
+        fields_ = {k: getattr(request, k) for k in SETTING_FIELDS}
+        fields_["max_prompt_tokens"] = c.max_prompt_tokens
         for name, limit, flag in (("resolution", c.max_resolution, "--max-resolution"),
                                   ("steps", c.max_steps, "--max-steps"),
                                   ("num_samples", c.max_num_samples, "--max-num-samples")):
             value = getattr(request, name)
+            value = getattr(self.defaults, name) if value is None else value
             if value > limit:
                 raise CatalogError(422, name, f"{name}={value} exceeds this server's limit of {limit} ({flag})")
         limits = (c.max_image_bytes, c.max_image_pixels)
         image = None if request.image is None else decode_image(request.image, "image", *limits)
-        fields_ = {k: getattr(request, k) for k in SETTING_FIELDS}
-        fields_["max_prompt_tokens"] = c.max_prompt_tokens
         if request.controls is None:  # the one-unit form
             control_map = None if request.control_map is None else decode_image(request.control_map, "control_map",
                                                                                  *limits)
             if image is None and control_map is None:
                 raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
-            settings = GenerationSettings(**fields_, preprocessor="canny" if control_map is None else "none")
+            settings = self.defaults.settings(**fields_, preprocessor="canny" if control_map is None else "none")
             control_images, controls = [control_map], [request.control]
         else:
             settings, control_images = self._units(request, image, fields_)
@@ -223,7 +226,7 @@ class Engine:
         if image is None and not any(i is not None for i in images) and (request.width is None or request.height is None):
             raise CatalogError(422, "image", "required without ControlNet units: an image, or width and height")
         try:
-            return GenerationSettings(**fields_, units=tuple(units)), images
+            return self.defaults.settings(**fields_, units=tuple(units)), images
         except TypeError as exc:  # pragma: no cover - the schema and the dataclass agree
             raise CatalogError(422, "controls", str(exc)) from None
 

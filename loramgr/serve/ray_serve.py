@@ -36,11 +36,12 @@ from ray.exceptions import RayActorError
 from ray.serve.handle import DeploymentHandle
 
 from ..bases import OpenBase
+from ..defaults import base_defaults
 from ..errors import LoramgrError
 from ..workspace import Workspace
 from .app import Service, create_app
 from .catalog import AdapterCatalog, CatalogError
-from .config import ServeConfig, is_loopback
+from .config import ENV_API_AUTH, ServeConfig, is_loopback
 from .ray_config import APP_NAME, GENERATOR, INGRESS, RayOptions, app_args, set_id
 from .scheduler import Draining, QueueFull, SchedulerStats
 from .schemas import GenerateRequest
@@ -64,7 +65,8 @@ def _config(fields: dict) -> ServeConfig:
         raise LoramgrError(f"args.config: unknown field {unknown[0]!r} for this loramgr version; write the Serve "
                            "config again with `loramgr serve --write-config`")
     config = ServeConfig(**fields)
-    return config if config.api_key else dataclasses.replace(config, api_key=ServeConfig.api_key_from_env())
+    return dataclasses.replace(config, api_key=config.api_key or ServeConfig.api_key_from_env(),
+                               api_auth=config.api_auth or os.environ.get(ENV_API_AUTH) or None)
 
 
 @dataclasses.dataclass
@@ -172,6 +174,7 @@ class _BaseView:
         opened = OpenBase.resolve(workspace, config.base)
         self.base = opened.name
         self.manifest = opened.manifest
+        self.defaults = base_defaults(opened)
         self.catalog = AdapterCatalog(workspace, self.manifest)
         self.ready = False
         self.startup: dict = {}

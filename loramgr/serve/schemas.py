@@ -1,9 +1,10 @@
 """The JSON contract of the native API: pydantic models for every request and response.
 
 Field names are the contract (docs/serving.md): extend, never rename. Every generation
-field a request omits takes the default of :class:`~loramgr.pipeline.settings.GenerationSettings`,
-which is also where ``loramgr run`` takes its defaults from, so the same request gives
-the same image as the same ``loramgr run`` command. Range checks that depend on the
+field a request omits takes ``loramgr run``'s default: that of
+:class:`~loramgr.pipeline.settings.GenerationSettings`, or for ``resolution`` and
+``n_prompt`` the base's (:mod:`loramgr.defaults`, filled in by the engine), so the same
+request gives the same image as the same ``loramgr run`` command. Range checks that depend on the
 server's configured limits (resolution, steps, num_samples) are done by the engine,
 which names the field in its 4xx answer.
 """
@@ -18,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..pipeline.control import CONTROL_MODES, PREPROCESSORS, WINDOW_RULES, ControlUnit
 from ..pipeline.settings import CONTROL_SCHEDULES, PROMPT_SYNTAXES, GenerationSettings
 
-# The defaults of `loramgr run`: read from the dataclass, never copied.
+# The defaults of `loramgr run` that are the same on every base: read from the dataclass, never copied.
 RUN_DEFAULTS = {f.name: f.default for f in fields(GenerationSettings) if f.default is not MISSING}
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -62,7 +63,8 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(description="required, as `loramgr run --prompt`", max_length=10_000)
     a_prompt: str = Field(RUN_DEFAULTS["a_prompt"], max_length=10_000)
-    n_prompt: str = Field(RUN_DEFAULTS["n_prompt"], max_length=10_000)
+    n_prompt: str | None = Field(None, max_length=10_000, description="omitted: the base's default (`loramgr run`'s: "
+                                 "ControlNet's, up to what fits the base's tokenizer in 77 tokens; GET /v1/config)")
     image: str | None = Field(None, description="base64 PNG/JPEG (a data: URL is accepted); the canny input")
     control_map: str | None = Field(
         None, description="base64 PNG/JPEG of a precomputed control map: replaces the canny edges of `image`")
@@ -80,7 +82,8 @@ class GenerateRequest(BaseModel):
     scale: FiniteFloat = RUN_DEFAULTS["scale"]
     seed: int = RUN_DEFAULTS["seed"]
     scheduler: str = RUN_DEFAULTS["scheduler"]
-    resolution: int = RUN_DEFAULTS["resolution"]
+    resolution: int | None = Field(None, description="omitted: the base's native size, as `loramgr run` "
+                                                      "(tiny 128, sd15 512; GET /v1/config)")
     num_samples: int = RUN_DEFAULTS["num_samples"]
     guess_mode: bool = RUN_DEFAULTS["guess_mode"]
     control_schedule: Literal[CONTROL_SCHEDULES] = RUN_DEFAULTS["control_schedule"]  # type: ignore[valid-type]

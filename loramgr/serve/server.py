@@ -47,9 +47,9 @@ class DrainingServer(uvicorn.Server):
 
 def serve(workspace: Workspace, config: ServeConfig, log_level: str = "info") -> int:
     """Run until a signal; returns the exit code (0 after a drain)."""
-    if not is_loopback(config.host) and not config.api_key:
+    if not is_loopback(config.host) and not config.api_key and not config.api_auth:
         print(f"warning: serving on {config.host} (not a loopback address) without an API key: anyone who can "
-              "reach this port can generate and upload adapters; set --api-key or LORAMGR_API_KEY",
+              "reach this port can generate and upload adapters; set --api-key or --api-auth (docs/serving.md)",
               file=sys.stderr, flush=True)
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s: %(name)s: %(message)s")
     service = Service(workspace, config)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from ..inventory import block_of
 from .compare import ImageDiff, OutputDiff, TensorDiff
 from .reference import AdapterReference
 from .settings import Tolerances
@@ -73,16 +72,69 @@ def _e(value: float) -> str:
     return f"{value:.2e}" if math.isfinite(value) else str(value)
 
 
-def render_report(report: VerifyReport, console, top: int = 10) -> None:
-    """Print ``report`` as rich tables on ``console`` (a ``rich.console.Console``); ``top`` rows per ranking."""
+def adapters_label(report: VerifyReport) -> str:
+    """The set as ``verify`` was given it: ``blindbox:0.8 + moxin:0.5 + hed`` (LoRAs, then the ControlNet)."""
+    loras = [f"{a.name}:{a.weight:g}" for a in report.adapters if a.kind != "controlnet"]
+    return " + ".join([*loras, *(a.name for a in report.adapters if a.kind == "controlnet")])
+
+
+def worst_figures(report: VerifyReport) -> str:
+    """The worst figure of each comparison that ran (relative errors, PSNR) next to its tolerance: one short line."""
+    t = report.tolerances
+    parts = []
+    if report.tensors:
+        parts.append(f"weight {report.largest_errors(1)[0].rel:.1e} <= {t.tensor_rtol:.0e}")
+    if report.outputs:
+        parts.append(f"output {max(o.rel for o in report.outputs):.1e} <= {t.output_rtol:.0e}")
+    if report.image is not None:
+        psnr = report.image.psnr_db
+        parts.append(f"image {'identical' if math.isinf(psnr) else f'{psnr:.1f} dB'} >= {t.min_psnr_db:g}")
+    return "worst: " + ", ".join(parts) if parts else "no comparison ran"
+
+
+def render_summary(report: VerifyReport, console) -> None:
+    """The verdict in one line (what passed of what), the worst figures, and one line per failed check."""
+    passed = sum(c.status == PASSED for c in report.checks)
+    verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
+    console.print(f"verify {adapters_label(report)}: {verdict}, {passed}/{len(report.checks)} checks "
+                  "vs a merge in torch", highlight=False)
+    console.print(f"  {worst_figures(report)}", highlight=False)
+    for failure in report.failures():
+        console.print(f"  [red]x[/] {failure}", highlight=False)
+
+
+def _reference_tables(report: VerifyReport, width: int = 3) -> list:
+    """One column per adapter (``width`` adapters per table), one row per figure: readable in 80 columns."""
     from ..console import table
 
-    verdict = "[bold green]PASSED[/]" if report.passed else "[bold red]FAILED[/]"
-    console.print(f"verify {report.base} ({report.dtype}, {report.backend}, reference {report.reference}): {verdict}")
-    rows = [(a.name, a.kind, a.weight, a.route, a.spelling, a.file_modules, a.applied, a.changed, a.targets,
-             len(a.ignored_keys), a.problem or a.note) for a in report.adapters]
-    console.print(table("reference", ("adapter", "kind", "weight", "merged by", "spelling", "in file", "applied",
-                                      "changed", "loramgr", "ignored keys", "note"), rows))
+    fields = [("kind", "kind"), ("weight", "weight"), ("merged by", "route"), ("spelling", "spelling"),
+              ("modules in file", "file_modules"), ("applied", "applied"), ("weights changed", "changed"),
+              ("loramgr targets", "targets")]
+    tables = []
+    for start in range(0, len(report.adapters), width):
+        chunk = report.adapters[start: start + width]
+        rows = [(label, *(getattr(a, name) for a in chunk)) for label, name in fields]
+        rows.append(("ignored keys", *(len(a.ignored_keys) for a in chunk)))
+        if any(a.problem or a.note for a in chunk):
+            rows.append(("note", *(a.problem or a.note for a in chunk)))
+        tables.append(table("reference: how diffusers / PEFT / the formulas applied each adapter",
+                            ("", *(a.name for a in chunk)), rows))
+    return tables
+
+
+def render_report(report: VerifyReport, console, top: int = 10) -> None:
+    """Print ``report`` as rich tables on ``console`` (a ``rich.console.Console``); ``top`` rows per ranking.
+
+    Every table keeps each character at 80 columns (long weight names wrap); the verdict
+    line of :func:`render_summary` comes last.
+    """
+    from ..console import table
+    from ..inventory import natural_key
+
+    console.print(f"verify {report.base} ({report.dtype}, {report.backend}, reference {report.reference})",
+                  highlight=False)
+    for reference in _reference_tables(report):
+        console.print(reference)
     t = report.tolerances
     console.print(table(
         f"checks ({report.dtype} tolerances: weights {t.tensor_rtol:g}, outputs {t.output_rtol:g}, images >= {t.min_psnr_db:g} dB)",
@@ -91,16 +143,18 @@ def render_report(report: VerifyReport, console, top: int = 10) -> None:
          for c in report.checks]))
     if report.tensors:
         console.print(table("largest errors (relative to the weight's largest value)",
-                            ("weight", "block", "max abs", "rel", "change", ""),
-                            [(d.param, block_of(d.param), _e(d.max_abs), _e(d.rel), _e(d.change), "" if d.passed else "[red]x[/]")
+                            ("weight", "max abs", "rel", "change", ""),
+                            [(d.param, _e(d.max_abs), _e(d.rel), _e(d.change), "" if d.passed else "[red]x[/]")
                              for d in report.largest_errors(top)]))
-        console.print(table("largest changes made by the adapters", ("weight", "block", "change", "rel error"),
-                            [(d.param, block_of(d.param), _e(d.change), _e(d.rel)) for d in report.largest_changes(top)]))
+        console.print(table("largest changes made by the adapters", ("weight", "change", "rel error"),
+                            [(d.param, _e(d.change), _e(d.rel)) for d in report.largest_changes(top)]))
     if report.outputs:
         console.print(table("graph outputs", ("output", "max abs", "rel", ""),
                             [(o.name, _e(o.max_abs), _e(o.rel), "" if o.passed else "[red]x[/]") for o in report.outputs]))
-    coverage = [(adapter, block, n) for adapter, blocks in report.coverage.items() for block, n in sorted(blocks.items())]
+    coverage = [(adapter, block, n) for adapter, blocks in report.coverage.items()
+                for block, n in sorted(blocks.items(), key=lambda item: natural_key(item[0]))]
     console.print(table("weights changed per block", ("adapter", "block", "weights"), coverage))
     ignored = [(a.name, key) for a in report.adapters for key in a.ignored_keys[:top]]
     if ignored:
         console.print(table(f"source keys the reference did not apply (first {top} per adapter)", ("adapter", "key"), ignored))
+    render_summary(report, console)
