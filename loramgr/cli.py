@@ -610,11 +610,13 @@ def cmd_list(args: argparse.Namespace, ws: Workspace) -> int:
                           "  loramgr export --model DIR_OR_FILE --name sd15    # an SD1.5 model (README)\n"
                           "or read another workspace: --home DIR or $LORAMGR_HOME", highlight=False)
     if data["adapters"]:
+        with_embeddings = any(a["embeddings"] for a in data["adapters"])  # a column only when some have them
         rows = [(a["name"], a["kind"], a["base"], a["format"], a["targets"], console.human_size(a["size_bytes"]),
-                 ", ".join(a["trigger_words"][:3]), _embeddings(a["embeddings"])) for a in data["adapters"]]
+                 ", ".join(a["trigger_words"][:3]), *([_embeddings(a["embeddings"])] * with_embeddings))
+                for a in data["adapters"]]
         console.out.print(console.table(f"adapters in {ws.adapters}",
                                         ("adapter", "kind", "base", "format", "targets", "size", "trigger words",
-                                         "embeddings"), rows))
+                                         *(["embeddings"] * with_embeddings)), rows))
     else:
         console.out.print(f"no adapter in {ws.adapters.name}/: convert one with loramgr convert FILE",
                           highlight=False)

@@ -106,7 +106,7 @@ def test_omitted_size_and_negative_prompt_are_the_bases_as_in_loramgr_run(client
             "--steps", "3", "--seed", "4", "--out", str(tmp_path), "--json"]
     assert main(argv) == 0
     sidecar = json.loads(next(Path(tmp_path).glob("*.json")).read_text())
-    expected = [(tmp_path / name).read_bytes() for name in [*sidecar["images"], sidecar["edge_map"]]]
+    expected = [(tmp_path / name).read_bytes() for name in [*sidecar["images"], *sidecar["control_maps"]]]
     r = client.post("/v1/generate", json={"prompt": "a house", "image": png_b64(ws.home / "house.png"),
                                           "steps": 3, "seed": 4})
     assert r.status_code == 200, r.text
@@ -211,7 +211,7 @@ def test_failed_swap_or_generation_leaves_no_half_swapped_runner(client, ws, ser
     reopens = engine.reopens
 
     def half_swap(adapter_set):  # writes garbage into one buffer, then fails
-        graph, buffers = next(iter(engine.runner._buffers.items()))
+        buffers = next(s.buffers for s in engine.runner._graphs.values() if s.buffers)
         name, value = next(iter(buffers.items()))
         value.fill_(7.0)  # the buffer ONNX Runtime reads (a torch tensor shared through DLPack)
         raise RuntimeError("injected failure half-way through a swap")

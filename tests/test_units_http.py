@@ -147,7 +147,7 @@ def test_a1111_units_follow_the_extensions_rules(url, modules):
                                   guidance_start=u["guidance_start"], guidance_end=u["guidance_end"],
                                   control_mode=u["control_mode"], resize_mode="Just Resize")
           for u, m in zip(units, the_maps)]
-    got = api.txt2img(prompt="a house", negative_prompt="blurry", seed=SEED, sampler_name="DDIM", steps=STEPS,
+    got = api.txt2img(prompt="a house", negative_prompt="blurry", seed=SEED, sampler_name="DDIM", eta=0.0, steps=STEPS,
                       cfg_scale=SCALE, width=SIZE, height=SIZE, controlnet_units=cn)
     assert len(got.images) == 3  # the image, then each unit's map
     info = got.info["loramgr"]["controls"]
