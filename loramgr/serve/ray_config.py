@@ -85,9 +85,10 @@ class RayOptions:
 
 def app_args(home: Path | str, config: ServeConfig, sets_per_replica: int, *, with_api_key: bool = False) -> dict:
     """The builder's arguments (``args`` in the Serve config). The API key only when asked:
-    a config file gets it from ``LORAMGR_API_KEY`` in the replicas' environment instead."""
+    a config file gets it from ``LORAMGR_API_KEY`` in the replicas' environment instead. The host
+    stays: the ingress answers only requests whose ``Host`` names it (docs/serving.md, Security)."""
     fields = dataclasses.asdict(config)
-    for name in ("host", "port") + (() if with_api_key else ("api_key",)):
+    for name in ("port",) + (() if with_api_key else ("api_key",)):
         fields.pop(name)
     return {"home": str(Path(home).resolve()), "config": fields, "sets_per_replica": sets_per_replica}
 

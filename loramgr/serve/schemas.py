@@ -110,9 +110,16 @@ class AdapterInfo(BaseModel):
     format: str = ""
 
 
+class AdapterProblem(BaseModel):
+    name: str
+    reason: str = Field(description="why the file cannot be listed (damaged metadata, unreadable)")
+
+
 class AdapterList(BaseModel):
     base: str
     adapters: list[AdapterInfo]
+    problems: list[AdapterProblem] = Field(default_factory=list,
+                                           description="adapters that cannot be read: named, not listed")
 
 
 class UploadResponse(BaseModel):
