@@ -266,7 +266,7 @@ def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, Control
                 parsed = ControlNetUnit.model_validate(raw)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
+                where = first["loc"][0]  # a unit's fields are flat; a union adds its member's name after
                 raise CatalogError(422, f"{path}.args.{i}.{where}", first["msg"]) from None
             if not parsed.enabled:
                 continue

@@ -22,6 +22,9 @@ MAX_STRENGTH = 10.0  # ControlNet strength (an A1111 unit's weight)
 MAX_SCALE = 100.0  # classifier-free guidance scale (cfg_scale)
 MAX_ETA = 1.0  # DDIM's eta
 MAX_JSON_DEPTH = 32  # nesting of request fields loramgr does not read (A1111's free-form fields)
+# --max-steps at most: SD1.5's schedulers have 1000 training timesteps, and DDIM with
+# steps_offset 1 indexes timestep 1000 (an IndexError) at 1000 steps.
+STEPS_CEILING = 999
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class ServeConfig:
                      "max_image_pixels", "max_upload_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_steps > STEPS_CEILING:
+            raise ValueError(f"max_steps {self.max_steps}: at most {STEPS_CEILING} (the schedulers' 1000 training "
+                             "timesteps)")
         if self.max_overtake < 0 or self.swap_budget_mb < 0:
             raise ValueError("max_overtake and swap_budget_mb must not be negative")
         for origin in self.cors_origins:

@@ -35,6 +35,7 @@ from ..adapters import AdapterSet, touched_names
 from ..backends.options import OrtOptions
 from ..bases import OpenBase
 from ..errors import LoramgrError
+from ..pipeline.schedulers import SCHEDULERS, scheduler_class
 from ..pipeline.settings import GenerationSettings, check_inputs
 from ..runtime import Generator
 from ..workspace import Workspace
@@ -145,6 +146,8 @@ class Engine:
         start = time.perf_counter()
         swappable, included, excluded, nbytes = self.initial_swappable()
         self._open(swappable)
+        for name in SCHEDULERS:  # imported now, not by a request: a first import holds the GIL, /healthz waits
+            scheduler_class(name)
         self.startup = {"open_s": time.perf_counter() - start, "swappable_adapters": included,
                         "not_swappable_at_start": excluded, "swappable_bytes": nbytes,
                         "swappable_weights": sum(len(n) for n in swappable.values())}
