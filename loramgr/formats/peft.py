@@ -115,8 +115,9 @@ def _pattern(source: WeightFile, field: str, pattern: str):
         return re2.compile(rf"(.*\.)?({pattern})$", _RE2_OPTIONS)
     except re2.error as e:
         reason = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) else str(e)
-        raise BadFileError(source.path, f"{field} key {pattern!r:.80} is not a regular expression loramgr matches "
-                                        f"(RE2 syntax, linear time; no backreferences or lookaround): {reason}") from None
+        raise BadFileError(source.path, f"{field} key {pattern!r:.80} is not a regular expression loramgr "
+                                        "matches (RE2 syntax, linear time; no backreferences or lookaround): "
+                                        f"{reason}") from None
 
 
 def peft_alpha(configs: PeftConfigs, module: Resolved, rank: int | None) -> float | None:
