@@ -34,7 +34,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .errors import BadFileError, LoramgrError, parse_weight
+from .errors import BadFileError, LoramgrError, finite32, parse_weight
 from .manifest import Manifest
 from .workspace import atomic_path
 
@@ -250,8 +250,6 @@ def parse_targets(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
 
     Damaged metadata is refused as a :class:`BadFileError` naming the file, not a traceback.
     """
-    import math
-
     try:
         index = json.loads(metadata.get("loramgr.targets", "{}"))
     except ValueError:
@@ -266,8 +264,9 @@ def parse_targets(path: Path, metadata: dict[str, str]) -> dict[str, dict]:
                 raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}] has no valid {key!r}")
         if entry["kind"] not in _TARGET_KINDS:
             raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}]: unknown kind {entry['kind']!r}")
-        if not math.isfinite(entry["scale"]):
-            raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}]: scale {entry['scale']} is not finite")
+        if not finite32(entry["scale"]):
+            raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}]: scale {entry['scale']} is not finite "
+                                     "(float32)")
         if not all(isinstance(f, str) for f in entry["factors"]) or not entry["factors"]:
             raise BadFileError(path, f"metadata loramgr.targets[{initializer!r}] has no valid 'factors'")
     return index
@@ -345,11 +344,9 @@ def _delta_shape(kind: str, f: dict[str, tuple[int, ...]], shape: tuple[int, ...
 
 def check_finite_targets(path: Path, targets) -> None:
     """Refuse NaN or infinity in any tensor or scale: they would render black images."""
-    import math
-
     for t in targets:
-        if not math.isfinite(t.scale):
-            raise BadFileError(path, f"{t.param}: scale (alpha / rank) {t.scale} is not a finite number")
+        if not finite32(t.scale):
+            raise BadFileError(path, f"{t.param}: scale (alpha / rank) {t.scale} is not a finite number (float32)")
         for key, array in t.tensors.items():
             if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
                 raise BadFileError(path, f"{t.param}: tensor {key!r} holds NaN or infinite values")

@@ -244,6 +244,11 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"HTTP Basic credentials, as A1111's --api-auth; with --api-key either one is accepted "
                         f"(default: ${ENV_API_AUTH})")
     p.add_argument("--api-auth-file", metavar="PATH", help="read the credentials from this file (USER:PASS a line)")
+    p.add_argument("--allowed-hosts", default="", metavar="NAME,...",
+                   help="Host names answered besides the bound address (others get 400: DNS rebinding); * for any")
+    p.add_argument("--cors-origins", default="", metavar="ORIGIN,...",
+                   help="web origins (scheme://host[:port]) allowed to send requests from their pages (CORS); "
+                        "default none: cross-origin uploads, generations and interrupts get 403")
     p.add_argument("--scheduling", choices=("grouping", "fifo"), default=C.scheduling,
                    help="grouping: run queued requests with the runner's adapter set first (bounded by "
                         "--max-overtake); fifo: arrival order, a swap whenever the set changes")
@@ -322,6 +327,11 @@ def _serve_on_ray(args: argparse.Namespace, ws: Workspace, config) -> int:
     return ray_serve.run(ws, config, options, log_level=args.log_level)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """``a,b`` -> ("a", "b"): a comma-separated option."""
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
 def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
     from .serve import ServeConfig, serve
     from .serve.auth import read_secret
@@ -333,6 +343,7 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
             fuse_attention=not args.no_fuse_attention, host=args.host, port=args.port,
             api_key=read_secret(args.api_key, args.api_key_file, ENV_API_KEY, "--api-key"),
             api_auth=read_secret(args.api_auth, args.api_auth_file, ENV_API_AUTH, "--api-auth"),
+            allowed_hosts=_names(args.allowed_hosts), cors_origins=_names(args.cors_origins),
             scheduling=args.scheduling, max_queue=args.max_queue, max_overtake=args.max_overtake,
             max_resolution=args.max_resolution, max_steps=args.max_steps, max_num_samples=args.max_num_samples,
             max_image_bytes=int(args.max_image_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),

@@ -33,7 +33,7 @@ def ws(tiny_workspace, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(ws):
-    with TestClient(create_app(ws, CONFIG), raise_server_exceptions=False) as c:
+    with TestClient(create_app(ws, CONFIG), base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
         yield c
 
 

@@ -5,6 +5,8 @@ kohya's training record: a tag found in every training caption (``ss_tag_frequen
 counted against the image counts of ``ss_dataset_dirs``) is what the trainer put in
 each caption on purpose. Without image counts, the most frequent tag(s) stand in.
 Tags are returned as written in the captions (booru escapes such as ``\\(`` kept).
+Malformed training metadata (wrong types, JSON nested too deep or over 8 MiB) names no
+trigger words: it is a convenience, never a reason to refuse a file.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from collections.abc import Mapping
 
 import torch
 
+MAX_JSON_CHARS = 8 << 20  # a training record larger than this is not parsed (a real one is kilobytes)
+
 
 def trigger_words(metadata: Mapping[str, str]) -> list[str]:
     """Trigger words named by the metadata, most certain first; [] when it names none."""
@@ -23,19 +27,21 @@ def trigger_words(metadata: Mapping[str, str]) -> list[str]:
 
 
 def _tags_in_every_caption(metadata: Mapping[str, str]) -> list[str]:
+    if max(len(metadata.get(k, "")) for k in ("ss_tag_frequency", "ss_dataset_dirs")) > MAX_JSON_CHARS:
+        return []
     try:
         frequency = json.loads(metadata["ss_tag_frequency"])
         totals: Counter[str] = Counter()
         for tags in frequency.values():
             totals.update({tag: int(n) for tag, n in tags.items()})
-    except (KeyError, ValueError, TypeError, AttributeError):
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
         return []  # absent or malformed: trigger words are a convenience, never a reason to refuse
     if not totals:
         return []
     try:
         dirs = json.loads(metadata["ss_dataset_dirs"])
         threshold = sum(int(dirs[name]["img_count"]) for name in frequency)
-    except (KeyError, ValueError, TypeError, AttributeError):
+    except (KeyError, ValueError, TypeError, AttributeError, RecursionError):
         threshold = 0
     threshold = threshold if threshold > 0 else max(totals.values())
     return [tag for tag, n in totals.most_common() if n >= threshold]

@@ -6,13 +6,12 @@ reject bad input before it loads a model or builds an engine.
 
 from __future__ import annotations
 
-import math
 import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import LoramgrError
+from ..errors import LoramgrError, finite32
 from .control import CONTROL_MODES, CONTROL_SCHEDULES, PREPROCESSORS, WINDOW_RULES, ControlUnit
 from .schedulers import SCHEDULERS, takes_eta
 
@@ -222,7 +221,7 @@ def _check_int(name: str, value: object, minimum: int, maximum: int | None = Non
 
 
 def _check_real(name: str, value: object, minimum: float | None = None) -> None:
-    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
-        raise LoramgrError(f"{name} must be a finite number, got {value!r}")
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not finite32(value):
+        raise LoramgrError(f"{name} must be a finite number (float32), got {value!r}")
     if minimum is not None and value < minimum:
         raise LoramgrError(f"{name} must be >= {minimum}, got {value!r}")

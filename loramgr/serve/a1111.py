@@ -27,9 +27,10 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..adapters import BASE_CONTROLNET
+from ..pipeline.settings import DEFAULT_MAX_PIXELS, output_size
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
-from .config import ServeConfig
+from .config import MAX_JSON_DEPTH, ServeConfig
 from .schemas import ControlSpec, GenerateRequest, LoraSpec
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
@@ -208,10 +209,10 @@ def fit(image: np.ndarray, width: int, height: int, mode: str, fill: str = "edge
         out = cv2.resize(image, (size_w, size_h), interpolation=cv2.INTER_LANCZOS4 if enlarge else cv2.INTER_AREA)
         return np.where(out > 127, 255, 0).astype(np.uint8) if binary else out
 
+    size_h, size_w = scaled_size(h, w, width, height, mode)
+    out = resized(size_w, size_h)
     if mode == "resize":
-        return resized(width, height)
-    k = max(width / w, height / h) if mode == "crop" else min(width / w, height / h)
-    out = resized(max(1, round(w * k)), max(1, round(h * k)))
+        return out
     if mode == "crop":
         top, left = (out.shape[0] - height) // 2, (out.shape[1] - width) // 2
         return np.ascontiguousarray(out[top:top + height, left:left + width])
@@ -222,6 +223,24 @@ def fit(image: np.ndarray, width: int, height: int, mode: str, fill: str = "edge
         colour = [int(c) for c in np.median(border, axis=0)]
         return cv2.copyMakeBorder(out, top, bottom, left, right, cv2.BORDER_CONSTANT, value=colour)
     return cv2.copyMakeBorder(out, top, bottom, left, right, cv2.BORDER_REPLICATE)
+
+
+def scaled_size(h: int, w: int, width: int, height: int, mode: str) -> tuple[int, int]:
+    """(height, width) :func:`fit` scales an ``h`` x ``w`` image to before it crops or pads."""
+    if mode == "resize":
+        return height, width
+    k = max(width / w, height / h) if mode == "crop" else min(width / w, height / h)
+    return max(1, round(h * k)), max(1, round(w * k))
+
+
+def check_size(size: tuple[int, int], max_pixels: int, field_: str, what: str) -> None:
+    """A 422 naming ``field_`` when an image made on the way (``what``) would exceed ``max_pixels``.
+
+    Checked before the array exists: a 4x8192 PNG is 295 bytes, its canny map at 512 a gigabyte.
+    """
+    if size[0] * size[1] > max_pixels:
+        raise CatalogError(422, field_, f"{what} would be {size[1]}x{size[0]} pixels, over the limit of "
+                                        f"{max_pixels:,}: use a less elongated image")
 
 
 def rgb(image: np.ndarray) -> np.ndarray:
@@ -250,7 +269,7 @@ def find_units(scripts: dict[str, Any], ignored: list[str], limit: int) -> list[
                 parsed = ControlNetUnit.model_validate(raw)
             except ValidationError as exc:
                 first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
+                where = first["loc"][0]  # a unit's fields are flat; a union adds its member's name after
                 raise CatalogError(422, f"{path}.args.{i}.{where}", first["msg"]) from None
             if not parsed.enabled:
                 continue
@@ -260,6 +279,18 @@ def find_units(scripts: dict[str, Any], ignored: list[str], limit: int) -> list[
             units.append((f"{path}.args.{i}", parsed))
             ignored += [f"{path}.args.{i}.{k}" for k in raw if k not in UNIT_USED]
     return units
+
+
+def nested_deeper(value: Any, limit: int) -> bool:
+    """Whether parsed JSON ``value`` nests lists / objects deeper than ``limit`` (a loop: no recursion to exhaust)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def control_mode(unit: ControlNetUnit, path: str) -> str:
@@ -289,8 +320,12 @@ def unit_resize_mode(unit: ControlNetUnit, path: str) -> str:
     return found
 
 
-def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, height: int) -> np.ndarray:
-    """The unit's control map at ``height`` x ``width``: canny at ``processor_res``, or the image itself."""
+def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, height: int,
+                max_pixels: int = ServeConfig.max_image_pixels) -> np.ndarray:
+    """The unit's control map at ``height`` x ``width``: canny at ``processor_res``, or the image itself.
+
+    Every intermediate image is checked against ``max_pixels`` before it is made.
+    """
     from ..pipeline.canny import detect_edges
 
     module = unit.module.strip().lower()
@@ -299,6 +334,8 @@ def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, 
                                                   f"{', '.join(CONTROL_MODULES)} (none: the image is the map)")
     mode = unit_resize_mode(unit, path)
     if module == "none":
+        check_size(scaled_size(*image.shape[:2], width, height, mode), max_pixels, f"{path}.image",
+                   f"the image scaled to {width}x{height} ({unit.resize_mode})")
         return fit(image, width, height, mode, fill="median")
     low = 100 if unit.threshold_a < 0 else round(unit.threshold_a)
     high = 200 if unit.threshold_b < 0 else round(unit.threshold_b)
@@ -313,6 +350,10 @@ def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, 
         res = round(min(h, w) * (min if mode == "fill" else max)(width / w, height / h))
     if not 64 <= res <= 4096:
         raise CatalogError(422, f"{path}.processor_res", f"must be in [64, 4096], got {res}")
+    edges = output_size(*image.shape[:2], res)
+    check_size(edges, max_pixels, f"{path}.processor_res", f"the canny map at processor_res {res}")
+    check_size(scaled_size(*edges, width, height, mode), max_pixels, f"{path}.image",
+               f"the canny map scaled to {width}x{height} ({unit.resize_mode})")
     return fit(detect_edges(image, res, low, high)[1], width, height, mode, fill="median")
 
 
@@ -321,6 +362,10 @@ def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, 
 def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
     """Check and translate ``request``; raises :class:`CatalogError` naming the A1111 field."""
     ignored = sorted(request.model_extra or {})
+    for name, value in [("override_settings", request.override_settings),
+                        ("alwayson_scripts", request.alwayson_scripts), *(request.model_extra or {}).items()]:
+        if nested_deeper(value, MAX_JSON_DEPTH):  # would run, then fail to be echoed in `parameters`
+            raise CatalogError(422, name, f"nested deeper than {MAX_JSON_DEPTH} levels")
     warnings: list[str] = []
     if request.enable_hr:
         raise CatalogError(422, "enable_hr", "hires fix is not supported; send enable_hr=false and the final size")
@@ -340,6 +385,13 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         if value < 64 or value % 64:
             raise CatalogError(422, name, f"must be a multiple of 64 and at least 64, got {value} "
                                           "(the pipeline works in 64-pixel blocks)")
+    short = "width" if request.width <= request.height else "height"
+    if min(request.width, request.height) > config.max_resolution:  # before any map of that size exists
+        raise CatalogError(422, short, f"{short}={getattr(request, short)} exceeds this server's limit of "
+                                       f"{config.max_resolution} (--max-resolution) for the shorter side")
+    if request.width * request.height > DEFAULT_MAX_PIXELS:
+        raise CatalogError(422, "height" if short == "width" else "width",
+                           f"{request.width}x{request.height} exceeds the limit of {DEFAULT_MAX_PIXELS:,} pixels")
     total = request.batch_size * request.n_iter
     if total > config.max_num_samples:
         field_ = "batch_size" if request.batch_size > config.max_num_samples else "n_iter"
@@ -365,8 +417,11 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         if request.mask:  # decoded first, as A1111 does: a broken mask is named as such
             decode_image(request.mask, "mask", *limits)
             raise CatalogError(422, "mask", "inpainting is not supported; send img2img without a mask")
-        init = fit(rgb(decode_image(request.init_images[0], "init_images.0", *limits, exif_orientation=True)),
-                   width, height, IMG2IMG_RESIZE_MODES[request.resize_mode])
+        init = rgb(decode_image(request.init_images[0], "init_images.0", *limits, exif_orientation=True))
+        mode = IMG2IMG_RESIZE_MODES[request.resize_mode]
+        check_size(scaled_size(*init.shape[:2], width, height, mode), config.max_image_pixels, "init_images.0",
+                   f"the image scaled to {width}x{height}")
+        init = fit(init, width, height, mode)
 
     controls, specs = [], []
     for path, unit in find_units(request.alwayson_scripts, ignored, config.max_controlnets):
@@ -374,6 +429,8 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         model = resolve_model(unit.model)
         source = unit.image if not isinstance(unit.image, dict) else unit.image.get("image")
         field_ = f"{path}.image"
+        if source is not None and not isinstance(source, str):
+            raise CatalogError(422, field_, 'must be a base64 PNG/JPEG string, or {"image": base64}')
         if not source and unit.input_image:
             source, field_ = unit.input_image, f"{path}.input_image"
         if source:
@@ -382,7 +439,7 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             image = init
         else:
             raise CatalogError(422, field_, "required: the unit's image (base64 PNG, JPEG, WebP, ...)")
-        the_map = control_map(unit, path, image, width, height)
+        the_map = control_map(unit, path, image, width, height, config.max_image_pixels)
         specs.append(ControlSpec(name=model, control_map=encode_png(the_map), strength=unit.weight,
                                  start=unit.guidance_start, end=unit.guidance_end, mode=mode))
         controls.append({"model": model, "module": unit.module.strip().lower(), "weight": unit.weight,

@@ -1,7 +1,9 @@
 """The FastAPI application: a thin HTTP layer over :class:`Service`.
 
 Routes, error mapping (every bad input is a 4xx JSON :class:`ErrorBody` naming the
-field), credentials check, body size limit, drain. The work is done by
+field), credentials check, ``Host`` and ``Origin`` checks (DNS rebinding and cross-site
+requests from a page the user opens), body size limit, drain, and the cancellation of a
+generation whose client went away. The work is done by
 :class:`~loramgr.serve.engine.Engine` (runtime) and :class:`~loramgr.serve.scheduler.Scheduler`
 (queue and worker); :class:`Service` ties them together for any caller, HTTP or not.
 """
@@ -10,9 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from importlib import resources
 
 from fastapi import FastAPI, File, Form, UploadFile
@@ -20,6 +23,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import LoramgrError
 from ..pipeline.schedulers import SCHEDULERS
@@ -27,20 +31,46 @@ from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
 from .auth import Access
-from .catalog import CatalogError
+from .catalog import CatalogError, remove_stale_uploads
 from .codec import encode_png
-from .config import ServeConfig
-from .engine import Engine, field_of
+from .config import (MAX_ETA, MAX_JSON_DEPTH, MAX_LORA_WEIGHT, MAX_SCALE, MAX_STRENGTH, ServeConfig, host_allowed,
+                     origin_allowed)
+from .engine import Engine, Job, field_of
 from .metrics import Metrics
-from .scheduler import Draining, QueueFull, Scheduler
-from .schemas import AdapterList, ErrorBody, GenerateRequest, GenerateResponse, ServerInfo, UploadResponse
+from .scheduler import Cancelled, Draining, QueueFull, Scheduler
+from .schemas import (AdapterList, ErrorBody, GenerateRequest, GenerateResponse, ServerInfo,
+                      UploadResponse)
 
 logger = logging.getLogger("loramgr.serve")
 
 OPEN_PATHS = ("/healthz", "/", "/favicon.ico")  # no key needed: liveness and the static page (no data)
 ENDPOINTS = ("/healthz", "/readyz", "/metrics", "/v1/generate", "/v1/adapters", "/v1/config", "/", "/docs",
              "/openapi.json")
-ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 409, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorBody} for code in (400, 401, 403, 409, 413, 422, 503)}
+SAFE_METHODS = ("GET", "HEAD", "OPTIONS")  # change nothing: no Origin check
+CLIENT_GONE = 499  # nginx's "client closed request": what a cancelled request is counted as
+
+
+class ClientWatch:
+    """Tells when the HTTP client of the current request has gone away.
+
+    It reads the server's own ASGI ``receive`` once the request body has been read: from
+    then on the only message left is ``http.disconnect``, sent when the connection closes
+    (or after the response was sent, when nobody waits any more). :class:`_Guard` installs
+    one per request in :data:`CLIENT`, so every route that generates (native and A1111)
+    can cancel its work without knowing about it.
+    """
+
+    def __init__(self, receive):
+        self._receive = receive
+
+    async def gone(self) -> None:
+        """Return once the client has disconnected."""
+        while (await self._receive())["type"] != "http.disconnect":
+            pass
+
+
+CLIENT: ContextVar[ClientWatch | None] = ContextVar("loramgr_client", default=None)
 
 
 class Service:
@@ -55,18 +85,25 @@ class Service:
         self.draining = False
 
     def start(self) -> None:
+        remove_stale_uploads()
         if not self.engine.ready:
             self.engine.start()
         self.scheduler = Scheduler(self._execute, lambda: self.engine.current_key, policy=self.config.scheduling,
-                                   max_queue=self.config.max_queue, max_overtake=self.config.max_overtake)
+                                   max_queue=self.config.max_queue, max_overtake=self.config.max_overtake,
+                                   steps=lambda job: job.steps)
         self.metrics.ready.set(1)
 
-    def _execute(self, job):
+    def _execute(self, job: Job):
         self.metrics.in_flight.set(1)
         self.metrics.queue_depth.set(self.scheduler.depth)
         reopens = self.engine.reopens
         try:
             generation = self.engine.run(job)
+        except Cancelled:
+            self.metrics.generations.labels("cancelled").inc()
+            self.metrics.cancelled.labels("running").inc()
+            self.metrics.reopens.inc(self.engine.reopens - reopens)
+            raise
         except Exception:
             self.metrics.generations.labels("failed").inc()
             self.metrics.reopens.inc(self.engine.reopens - reopens)
@@ -98,7 +135,7 @@ class Service:
         job = await run_in_threadpool(self.engine.prepare, request)
         future = self.scheduler.submit(job, job.key)
         self.metrics.queue_depth.set(self.scheduler.depth)
-        generation, wait = await asyncio.wrap_future(future)
+        generation, wait = await self._outcome(job, future)
         self.metrics.queue_seconds.observe(wait)
         images = await run_in_threadpool(lambda: [encode_png(i) for i in generation.images])
         control_maps = await run_in_threadpool(lambda: [encode_png(m) for m in generation.control_maps])
@@ -119,6 +156,31 @@ class Service:
             "settings": self.engine.settings_dict(generation.settings),
         }
 
+    async def _outcome(self, job: Job, future: Future):
+        """The job's result; if the client goes away first, the job is cancelled and a 499 raised.
+
+        A queued job leaves the queue at once; a running one stops at its next denoising
+        step (the engine's step hook raises :class:`Cancelled` in the worker).
+        """
+        result = asyncio.wrap_future(future)
+        client = CLIENT.get()
+        if client is None:  # not over HTTP (a test, Ray's replica): nobody to watch
+            return await result
+        gone = asyncio.ensure_future(client.gone())
+        try:
+            await asyncio.wait((result, gone), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if result.done():
+            return result.result()
+        if self.scheduler.cancel(future):
+            self.metrics.cancelled.labels("queued").inc()
+            self.metrics.queue_depth.set(self.scheduler.depth)
+        else:
+            job.cancel.set()  # running: the worker counts it when it stops
+        result.cancel()
+        raise CatalogError(CLIENT_GONE, None, "the client closed the connection: generation cancelled")
+
     def info(self) -> dict:
         c = self.config
         return {"base": self.engine.base, "backend": c.backend, "scheduling": c.scheduling,
@@ -126,7 +188,9 @@ class Service:
                 "limits": {"max_resolution": c.max_resolution, "max_steps": c.max_steps,
                            "max_num_samples": c.max_num_samples, "max_image_bytes": c.max_image_bytes,
                            "max_image_pixels": c.max_image_pixels, "max_upload_bytes": c.max_upload_bytes,
-                           "max_queue": c.max_queue, "max_overtake": c.max_overtake},
+                           "max_queue": c.max_queue, "max_overtake": c.max_overtake,
+                           "max_lora_weight": MAX_LORA_WEIGHT, "max_strength": MAX_STRENGTH,
+                           "max_scale": MAX_SCALE, "max_eta": MAX_ETA, "max_json_depth": MAX_JSON_DEPTH},
                 "schedulers": sorted(SCHEDULERS), "control_schedules": list(CONTROL_SCHEDULES)}
 
 
@@ -136,7 +200,8 @@ def _error(status: int, field: str | None, reason: str, headers: dict | None = N
 
 
 class _Guard:
-    """ASGI middleware: drain, credentials (serve/auth.py), body size limit, request metrics."""
+    """ASGI middleware: Host and Origin, drain, credentials (serve/auth.py), body size limit, request metrics,
+    client watch."""
 
     def __init__(self, app, service: Service):
         self.app = app
@@ -174,7 +239,11 @@ class _Guard:
                         raise StarletteHTTPException(413, f"request body exceeds the limit of {limit:,} bytes")
                 return message
 
-            await self.app(scope, receive_limited, send_counted)
+            token = CLIENT.set(ClientWatch(receive))
+            try:
+                await self.app(scope, receive_limited, send_counted)
+            finally:
+                CLIENT.reset(token)
         finally:
             self.service.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
@@ -186,11 +255,21 @@ class _Guard:
         service = self.service
         if path == "/healthz":
             return None
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host and not host_allowed(service.config, host):
+            return _error(400, "host", f"Host {host!r} is not this server's address (a DNS rebinding page sends "
+                                       "its own name); add the name with --allowed-hosts")
+        origin = headers.get(b"origin")
+        if scope["method"] not in SAFE_METHODS and origin is not None \
+                and not origin_allowed(service.config, origin.decode("latin-1"), host):
+            return _error(403, "origin", f"cross-origin {scope['method']} from {origin.decode('latin-1')!r} refused "
+                                         "(a page of another site); allow the origin with --cors-origins")
         if service.draining and path not in ("/metrics",) and path not in OPEN_PATHS:
             return _error(503, None, "the server is shutting down", {"Retry-After": "5"})
         access = Access.of(service.config.api_key, service.config.api_auth)  # per request: the config may be replaced
         if access.required and path not in OPEN_PATHS:
-            if not access.allows(dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")):
+            if not access.allows(headers.get(b"authorization", b"").decode("latin-1")):
                 return _error(401, "authorization", f"valid credentials are required ({access.wanted})",
                               {"WWW-Authenticate": access.challenge})
         return None
@@ -213,6 +292,9 @@ def create_app(workspace: Workspace, config: ServeConfig, service: Service | Non
                               "Contract: docs/serving.md.")
     app.state.service = service
     app.add_middleware(_Guard, service=service)
+    if config.cors_origins:  # outside the guard: it answers preflights, which carry no key
+        app.add_middleware(CORSMiddleware, allow_origins=list(config.cors_origins), allow_methods=["*"],
+                           allow_headers=["*"])
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request, exc: RequestValidationError):
@@ -274,7 +356,7 @@ def create_app(workspace: Workspace, config: ServeConfig, service: Service | Non
     @app.get("/v1/adapters", response_model=AdapterList, tags=["v1"])
     async def list_adapters():
         """Adapters in the workspace (new files are picked up without a restart)."""
-        return {"base": service.engine.base, "adapters": await run_in_threadpool(service.engine.catalog.list)}
+        return {"base": service.engine.base, **await run_in_threadpool(service.engine.catalog.listing)}
 
     @app.post("/v1/adapters", response_model=UploadResponse, status_code=201, tags=["v1"], responses=ERRORS)
     async def upload_adapter(file: UploadFile = File(..., description="a .safetensors LoRA or ControlNet, or a "
@@ -283,8 +365,6 @@ def create_app(workspace: Workspace, config: ServeConfig, service: Service | Non
                              strict: bool = Form(False), default_weight: float = Form(1.0),
                              overwrite: bool = Form(False)):
         """Convert an uploaded adapter or embedding into the workspace with `loramgr convert`'s checks."""
-        if not math.isfinite(default_weight):
-            raise CatalogError(422, "default_weight", f"must be a finite number, got {default_weight}")
         return await run_in_threadpool(
             service.engine.catalog.upload, file.file, file.filename or "", name=name or None, kind=kind or None,
             strict=strict, default_weight=default_weight, overwrite=overwrite,

@@ -9,13 +9,19 @@ Uploads go through :func:`loramgr.convert.convert_adapter`, the call behind
 ``loramgr convert``, so they get exactly the CLI's checks; safetensors bytes are accepted,
 and pickles (``.pt``/``.bin``) only as textual-inversion embeddings, read by torch's
 ``weights_only`` loader, which refuses any pickle that needs code. The source is written to
-a private temporary folder that is removed afterwards, so a refused file leaves nothing behind.
+a private temporary folder that is removed afterwards, so a refused file leaves nothing behind;
+a folder left by a killed process (its pid is in the name) is removed when the next server starts.
+
+A damaged ``.lora`` never breaks a listing: it is left out of ``adapters`` and named, with
+the reason, in ``problems`` (as ``loramgr list`` does).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 import shutil
 import tempfile
 import threading
@@ -25,12 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ..adapter_file import AdapterFile, embedding_index, load_adapter, read_metadata
-from ..errors import LoramgrError
+from ..adapter_file import AdapterFile, embedding_index, load_adapter, parse_targets, read_metadata
+from ..errors import LoramgrError, finite32, parse_weight
 from ..filechecks import looks_like_safetensors
 from ..manifest import Manifest
 from ..workspace import Workspace, check_name, sha256_file
+from .config import MAX_LORA_WEIGHT
 
+logger = logging.getLogger("loramgr.serve")
+
+UPLOAD_PREFIX = "loramgr-upload-"  # + pid + "-": the temporary folder of one upload
 
 
 PICKLED_EMBEDDINGS = (".pt", ".bin")  # A1111 and diffusers textual-inversion files
@@ -121,31 +131,47 @@ class AdapterCatalog:
             raise CatalogError(422, None, f"adapter {name!r} cannot be read: {exc}") from None
 
     def info(self, name: str) -> dict:
+        """What the listings show of adapter ``name``; a :class:`CatalogError` when its metadata is damaged."""
         entry = self.entry(name)
         meta = entry.metadata
-        return {
-            "name": name, "kind": meta.get("loramgr.kind", ""),
-            "rank": json.loads(meta.get("loramgr.ranks", "[]")),
-            "trigger_words": json.loads(meta.get("loramgr.trigger_words", "[]")),
-            "default_weight": float(meta.get("loramgr.default_weight", "1.0")),
-            "base": meta.get("loramgr.base_name", ""), "fits": self.fits(name), "sha256": entry.sha256,
-            "size_bytes": entry.stamp.size, "format": meta.get("loramgr.source_format", ""),
-            "embeddings": self.embeddings(name),
-        }
+        try:
+            default_weight = parse_weight(meta.get("loramgr.default_weight", "1.0"), "loramgr.default_weight")
+            return {
+                "name": name, "kind": meta.get("loramgr.kind", ""),
+                "rank": _json_list(meta, "loramgr.ranks", int),
+                "trigger_words": _json_list(meta, "loramgr.trigger_words", str),
+                "default_weight": default_weight,
+                "base": meta.get("loramgr.base_name", ""), "fits": self.fits(name), "sha256": entry.sha256,
+                "size_bytes": entry.stamp.size, "format": meta.get("loramgr.source_format", ""),
+                "embeddings": self.embeddings(name),
+            }
+        except LoramgrError as exc:
+            raise CatalogError(422, None, f"adapter {name!r}: damaged metadata ({exc})") from None
 
-    def list(self) -> list[dict]:
-        out = []
+    def listing(self) -> dict[str, list[dict]]:
+        """``adapters``: every readable adapter; ``problems``: ``{name, reason}`` of each one that is not."""
+        adapters, problems = [], []
         for name in self.names():
             try:
-                out.append(self.info(name))
-            except (CatalogError, OSError):  # a file being replaced or unreadable: not listed
-                continue
-        return out
+                adapters.append(self.info(name))
+            except (CatalogError, OSError) as exc:  # damaged, unreadable, or being replaced: named, not listed
+                reason = exc.reason if isinstance(exc, CatalogError) else f"{type(exc).__name__}: {exc}"
+                problems.append({"name": name, "reason": reason})
+        return {"adapters": adapters, "problems": problems}
+
+    def list(self) -> list[dict]:
+        """The readable adapters (:meth:`listing` without the problems)."""
+        return self.listing()["adapters"]
 
     def touched(self, name: str) -> dict[str, set[str]]:
         """Graph -> initializer names the adapter changes, from its metadata (no tensors read)."""
+        path = self.workspace.adapter_path(name)
+        try:
+            targets = parse_targets(path, self.entry(name).metadata)
+        except LoramgrError as exc:
+            raise CatalogError(422, None, str(exc).replace(str(path), name)) from None
         touched: dict[str, set[str]] = {}
-        for initializer, target in json.loads(self.entry(name).metadata.get("loramgr.targets", "{}")).items():
+        for initializer, target in targets.items():
             touched.setdefault(target["graph"], set()).add(initializer)
         return touched
 
@@ -210,9 +236,10 @@ class AdapterCatalog:
             raise CatalogError(422, "name" if name != stem else "file", str(exc)) from None
         if kind not in (None, "lora", "controlnet", "embedding"):
             raise CatalogError(422, "kind", f"kind {kind!r}: choose lora, controlnet or embedding")
-        if not math.isfinite(default_weight):
-            raise CatalogError(422, "default_weight", f"default_weight must be a finite number, got {default_weight}")
-        tmp = Path(tempfile.mkdtemp(prefix="loramgr-upload-"))
+        if not finite32(default_weight) or abs(default_weight) > MAX_LORA_WEIGHT:
+            raise CatalogError(422, "default_weight", f"must be a finite number in [{-MAX_LORA_WEIGHT:g}, "
+                                                      f"{MAX_LORA_WEIGHT:g}], got {default_weight:g}")
+        tmp = Path(tempfile.mkdtemp(prefix=f"{UPLOAD_PREFIX}{os.getpid()}-"))
         try:
             # the file keeps its uploaded name: convert records it as the source
             source = tmp / (stem if check_name_ok(stem) else "upload")
@@ -249,6 +276,44 @@ class AdapterCatalog:
                 "keys_total": report.keys_total, "unknown_keys": report.unknown_keys[:50],
                 "size_bytes": report.size_bytes, "sha256": info["sha256"], "replaced": replaced,
                 "embeddings": report.embeddings}
+
+
+def remove_stale_uploads(folder: Path | None = None) -> list[Path]:
+    """Remove the upload folders of processes that are gone (killed mid-upload); returns them.
+
+    Only folders named with a pid that no longer runs: another live server's upload is left alone.
+    """
+    removed = []
+    for entry in Path(folder or tempfile.gettempdir()).glob(f"{UPLOAD_PREFIX}*"):
+        pid = entry.name[len(UPLOAD_PREFIX):].partition("-")[0]
+        if entry.is_dir() and pid.isdigit() and not _running(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    if removed:
+        logger.info("removed %d upload folder(s) left by killed servers: %s", len(removed),
+                    ", ".join(p.name for p in removed))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def _json_list(metadata: dict[str, str], key: str, kind: type) -> list:
+    """A metadata field that is a JSON list of ``kind`` (a :class:`LoramgrError` naming it otherwise)."""
+    try:
+        value = json.loads(metadata.get(key, "[]"))
+    except (ValueError, RecursionError):
+        value = None
+    if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise LoramgrError(f"metadata {key} is not a JSON list of {kind.__name__}")
+    return value
 
 
 def check_name_ok(name: str) -> bool:

@@ -10,12 +10,24 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
 
 from .auth import parse_credentials
 
 ENV_API_KEY = "LORAMGR_API_KEY"
 ENV_API_AUTH = "LORAMGR_API_AUTH"  # USER:PASS[,USER2:PASS2], as A1111's --api-auth
 SCHEDULING = ("grouping", "fifo")
+
+# Ranges of the numbers a request carries (docs/serving.md, "Hostile input"). Every number must
+# also be finite in float32, the type the runtime computes in: 1e39 is a float64 but not a float32.
+MAX_LORA_WEIGHT = 100.0  # |weight| of a LoRA: loras[].weight, <lora:NAME:W>, an upload's default_weight
+MAX_STRENGTH = 10.0  # ControlNet strength (an A1111 unit's weight)
+MAX_SCALE = 100.0  # classifier-free guidance scale (cfg_scale)
+MAX_ETA = 1.0  # DDIM's eta
+MAX_JSON_DEPTH = 32  # nesting of request fields loramgr does not read (A1111's free-form fields)
+# --max-steps at most: SD1.5's schedulers have 1000 training timesteps, and DDIM with
+# steps_offset 1 indexes timestep 1000 (an IndexError) at 1000 steps.
+STEPS_CEILING = 999
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,10 @@ class ServeConfig:
     swap_budget_mb: int = 4096
     max_controlnets: int = 3  # ControlNet units per request; each distinct ControlNet holds a slot's weights
     max_prompt_tokens: int = 225  # prompt and negative prompt each (3 chunks of 75)
+    # Browser safety (docs/serving.md, "Security"): Host names answered besides the bound address,
+    # and origins allowed to send state-changing requests (CORS); "*" allows any.
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.scheduling not in SCHEDULING:
@@ -60,9 +76,18 @@ class ServeConfig:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.max_prompt_tokens < 75:
             raise ValueError(f"max_prompt_tokens must be at least 75 (one chunk), got {self.max_prompt_tokens}")
+        if self.max_steps > STEPS_CEILING:
+            raise ValueError(f"max_steps {self.max_steps}: at most {STEPS_CEILING} (the schedulers' 1000 training "
+                             "timesteps)")
         if self.max_overtake < 0 or self.swap_budget_mb < 0:
             raise ValueError("max_overtake and swap_budget_mb must not be negative")
         parse_credentials(self.api_auth)
+        for origin in self.cors_origins:
+            if origin != "*" and (urlsplit(origin).scheme not in ("http", "https") or not urlsplit(origin).netloc
+                                  or urlsplit(origin).path not in ("", "/")):
+                raise ValueError(f"cors origin {origin!r}: give scheme://host[:port] (or *)")
+        object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
+        object.__setattr__(self, "cors_origins", tuple(o.rstrip("/").lower() for o in self.cors_origins))
 
     @property
     def max_body_bytes(self) -> int:
@@ -72,6 +97,44 @@ class ServeConfig:
     @staticmethod
     def api_key_from_env() -> str | None:
         return os.environ.get(ENV_API_KEY) or None
+
+
+def host_allowed(config: ServeConfig, host: str) -> bool:
+    """Whether a request's ``Host`` header (port dropped) names this server: DNS rebinding sends another name.
+
+    Answered: the bound address; ``localhost`` when bound to a loopback address; any IP address
+    when bound to every interface (``0.0.0.0``, ``::``: a browser never sends an IP it did not
+    connect to); and the names of ``--allowed-hosts``.
+    """
+    name = _host_name(host)
+    if "*" in config.allowed_hosts or name in config.allowed_hosts:
+        return True
+    bound = config.host.strip("[]").lower()
+    if name == bound or (name == "localhost" and is_loopback(bound)):
+        return True
+    if bound in ("0.0.0.0", "::", ""):
+        try:
+            ipaddress.ip_address(name)
+            return True
+        except ValueError:
+            return False
+    return False
+
+
+def origin_allowed(config: ServeConfig, origin: str, host: str) -> bool:
+    """Whether a browser page at ``origin`` may send state-changing requests: this server's own, or a CORS one."""
+    origin = origin.rstrip("/").lower()
+    if "*" in config.cors_origins or origin in config.cors_origins:
+        return True
+    return origin != "null" and urlsplit(origin).netloc == host.lower()
+
+
+def _host_name(host: str) -> str:
+    """``example.com:7860`` -> ``example.com``; ``[::1]:7860`` -> ``::1``."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    return host.rpartition(":")[0] if host.count(":") == 1 else host
 
 
 def is_loopback(host: str) -> bool:

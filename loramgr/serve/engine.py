@@ -13,13 +13,16 @@ Two halves:
   :class:`CatalogError` naming the field; nothing has touched the runner yet.
 * :meth:`Engine.run` runs on the scheduler's single worker thread: swap (if the set
   differs from the runner's) and generate. If a swap fails half-way the runner is
-  re-opened on the plain base, so the next request sees exactly its own adapters.
+  re-opened on the plain base, so the next request sees exactly its own adapters; a
+  failure of the generation itself (or a cancelled one) never re-creates the runner.
+  Numbers that would fail only in the runtime (a weight finite in float64 but not in
+  float32, a guidance scale of 1e308) are refused by :meth:`Engine.prepare`, with the
+  ranges of :mod:`.config`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import re
 import threading
 import time
@@ -34,12 +37,14 @@ from ..bases import OpenBase
 from ..defaults import base_defaults
 from ..errors import LoramgrError
 from ..pipeline.control import ControlUnit
+from ..pipeline.schedulers import SCHEDULERS, scheduler_class
 from ..pipeline.settings import GenerationSettings, check_inputs
 from ..runtime import Generator
 from ..workspace import Workspace
 from .catalog import AdapterCatalog, CatalogError
 from .codec import decode_image
-from .config import ServeConfig
+from .config import MAX_ETA, MAX_LORA_WEIGHT, MAX_SCALE, MAX_STRENGTH, ServeConfig
+from .scheduler import Cancelled
 from .schemas import GenerateRequest
 
 logger = logging.getLogger("loramgr.serve")
@@ -67,6 +72,8 @@ class Job:
     applied: list[dict]
     controls: list[str]  # each unit's ControlNet
     key: tuple = field(default_factory=tuple)  # identical keys need no swap between them
+    cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next step
+    steps: tuple[int, int] = (0, 0)  # (completed, total) denoising steps, while it runs
 
 
 @dataclass
@@ -142,6 +149,8 @@ class Engine:
         start = time.perf_counter()
         swappable, included, excluded, nbytes = self.initial_swappable()
         self._open(swappable)
+        for name in SCHEDULERS:  # imported now, not by a request: a first import holds the GIL, /healthz waits
+            scheduler_class(name)
         self.startup = {"open_s": time.perf_counter() - start, "swappable_adapters": included,
                         "not_swappable_at_start": excluded, "swappable_bytes": nbytes,
                         "swappable_weights": sum(len(n) for n in swappable.values())}
@@ -177,6 +186,8 @@ class Engine:
             value = getattr(self.defaults, name) if value is None else value
             if value > limit:
                 raise CatalogError(422, name, f"{name}={value} exceeds this server's limit of {limit} ({flag})")
+        for name, low, high in (("scale", 0.0, MAX_SCALE), ("strength", 0.0, MAX_STRENGTH), ("eta", 0.0, MAX_ETA)):
+            check_range(getattr(request, name), name, low, high)
         limits = (c.max_image_bytes, c.max_image_pixels)
         image = None if request.image is None else decode_image(request.image, "image", *limits)
         if request.controls is None:  # the one-unit form
@@ -211,6 +222,7 @@ class Engine:
                                                 f"limit of {c.max_controlnets} (--max-controlnets)")
         units, images = [], []
         for i, spec in enumerate(request.controls):
+            check_range(spec.strength, f"controls.{i}.strength", 0.0, MAX_STRENGTH)
             if spec.image is not None and spec.control_map is not None:
                 raise CatalogError(422, f"controls.{i}.control_map", "give image or control_map, not both")
             source, what = (spec.control_map, "control_map") if spec.control_map is not None else (spec.image, "image")
@@ -254,9 +266,12 @@ class Engine:
             if adapter.kind != "lora":
                 hint = "pass a ControlNet as control" if adapter.kind == "controlnet" else "not a LoRA"
                 raise CatalogError(422, field_, f"{spec.name!r} is a {adapter.kind} adapter: {hint}")
-            weight = adapter.default_weight if spec.weight is None else float(spec.weight)
-            if not math.isfinite(weight):
-                raise CatalogError(422, f"loras.{i}.weight", f"weight must be a finite number, got {weight}")
+            try:
+                weight = adapter.default_weight if spec.weight is None else float(spec.weight)
+            except LoramgrError as exc:  # a damaged default weight in the file
+                raise CatalogError(422, f"loras.{i}.weight", str(exc).replace(str(adapter.path), spec.name)) from None
+            check_range(weight, f"loras.{i}.weight", -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT,
+                        "" if spec.weight is not None else f" ({spec.name!r}'s default weight)")
             chosen.append((adapter, weight, sha))
             fields_.append(field_)
         for (adapter, _, _), field_ in zip(chosen, fields_):
@@ -281,7 +296,12 @@ class Engine:
         return self._key
 
     def run(self, job: Job) -> Generation:
-        """Swap to the job's adapters if needed, then generate. One call at a time."""
+        """Swap to the job's adapters if needed, then generate. One call at a time.
+
+        The swap is the runner's own work: if it raises, the weights may be half written and
+        the runner is re-opened. The generation is the request's: if it raises (or is
+        cancelled), the runner keeps the job's set, which is recorded, and is not re-created.
+        """
         with self._lock:
             if self.generator is None:
                 raise RuntimeError("the runner is not open")
@@ -289,23 +309,31 @@ class Engine:
             # an equal key is the set the runner holds: hand that one over, so no swap happens
             adapter_set = job.adapter_set if swapped else self.runner.adapter_set
             reopened = swapped and self._needs_reopen(adapter_set)
-            swappable = self.swappable()
-            try:
-                one_unit = job.settings.units is None
-                made = self.generator.generate(
-                    adapter_set, job.settings, job.image, control_image=job.control_images[0] if one_unit else None,
-                    control_images=None if one_unit else job.control_images, progress=self.progress)
-            except BaseException:
-                if self.runner.adapter_set is not adapter_set:  # the swap itself failed: weights may be half written
-                    self._recover(swappable)
-                elif swapped:  # swapped, then the pipeline failed: the runner holds the job's set
-                    self._swapped(job.key, 0.0, reopened)
-                raise
-            swap_s = made.load.get("swap_s", 0.0) if swapped else 0.0
+            swap_s = 0.0
             if swapped:
+                swappable = self.swappable()
+                try:
+                    swap_s = self.runner.set_adapters(adapter_set)
+                except BaseException:
+                    self._recover(swappable)
+                    raise
                 self._swapped(job.key, swap_s, reopened)
+            one_unit = job.settings.units is None
+            made = self.generator.generate(
+                adapter_set, job.settings, job.image, control_image=job.control_images[0] if one_unit else None,
+                control_images=None if one_unit else job.control_images, progress=self._step_hook(job))
         timings = {"swap": swap_s, **made.result.timings}
         return Generation(made.images, made.control_maps, replace(job.settings), swapped, reopened, timings)
+
+    def _step_hook(self, job: Job) -> Callable[[int, int], None]:
+        """After each denoising step: record it, stop if the job was cancelled, then the engine's ``progress``."""
+        def step(completed: int, total: int) -> None:
+            job.steps = (completed, total)
+            if job.cancel.is_set():
+                raise Cancelled()
+            if self.progress is not None:
+                self.progress(completed, total)
+        return step
 
     def _swapped(self, key: tuple, seconds: float, reopened: bool) -> None:
         """Record that the runner now holds the set of ``key`` (what the next request compares with)."""
@@ -337,3 +365,10 @@ class Engine:
 
     def settings_dict(self, settings: GenerationSettings) -> dict:
         return asdict(settings)
+
+
+def check_range(value: float, field_: str, low: float, high: float, what: str = "") -> None:
+    """A 422 naming ``field_`` unless ``low <= value <= high`` (the ranges are within float32)."""
+    if not low <= value <= high:
+        raise CatalogError(422, field_, f"must be a finite number in [{low:g}, {high:g}], got {value:g}{what} "
+                                        "(docs/serving.md, Hostile input)")

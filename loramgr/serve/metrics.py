@@ -26,7 +26,11 @@ class Metrics:
         self.reopens = Counter("loramgr_session_recreations",
                                "session re-creations after start-up (weights outside the swappable set, "
                                "recovery from a failed swap)", registry=r)
-        self.generations = Counter("loramgr_generations", "generations run, by outcome", ("outcome",), registry=r)
+        self.generations = Counter("loramgr_generations", "generations run, by outcome (ok, failed, cancelled)",
+                                   ("outcome",), registry=r)
+        self.cancelled = Counter("loramgr_cancelled", "generations cancelled because their client went away, by "
+                                 "stage (queued: taken out of the queue; running: stopped at its next step)",
+                                 ("stage",), registry=r)
         self.queue_depth = Gauge("loramgr_queue_depth", "generations waiting", registry=r)
         self.in_flight = Gauge("loramgr_in_flight", "generations running (0 or 1)", registry=r)
         self.ready = Gauge("loramgr_ready", "1 when the runner is open and the server accepts work", registry=r)

@@ -89,9 +89,10 @@ class RayOptions:
 def app_args(home: Path | str, config: ServeConfig, sets_per_replica: int, *, with_api_key: bool = False) -> dict:
     """The builder's arguments (``args`` in the Serve config). The API key and credentials only when
     asked: a config file gets them from ``LORAMGR_API_KEY`` / ``LORAMGR_API_AUTH`` in the replicas'
-    environment instead."""
+    environment instead. The host stays: the ingress answers only requests whose ``Host`` names it
+    (docs/serving.md, Security)."""
     fields = dataclasses.asdict(config)
-    for name in ("host", "port") + (() if with_api_key else ("api_key", "api_auth")):
+    for name in ("port",) + (() if with_api_key else ("api_key", "api_auth")):
         fields.pop(name)
     return {"home": str(Path(home).resolve()), "config": fields, "sets_per_replica": sets_per_replica}
 

@@ -13,14 +13,17 @@ ever share the runner. Which queued job runs next:
   overtaken by at most ``max_overtake`` requests that arrived after it**; it starts after
   at most (requests queued ahead of it on arrival) + ``max_overtake`` generations.
 
-A full queue (``max_queue`` waiting jobs) refuses new jobs with :class:`QueueFull`;
+A full queue (``max_queue`` waiting jobs) refuses new jobs with :class:`QueueFull`, whose
+``retry_after`` is the expected time until the running job ends (a slot frees then);
 after :meth:`Scheduler.drain` new jobs get :class:`Draining` while the accepted ones finish.
+:meth:`Scheduler.cancel` takes a job whose client went away out of the queue.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +35,13 @@ logger = logging.getLogger("loramgr.serve")
 
 class QueueFull(Exception):
     def __init__(self, retry_after: int):
-        super().__init__(f"the queue is full; retry after {retry_after} s")
+        super().__init__(f"the queue is full; retry after {retry_after} s (the expected rest of the running "
+                         "generation)")
         self.retry_after = retry_after
+
+
+class Cancelled(Exception):
+    """Raised in the worker (from the job's step hook) when the job's client went away."""
 
 
 class Draining(Exception):
@@ -64,11 +72,13 @@ class Scheduler:
     """Runs ``execute(job)`` for submitted jobs on one worker thread.
 
     ``current_key()`` tells which adapter set the runner holds now (its key), so the
-    grouping policy can prefer jobs that need no swap.
+    grouping policy can prefer jobs that need no swap; ``steps(job)`` tells how far a
+    running job is (completed, total), for :meth:`expected_wait`.
     """
 
     def __init__(self, execute: Callable[[object], object], current_key: Callable[[], tuple], *,
-                 policy: str = "grouping", max_queue: int = 64, max_overtake: int = 8):
+                 policy: str = "grouping", max_queue: int = 64, max_overtake: int = 8,
+                 steps: Callable[[object], tuple[int, int]] = lambda job: (0, 0)):
         if policy not in ("grouping", "fifo"):
             raise ValueError(f"unknown scheduling policy {policy!r}")
         self.execute = execute
@@ -76,13 +86,15 @@ class Scheduler:
         self.policy = policy
         self.max_queue = max_queue
         self.max_overtake = max_overtake
+        self.steps = steps
         self.stats = SchedulerStats()
         self._queue: list[_Item] = []
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._accepting = True
         self._stop = False
-        self._run_seconds = 0.0  # moving average, for Retry-After
+        self._run_seconds = 0.0  # moving average of run times, for Retry-After
+        self._running: tuple[_Item, float] | None = None  # the running item and when it started
         self._worker = threading.Thread(target=self._loop, name="loramgr-worker", daemon=True)
         self._worker.start()
 
@@ -101,10 +113,38 @@ class Scheduler:
             self._cond.notify()
         return item.future
 
+    def expected_wait(self) -> float:
+        """Seconds until the running job ends, i.e. until the next queued job starts.
+
+        From the running job's own pace when it has made steps (time per step so far times
+        the steps left), else from the average run time, else (no job finished yet) as long
+        again as it has run: a job is not expected to end the moment it is looked at.
+        """
+        running = self._running
+        if running is None:
+            return 0.0
+        item, started = running
+        elapsed = time.perf_counter() - started
+        done, total = self.steps(item.job)
+        if 0 < done <= total:
+            return elapsed / done * (total - done)
+        return max(0.0, self._run_seconds - elapsed) if self._run_seconds else elapsed
+
     def retry_after(self) -> int:
-        """Seconds until the queue has room again, estimated from recent run times (at least 1)."""
-        per_job = self._run_seconds or 1.0
-        return max(1, int(per_job * max(1, len(self._queue) - self.max_queue + 1) + 0.999))
+        """Whole seconds until the queue has room again (at least 1): :meth:`expected_wait`."""
+        return max(1, math.ceil(self.expected_wait()))
+
+    def cancel(self, future: Future) -> bool:
+        """Take the queued job of ``future`` out of the queue (its client went away); False if not queued."""
+        with self._cond:
+            for index, item in enumerate(self._queue):
+                if item.future is future:
+                    del self._queue[index]
+                    self.stats.queued = len(self._queue)
+                    future.cancel()
+                    self._cond.notify_all()
+                    return True
+        return False
 
     @property
     def depth(self) -> int:
@@ -145,19 +185,21 @@ class Scheduler:
                     self.stats.running = 0
                     self._cond.notify_all()
                 continue
-            wait = time.perf_counter() - item.enqueued
             start = time.perf_counter()
+            wait = start - item.enqueued
+            self._running = (item, start)
             try:
                 result = self.execute(item.job)
             except BaseException as exc:  # noqa: BLE001 - handed to the waiting request
                 self.stats.failed += 1
                 item.future.set_exception(exc)
-            else:
+            else:  # only whole runs make the average (a failed or cancelled one stops early)
+                elapsed = time.perf_counter() - start
+                self._run_seconds = elapsed if not self._run_seconds else 0.8 * self._run_seconds + 0.2 * elapsed
                 self.stats.completed += 1
                 item.future.set_result((result, wait))
-            elapsed = time.perf_counter() - start
-            self._run_seconds = elapsed if not self._run_seconds else 0.8 * self._run_seconds + 0.2 * elapsed
             with self._cond:
+                self._running = None
                 self.stats.running = 0
                 self.stats.max_overtaken = max(self.stats.max_overtaken, item.overtaken)
                 self._cond.notify_all()

@@ -163,9 +163,16 @@ class AdapterInfo(BaseModel):
     embeddings: dict[str, EmbeddingInfo] = Field(default_factory=dict, description=EMBEDDINGS_DOC)
 
 
+class AdapterProblem(BaseModel):
+    name: str
+    reason: str = Field(description="why the file cannot be listed (damaged metadata, unreadable)")
+
+
 class AdapterList(BaseModel):
     base: str
     adapters: list[AdapterInfo]
+    problems: list[AdapterProblem] = Field(default_factory=list,
+                                           description="adapters that cannot be read: named, not listed")
 
 
 class UploadResponse(BaseModel):
