@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min", default="1x32x32", help="smallest BATCHxLATENT_HxLATENT_W (latent = image / 8)")
     p.add_argument("--opt", default="2x64x64", help="shape TensorRT tunes for (default: one 512 px image with CFG)")
     p.add_argument("--max", default="4x96x96", help="largest shape accepted")
+    p.add_argument("--max-tokens", type=int, default=3 * 77,
+                   help="longest text context of the UNet and ControlNet engines: 77 per 75-token prompt chunk")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("serve", help="HTTP service: the base kept open, adapters hot-swapped per request "
@@ -209,6 +211,8 @@ def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
     for bound in ("min", "opt", "max"):
         p.add_argument(f"--{bound}", metavar="BxHxW",
                        help=f"TensorRT profile {bound} shape as in build-engine (default: what build-engine built)")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="TensorRT profile's longest text context as in build-engine (default: what it built)")
 
 
 def _backend_options(args: argparse.Namespace):
@@ -217,13 +221,15 @@ def _backend_options(args: argparse.Namespace):
         from .backends.tensorrt import DEFAULT_PROFILE, ShapeProfile, TrtOptions
 
         profile = None
-        if args.min or args.opt or args.max:
+        if args.min or args.opt or args.max or args.max_tokens:
             profile = ShapeProfile.parse(args.min or str(DEFAULT_PROFILE.min), args.opt or str(DEFAULT_PROFILE.opt),
-                                         args.max or str(DEFAULT_PROFILE.max))
+                                         args.max or str(DEFAULT_PROFILE.max),
+                                         args.max_tokens or DEFAULT_PROFILE.max_tokens)
         return TrtOptions(args.precision, profile)
     from .backends.options import OrtOptions
 
-    given = [f"--{o}" for o in ("precision", "min", "opt", "max") if getattr(args, o) is not None]
+    given = [f"--{o.replace('_', '-')}" for o in ("precision", "min", "opt", "max", "max_tokens")
+             if getattr(args, o) is not None]
     if given:
         raise LoramgrError(f"{', '.join(given)}: TensorRT options, but --backend is {args.backend}")
     return OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap,
@@ -557,7 +563,8 @@ def cmd_build_engine(args: argparse.Namespace, ws: Workspace) -> int:
     from .backends.tensorrt import ShapeProfile, TrtOptions, build_engines
     from .bases import OpenBase
 
-    options = TrtOptions("fp16" if args.fp16 else "fp32", ShapeProfile.parse(args.min, args.opt, args.max))
+    options = TrtOptions("fp16" if args.fp16 else "fp32",
+                         ShapeProfile.parse(args.min, args.opt, args.max, args.max_tokens))
     with console.steps(f"build-engine {args.base}", enabled=not args.json) as step:
         paths = build_engines(OpenBase.resolve(ws, args.base), options, on_step=step)
     if args.json:
