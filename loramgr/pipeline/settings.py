@@ -201,7 +201,7 @@ def check_hires(settings: GenerationSettings, first: tuple[int, int] | None) -> 
     if width * height > settings.max_pixels:
         raise LoramgrError(
             f"hires: {how} on a {first[1]}x{first[0]} first pass gives a {width}x{height} second pass "
-            f"({width * height / 1e6:.1f} Mpx), over the limit of {settings.max_pixels / 1e6:.1f} Mpx; "
+            f"({width * height / 1e6:.3g} Mpx), over the limit of {settings.max_pixels / 1e6:.3g} Mpx; "
             "use a smaller scale, or raise the limit with --max-pixels")
 
 

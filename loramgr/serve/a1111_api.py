@@ -139,6 +139,7 @@ def router(service) -> APIRouter:
                     f"Sampler: {the_plan.sampler_name}, Schedule type: {SCHEDULES[the_plan.schedule]}, "
                     f"CFG scale: {request.cfg_scale}, Seed: {{seed}}, Size: {first['width']}x{first['height']}, "
                     f"Model: {service.engine.base}"
+                    + "".join(f", {k}: {v}" for k, v in the_plan.extra.items())
                     + (f", Lora hashes: \"{hashes}\"" if hashes else "") + f", Version: loramgr {__version__}")
         info = {
             "prompt": request.prompt, "all_prompts": [request.prompt] * n,
@@ -147,10 +148,10 @@ def router(service) -> APIRouter:
             "width": first["width"], "height": first["height"], "sampler_name": the_plan.sampler_name,
             "scheduler": the_plan.schedule, "cfg_scale": request.cfg_scale, "steps": request.steps,
             "batch_size": request.batch_size, "n_iter": request.n_iter,
-            "denoising_strength": getattr(request, "denoising_strength", None) if img2img else None,
+            "denoising_strength": request.denoising_strength if img2img or request.enable_hr else None,
             "eta": first["settings"]["eta"], "sd_model_name": service.engine.base, "sd_model_hash": fingerprint[:10],
             "index_of_first_image": 0, "infotexts": [infotext.replace("{seed}", str(s)) for s in seeds],
-            "extra_generation_params": {"Lora hashes": hashes} if hashes else {},
+            "extra_generation_params": {**the_plan.extra, **({"Lora hashes": hashes} if hashes else {})},
             "clip_skip": 1, "version": f"loramgr {__version__}",
             "loramgr": {
                 "base": first["base"], "backend": first["backend"], "adapters": first["adapters"],
