@@ -191,11 +191,63 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                    help="start from --image noised this much, in (0, 1] (default: text to image)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler, metavar="NAME",
                    help=f"one of {', '.join(sorted(SCHEDULERS))}")
+    _add_pass_arguments(p)
     _add_backend_arguments(p)
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     p.add_argument("--name", help="output file stem (default: date-time-pid, made unique)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --name")
     p.add_argument("--json", action="store_true")
+
+
+def _add_pass_arguments(p: argparse.ArgumentParser) -> None:
+    """Hires fix and inpainting options of ``run`` (docs/a1111.md has the rules)."""
+    from .pipeline.inpaint import INPAINT_FILLS, MASK_RULES, Inpaint
+    from .pipeline.passes import UPSCALERS, HiresFix
+
+    g = p.add_argument_group("hires fix: upscale, then an image-to-image second pass (text-to-image only)")
+    g.add_argument("--hires-scale", type=float, help="upscale factor; turns the hires fix on")
+    g.add_argument("--hires-size", metavar="WxH", help="target size instead of a factor (W or H 0: from the "
+                                                         "aspect ratio; both: upscale to cover, then crop)")
+    g.add_argument("--hires-upscaler", choices=UPSCALERS, default=HiresFix.upscaler, metavar="NAME",
+                   help=f"{', '.join(UPSCALERS)} (default %(default)s)")
+    g.add_argument("--hires-steps", type=int, default=HiresFix.steps, help="second pass schedule (0: --steps)")
+    g.add_argument("--hires-strength", type=float, default=HiresFix.strength,
+                   help="second pass img2img strength (default %(default)s)")
+    g.add_argument("--hires-prompt", help="second pass prompt (default: --prompt)")
+    g.add_argument("--hires-n-prompt", help="second pass negative prompt (default: --n-prompt)")
+    g = p.add_argument_group("inpainting: --image is repainted where --mask is white")
+    g.add_argument("--mask", metavar="FILE", help="mask image (white: inpaint; an RGBA mask: its alpha)")
+    g.add_argument("--mask-blur", type=int, default=Inpaint.blur, help="Gaussian blur of the mask, pixels")
+    g.add_argument("--mask-invert", action="store_true", help="inpaint where the mask is black")
+    g.add_argument("--inpaint-fill", choices=INPAINT_FILLS, default=Inpaint.fill,
+                   help="what the masked area starts from (A1111's inpainting_fill)")
+    g.add_argument("--inpaint-full-res", action="store_true",
+                   help="generate the masked region's box at the output size and paste it back")
+    g.add_argument("--inpaint-padding", type=int, default=Inpaint.padding, help="pixels around that box")
+    g.add_argument("--inpaint-rule", choices=MASK_RULES, default=Inpaint.rule,
+                   help="mask rules: diffusers' inpaint pipelines or A1111's")
+
+
+def _passes(args: argparse.Namespace) -> dict:
+    """The ``hires`` and ``inpaint`` settings of ``run``'s options."""
+    from .pipeline.inpaint import Inpaint
+    from .pipeline.passes import HiresFix
+
+    hires = None
+    if args.hires_scale is not None or args.hires_size is not None:
+        resize = (0, 0)
+        if args.hires_size is not None:
+            width, sep, height = args.hires_size.lower().partition("x")
+            if not sep or not width.isdigit() or not height.isdigit():
+                raise LoramgrError(f"--hires-size {args.hires_size!r}: write WxH, e.g. 1024x768 (0 for a side "
+                                   "that follows the aspect ratio)")
+            resize = (int(width), int(height))
+        hires = HiresFix(scale=2.0 if args.hires_scale is None else args.hires_scale, resize_x=resize[0],
+                         resize_y=resize[1], upscaler=args.hires_upscaler, steps=args.hires_steps,
+                         strength=args.hires_strength, prompt=args.hires_prompt, n_prompt=args.hires_n_prompt)
+    inpaint = Inpaint(blur=args.mask_blur, invert=args.mask_invert, fill=args.inpaint_fill,
+                      full_res=args.inpaint_full_res, padding=args.inpaint_padding, rule=args.inpaint_rule)
+    return {"hires": hires, "inpaint": inpaint}
 
 
 def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
@@ -444,7 +496,8 @@ def _settings(args: argparse.Namespace, defaults):
 
     from .pipeline.settings import GenerationSettings
 
-    computed = {"units": _units(args)[0], "prompt_syntax": "plain" if args.plain_prompt else "a1111"}
+    computed = {"units": _units(args)[0], "prompt_syntax": "plain" if args.plain_prompt else "a1111",
+                **_passes(args)}
     return defaults.settings(**{f.name: computed[f.name] if f.name in computed
                                 else getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
                                 for f in fields(GenerationSettings)})
@@ -475,7 +528,8 @@ def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
     with console.steps_bar("denoising", enabled=not args.json) as progress:
         reports = generate(ws, args.image, settings, choices, base=opened.name, backend=args.backend,
                            options=options, control_image=args.control_image, control_images=unit_images,
-                           out_dir=args.out, progress=progress, stem=args.name, overwrite=args.overwrite)
+                           out_dir=args.out, progress=progress, stem=args.name, overwrite=args.overwrite,
+                           mask=args.mask)
     _print_runs(reports, choices, settings, args.json)
     return 0
 

@@ -149,20 +149,22 @@ class Generator:
 
     def generate(self, choice: AdapterChoice | AdapterSet | None, settings, image: np.ndarray | None = None, *,
                  control_image: np.ndarray | None = None, control_images=None, progress=None,
-                 release: bool = False) -> Generation:
+                 release: bool = False, mask: np.ndarray | None = None) -> Generation:
         """Generate with ``choice`` applied, from ``image`` and the units' images (HxWxC uint8).
 
         ``control_image``: the one unit's image when it is not ``image`` (the one-unit form);
         ``control_images``: one per unit of ``settings.units`` (``None``: ``image``). The
-        ControlNets the units name join ``choice`` (:func:`with_units`).
+        ControlNets the units name join ``choice`` (:func:`with_units`). ``mask``: inpaint
+        ``image`` where it is white (``settings.inpaint``).
         ``release``: free each graph's weights once this generation is done with it (the
         pipeline's ``release``), for the last generation of a one-shot run.
         """
-        from .pipeline.settings import check_inputs
+        from .pipeline.settings import check_inputs, check_mask
 
         for given in (image, control_image, *(control_images or ())):
             if given is not None:
                 check_inputs(given, settings)
+        check_mask(mask, image, settings.control_units(), settings)
         adapter_set = self.adapter_set(with_units(choice, settings))
         lease = None
         with self._switch:  # "switch, then hold" is one step among this Generator's calls
@@ -179,7 +181,7 @@ class Generator:
         try:
             start = time.perf_counter()
             result = self.pipeline(image, settings, progress, control_image=control_image,
-                                   control_images=control_images, release=release)
+                                   control_images=control_images, release=release, mask=mask)
         finally:
             lease.__exit__(None, None, None)
         timings = {**load, **result.timings}
@@ -220,7 +222,7 @@ def generate(
     workspace: Workspace, image: str | Path | None, settings, choices: list[AdapterChoice] | None = None, *,
     base: str | None = None, backend: str = "ort-cpu", options=None, control_image: str | Path | None = None,
     control_images: Sequence[str | Path | None] | None = None, out_dir: str | Path = "outputs",
-    stem: str | None = None, progress=None, overwrite: bool = False,
+    stem: str | None = None, progress=None, overwrite: bool = False, mask: str | Path | None = None,
 ) -> list[RunReport]:
     """Run the pipeline once per adapter choice, on one :class:`Generator`, and write the files.
 
@@ -232,6 +234,7 @@ def generate(
     ``control_image``: the file the one unit's map is made from, when not ``image``;
     ``control_images``: one file per unit of ``settings.units`` (``None``: ``image``).
     With no file at all, ``settings.width`` and ``settings.height`` give the size.
+    ``mask``: an image file, white where ``image`` is inpainted (``settings.inpaint``).
 
     Example:
         >>> from loramgr.pipeline.settings import GenerationSettings
@@ -242,7 +245,7 @@ def generate(
     """
     from .pipeline.images import load_image
     from .pipeline.outputs import claim_stems, save_result
-    from .pipeline.settings import check_inputs
+    from .pipeline.settings import check_inputs, check_mask
 
     choices = [with_units(c, settings) for c in choices or [AdapterChoice()]]
     opened = OpenBase.resolve(workspace, base)
@@ -257,16 +260,19 @@ def generate(
             check_inputs(given, settings)
     if not any(f is not None for f in files):
         check_inputs(None, settings)
+    mask_pixels = None if mask is None else load_image(mask)
+    check_mask(mask_pixels, pixels, settings.control_units(), settings)
     stems = claim_stems(out_dir, stem, [c.label() for c in choices], settings.num_samples, overwrite)
     reports = []
     with Generator.open(workspace, opened, backend, options, choices=choices) as generator:
         for i, choice in enumerate(choices):
             made = generator.generate(choice, settings, pixels, control_image=control_pixels,
-                                      control_images=unit_pixels, progress=progress,
+                                      control_images=unit_pixels, progress=progress, mask=mask_pixels,
                                       release=i == len(choices) - 1)  # the last one: each graph freed once done
             metadata = {"base": opened.name, "base_fingerprint": opened.manifest.fingerprint, "backend": backend,
                         "image": None if image is None else str(image),
                         "control_image": None if control_image is None else str(control_image),
+                        "mask": None if mask is None else str(mask),
                         "control_images": None if control_images is None else [
                             None if f is None else str(f) for f in control_images],
                         "adapters": made.adapters, "controls": list(choice.controlnet_names()),

@@ -36,8 +36,9 @@ CONTROL_SCHEDULES = ("controlnet", "diffusers")
 CONTROL_MODES = ("balanced", "prompt", "control")
 WINDOW_RULES = ("diffusers", "a1111")
 # What turns a unit's image into the map its ControlNet sees: "canny" runs ControlNet's canny
-# annotator on it; "none" takes it as a map made before (depth, pose, hed, scribble, ...).
-PREPROCESSORS = ("canny", "none")
+# annotator on it; "none" takes it as a map made before (depth, pose, hed, scribble, ...); "inpaint"
+# takes the image with the generation's masked pixels at -1 (control_v11p_sd15_inpaint; pipeline/inpaint.py).
+PREPROCESSORS = ("canny", "none", "inpaint")
 
 
 @dataclass(frozen=True)

@@ -7,12 +7,15 @@ reject bad input before it loads a model or builds an engine.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from ..errors import LoramgrError, finite32
 from .control import CONTROL_MODES, CONTROL_SCHEDULES, PREPROCESSORS, WINDOW_RULES, ControlUnit
+from .inpaint import INPAINT_FILLS, MASK_RULES, Inpaint
+from .passes import UPSCALERS, HiresFix, hires_size
 from .schedulers import SCHEDULERS, takes_eta
 
 PROMPT_SYNTAXES = ("a1111", "plain")  # A1111's emphasis, BREAK, chunks and embeddings; or the text as it is
@@ -37,6 +40,11 @@ class GenerationSettings:
     ``()`` for none); ``None`` keeps the one-unit form of ``strength``, ``guess_mode``,
     ``preprocessor`` and the thresholds. ``control_window`` is the rule their ``start`` /
     ``end`` follow. ``width`` / ``height``: the output size when there is no image at all.
+
+    Passes: ``hires`` (:class:`~loramgr.pipeline.passes.HiresFix`) adds an upscale and an
+    image-to-image second pass to a text-to-image generation; ``inpaint``
+    (:class:`~loramgr.pipeline.inpaint.Inpaint`) says how a mask, given beside the settings as
+    images are, is used.
 
     Prompts: ``prompt_syntax`` ``a1111`` reads emphasis, ``BREAK`` and embeddings and encodes
     75-token chunks (up to ``max_prompt_tokens``); ``clip_skip`` is A1111's
@@ -71,6 +79,8 @@ class GenerationSettings:
     clip_skip: int = 1
     prompt_syntax: str = "a1111"
     max_prompt_tokens: int = DEFAULT_MAX_PROMPT_TOKENS
+    hires: HiresFix | None = None
+    inpaint: Inpaint = Inpaint()
 
     def control_units(self) -> tuple[ControlUnit, ...]:
         """``units``, or the one unit the one-unit fields describe."""
@@ -102,6 +112,10 @@ def check_inputs(image: np.ndarray | None, settings: GenerationSettings) -> None
     _check_int("max_pixels", s.max_pixels, 64 * 64)
     if image is not None:
         check_output_size(image.shape[0], image.shape[1], s.resolution, s.max_pixels)
+    check_inpaint(s.inpaint)
+    if s.hires is not None:
+        first = output_size(*image.shape[:2], s.resolution) if image is not None else (s.height, s.width)
+        check_hires(s, None if None in first else first)
     for name in ("width", "height"):
         value = getattr(s, name)
         if value is not None:
@@ -144,6 +158,79 @@ def check_inputs(image: np.ndarray | None, settings: GenerationSettings) -> None
                 f"img2img_strength={s.img2img_strength} with steps={s.steps} leaves no denoising step; "
                 f"use img2img_strength >= {1 / s.steps:g} or more steps"
             )
+
+
+def check_hires(settings: GenerationSettings, first: tuple[int, int] | None) -> None:
+    """The hires fix's fields and, given the first pass's (height, width), the second pass's size."""
+    hr = settings.hires
+    if not isinstance(hr, HiresFix):
+        raise LoramgrError(f"hires must be a HiresFix, got {hr!r:.80}")
+    if settings.img2img_strength is not None:
+        raise LoramgrError("hires works on text-to-image: img2img_strength must be None with a hires fix")
+    _check_real("hires.scale", hr.scale)
+    if hr.scale <= 0:
+        raise LoramgrError(f"hires.scale must be > 0, got {hr.scale}")
+    _check_int("hires.resize_x", hr.resize_x, 0)
+    _check_int("hires.resize_y", hr.resize_y, 0)
+    _check_choice("hires.upscaler", hr.upscaler, UPSCALERS)
+    _check_int("hires.steps", hr.steps, 0)
+    _check_real("hires.strength", hr.strength)
+    if not 0 < hr.strength <= 1:
+        raise LoramgrError(f"hires.strength must be in (0, 1], got {hr.strength}")
+    steps = hr.steps or settings.steps
+    if int(steps * hr.strength) < 1:
+        raise LoramgrError(f"hires.strength={hr.strength} with {steps} steps leaves no denoising step; "
+                           f"use hires.strength >= {1 / steps:g} or more hires.steps")
+    for name in ("prompt", "n_prompt"):
+        if getattr(hr, name) is not None and not isinstance(getattr(hr, name), str):
+            raise LoramgrError(f"hires.{name} must be a string or None, got {getattr(hr, name)!r}")
+    if hr.scheduler is not None:
+        _check_choice("hires.scheduler", hr.scheduler, SCHEDULERS)
+    if first is None:
+        return
+    size = hires_size(*first, hr)
+    (up_h, up_w), (height, width) = size.upscaled, size.target
+    how = (f"resize {hr.resize_x}x{hr.resize_y}" if hr.resize_x or hr.resize_y else f"scale {hr.scale:g}")
+    if up_w % 8 or up_h % 8 or width % 64 or height % 64 or min(width, height) < 64:
+        raise LoramgrError(
+            f"hires: {how} on a {first[1]}x{first[0]} first pass gives a {width}x{height} second pass"
+            + (f" (upscaled to {up_w}x{up_h})" if (up_h, up_w) != (height, width) else "")
+            + "; the second pass needs both sides multiples of 64 (and the upscale multiples of 8): "
+              "choose another scale or give hires.resize_x / resize_y")
+    if width * height > settings.max_pixels:
+        raise LoramgrError(
+            f"hires: {how} on a {first[1]}x{first[0]} first pass gives a {width}x{height} second pass "
+            f"({width * height / 1e6:.3g} Mpx), over the limit of {settings.max_pixels / 1e6:.3g} Mpx; "
+            "use a smaller scale, or raise the limit with --max-pixels")
+
+
+def check_mask(mask: np.ndarray | None, image: np.ndarray | None, units: Sequence[ControlUnit],
+               settings: GenerationSettings) -> None:
+    """An inpainting mask: an image, with the image it masks, not with a hires fix; ``inpaint`` units need one."""
+    if mask is None:
+        inpainting = [i for i, u in enumerate(units) if u.preprocessor == "inpaint"]
+        if inpainting:
+            raise LoramgrError(f"ControlNet unit {inpainting[0]} has preprocessor 'inpaint', which needs a mask")
+        return
+    check_image(mask, "mask")
+    if image is None:
+        raise LoramgrError("a mask needs the image it masks: give an image")
+    if settings.hires is not None:
+        raise LoramgrError("hires and a mask do not combine: inpaint first, or make the image with hires and "
+                           "inpaint it in a second request")
+
+
+def check_inpaint(inpaint: Inpaint) -> None:
+    """The inpainting options (used only with a mask, checked always: a bad one is a bad request)."""
+    if not isinstance(inpaint, Inpaint):
+        raise LoramgrError(f"inpaint must be an Inpaint, got {inpaint!r:.80}")
+    _check_int("inpaint.blur", inpaint.blur, 0, 256)
+    _check_int("inpaint.padding", inpaint.padding, 0)
+    for name in ("invert", "full_res"):
+        if not isinstance(getattr(inpaint, name), bool):
+            raise LoramgrError(f"inpaint.{name} must be True or False, got {getattr(inpaint, name)!r}")
+    _check_choice("inpaint.fill", inpaint.fill, INPAINT_FILLS)
+    _check_choice("inpaint.rule", inpaint.rule, MASK_RULES)
 
 
 def check_image(image: object, what: str = "image") -> None:

@@ -27,11 +27,13 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ..adapters import BASE_CONTROLNET
+from ..pipeline.inpaint import INPAINT_FILLS, Inpaint, prepare_mask
+from ..pipeline.passes import UPSCALERS
 from ..pipeline.settings import DEFAULT_MAX_PIXELS, output_size
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
 from .config import MAX_JSON_DEPTH, ServeConfig
-from .schemas import ControlSpec, GenerateRequest, LoraSpec
+from .schemas import ControlSpec, GenerateRequest, HiresSpec, InpaintSpec, LoraSpec
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -50,7 +52,10 @@ SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
 }
 # A1111 >= 1.9 names the noise schedule apart: "automatic" keeps the sampler's own.
 SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
-CONTROL_MODULES = ("none", "canny")
+CONTROL_MODULES = ("none", "canny", "inpaint", "inpaint_global_harmonious", "inpaint_only")
+# The ControlNet extension's inpaint modules: with an img2img mask, "inpaint_only" acts as "inpaint" (the
+# extension switches it, "A1111 inpaint and ControlNet inpaint duplicated"); the map is the image, masked at -1.
+INPAINT_MODULES = CONTROL_MODULES[2:]
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 NATIVE_MODES = ("balanced", "prompt", "control")  # the same, as the native API's ``controls[].mode``
 UNIT_RESIZE_MODES = {"just resize": "resize", "crop and resize": "crop", "resize and fill": "fill",
@@ -82,15 +87,28 @@ class A1111Request(BaseModel):
     override_settings: dict[str, Any] | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    enable_hr: bool = False
     subseed_strength: FiniteFloat = 0.0
+    denoising_strength: FiniteFloat = 0.75
+    enable_hr: bool = False
+    hr_scale: FiniteFloat = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    hr_prompt: str = Field("", max_length=10_000)
+    hr_negative_prompt: str = Field("", max_length=10_000)
+    hr_sampler_name: str | None = None
 
 
 class Img2ImgRequest(A1111Request):
     init_images: list[str] = Field(min_length=1, max_length=1)
-    denoising_strength: FiniteFloat = 0.75
     resize_mode: int = Field(0, ge=0, le=3)
     mask: str | None = None
+    mask_blur: int = Field(4, ge=0, le=256)
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(0, ge=0)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
 
 
@@ -135,6 +153,7 @@ class Plan:
     controls: list[dict]  # each enabled unit: model, module, weight, control_mode, window, its A1111 path
     ignored: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # A1111's extra_generation_params of hires / inpainting
 
 
 # -- prompt ------------------------------------------------------------------------------------
@@ -333,7 +352,7 @@ def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, 
         raise CatalogError(422, f"{path}.module", f"unknown module {unit.module!r}; choose one of "
                                                   f"{', '.join(CONTROL_MODULES)} (none: the image is the map)")
     mode = unit_resize_mode(unit, path)
-    if module == "none":
+    if module == "none" or module in INPAINT_MODULES:
         check_size(scaled_size(*image.shape[:2], width, height, mode), max_pixels, f"{path}.image",
                    f"the image scaled to {width}x{height} ({unit.resize_mode})")
         return fit(image, width, height, mode, fill="median")
@@ -367,8 +386,6 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         if nested_deeper(value, MAX_JSON_DEPTH):  # would run, then fail to be echoed in `parameters`
             raise CatalogError(422, name, f"nested deeper than {MAX_JSON_DEPTH} levels")
     warnings: list[str] = []
-    if request.enable_hr:
-        raise CatalogError(422, "enable_hr", "hires fix is not supported; send enable_hr=false and the final size")
     if request.script_name not in (None, "", "None"):
         raise CatalogError(422, "script_name", f"script {request.script_name!r} is not available on this server")
     if request.subseed_strength:
@@ -411,17 +428,21 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         warnings.append("LoRA tags in negative_prompt removed and not applied (put them in prompt)")
     width, height = request.width, request.height
     limits = (config.max_image_bytes, config.max_image_pixels)
+    extra: dict[str, Any] = {}
+    hires = hires_spec(request, loras, warnings, extra) if request.enable_hr and not img2img else None
 
-    init = None
+    init, mask, inpaint = None, None, InpaintSpec()
+    map_size = (width, height)  # the size unit maps are made at: the output's, or with full_res the input's
     if img2img:
-        if request.mask:  # decoded first, as A1111 does: a broken mask is named as such
-            decode_image(request.mask, "mask", *limits)
-            raise CatalogError(422, "mask", "inpainting is not supported; send img2img without a mask")
-        init = rgb(decode_image(request.init_images[0], "init_images.0", *limits, exif_orientation=True))
+        decoded = rgb(decode_image(request.init_images[0], "init_images.0", *limits, exif_orientation=True))
         mode = IMG2IMG_RESIZE_MODES[request.resize_mode]
-        check_size(scaled_size(*init.shape[:2], width, height, mode), config.max_image_pixels, "init_images.0",
+        check_size(scaled_size(*decoded.shape[:2], width, height, mode), config.max_image_pixels, "init_images.0",
                    f"the image scaled to {width}x{height}")
-        init = fit(init, width, height, mode)
+        init = fit(decoded, width, height, mode)
+        if request.mask:
+            init, mask, inpaint = inpainting(request, decoded, init, decode_image(request.mask, "mask", *limits),
+                                             extra)
+            map_size = (init.shape[1], init.shape[0])
 
     controls, specs = [], []
     for path, unit in find_units(request.alwayson_scripts, ignored, config.max_controlnets):
@@ -439,9 +460,13 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             image = init
         else:
             raise CatalogError(422, field_, "required: the unit's image (base64 PNG, JPEG, WebP, ...)")
-        the_map = control_map(unit, path, image, width, height, config.max_image_pixels)
+        the_map = control_map(unit, path, image, *map_size, config.max_image_pixels)
+        inpaint_unit = unit.module.strip().lower() in INPAINT_MODULES
+        if inpaint_unit and mask is None:
+            raise CatalogError(422, f"{path}.module", f"module {unit.module!r} needs img2img with a mask")
         specs.append(ControlSpec(name=model, control_map=encode_png(the_map), strength=unit.weight,
-                                 start=unit.guidance_start, end=unit.guidance_end, mode=mode))
+                                 start=unit.guidance_start, end=unit.guidance_end, mode=mode,
+                                 preprocessor="inpaint" if inpaint_unit else None))
         controls.append({"model": model, "module": unit.module.strip().lower(), "weight": unit.weight,
                          "control_mode": CONTROL_MODES[NATIVE_MODES.index(mode)],
                          "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end, "unit": path})
@@ -454,7 +479,8 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
         "resolution": min(width, height), "width": width, "height": height, "num_samples": 1,
         "control_schedule": "controlnet", "control_window": "a1111", "eta": eta, "clip_skip": clip_skip,
-        "img2img_strength": request.denoising_strength if img2img else None,
+        "img2img_strength": request.denoising_strength if img2img else None, "hires": hires,
+        "mask": None if mask is None else encode_png(mask), "inpaint": inpaint,
     }
     requests = []
     for s in seeds:
@@ -464,7 +490,64 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             first = exc.errors()[0]
             native = str(first["loc"][0]) if first["loc"] else "body"
             raise CatalogError(422, a1111_field(native, request), first["msg"]) from None
-    return Plan(requests, seeds, sampler_name, schedule, controls, ignored, warnings)
+    return Plan(requests, seeds, sampler_name, schedule, controls, ignored, warnings, extra)
+
+
+def hires_spec(request: A1111Request, loras: list, warnings: list[str], extra: dict[str, Any]) -> HiresSpec:
+    """The native ``hires`` of ``enable_hr`` and the ``hr_*`` fields.
+
+    A1111 samples exactly ``N = hr_second_pass_steps or steps`` steps of a schedule of
+    ``int(N / min(denoising_strength, 0.999))`` (``sd_samplers_common.setup_img2img_steps`` with
+    its steps given); the native second pass runs the last ``int(steps * strength)`` of its
+    schedule, so that schedule with ``strength = (N + 0.5) / schedule`` runs N.
+    """
+    wanted = request.hr_upscaler or "Latent"  # A1111's latent_upscale_default_mode
+    upscaler = next((u for u in UPSCALERS if u.lower() == wanted.strip().lower()), None)
+    if upscaler is None:
+        raise CatalogError(422, "hr_upscaler", f"unknown upscaler {wanted!r}; choose one of {', '.join(UPSCALERS)}")
+    if not 0 < request.denoising_strength <= 1:
+        raise CatalogError(422, "denoising_strength", f"must be in (0, 1] with enable_hr, "
+                                                      f"got {request.denoising_strength}")
+    steps = request.hr_second_pass_steps or request.steps
+    schedule = max(1, int(steps / min(request.denoising_strength, 0.999)))
+    prompt, hr_loras = parse_lora_tags(request.hr_prompt, "hr_prompt")
+    negative, _ = parse_lora_tags(request.hr_negative_prompt, "hr_negative_prompt")
+    if request.hr_prompt and hr_loras != loras:
+        warnings.append("LoRA tags of hr_prompt are not applied on their own: the prompt's LoRAs act in both passes")
+    scheduler = None
+    if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
+        scheduler = resolve_sampler(request.hr_sampler_name, request.scheduler)[2]
+    extra.update({"Denoising strength": request.denoising_strength, "Hires upscaler": upscaler,
+                  **({"Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}"}
+                     if request.hr_resize_x or request.hr_resize_y else {"Hires upscale": request.hr_scale}),
+                  **({"Hires steps": request.hr_second_pass_steps} if request.hr_second_pass_steps else {})})
+    return HiresSpec(scale=request.hr_scale, resize_x=request.hr_resize_x, resize_y=request.hr_resize_y,
+                     upscaler=upscaler, steps=schedule, strength=min(1.0, (steps + 0.5) / schedule),
+                     prompt=prompt if request.hr_prompt else None,
+                     n_prompt=negative if request.hr_negative_prompt else None, scheduler=scheduler)
+
+
+def inpainting(request: Img2ImgRequest, decoded: np.ndarray, fitted: np.ndarray, mask: np.ndarray,
+               extra: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, InpaintSpec]:
+    """The image, mask and native ``inpaint`` of an img2img request with a mask (A1111's rules).
+
+    The mask is made binary, inverted and blurred at its own size first, as A1111 does before
+    any resize. ``inpaint_full_res``: the whole input image and the mask at its size (the
+    pipeline crops the region and fits it to ``width`` x ``height``); else both fitted to
+    ``width`` x ``height`` with ``resize_mode``.
+    """
+    processed = prepare_mask(mask, Inpaint(blur=request.mask_blur, invert=bool(request.inpainting_mask_invert)))
+    fill = INPAINT_FILLS[request.inpainting_fill]
+    extra.update({"Mask blur": request.mask_blur, "Masked content": fill.replace("_", " "),
+                  **({"Mask mode": "Inpaint not masked"} if request.inpainting_mask_invert else {}),
+                  **({"Inpaint area": "Only masked", "Masked area padding": request.inpaint_full_res_padding}
+                     if request.inpaint_full_res else {})})
+    if request.inpaint_full_res:
+        height, width = decoded.shape[:2]
+        return decoded, fit(processed, width, height, "resize"), InpaintSpec(
+            fill=fill, full_res=True, padding=request.inpaint_full_res_padding, rule="a1111")
+    fitted_mask = fit(processed, request.width, request.height, IMG2IMG_RESIZE_MODES[request.resize_mode])
+    return fitted, fitted_mask, InpaintSpec(fill=fill, rule="a1111")
 
 
 def resolve_model(model: str) -> str:
@@ -493,7 +576,8 @@ def a1111_field(native: str | None, request: A1111Request, unit_paths: list[str]
     mapping = {"loras": "prompt", "scale": "cfg_scale", "img2img_strength": "denoising_strength",
                "scheduler": "sampler_name", "n_prompt": "negative_prompt", "num_samples": "batch_size",
                "resolution": "width" if request.width <= request.height else "height",
-               "image": "init_images.0", "controls": "alwayson_scripts"}
+               "image": "init_images.0", "controls": "alwayson_scripts", "hires": "hr_scale",
+               "inpaint": "mask"}
     return mapping.get(parts[0], native)
 
 
@@ -571,9 +655,10 @@ def response_info(request: A1111Request, the_plan: Plan, results: list[dict], se
     first = results[0]
     seeds = the_plan.seeds[:n]
     width, height = first["width"], first["height"]
-    denoising = request.denoising_strength if img2img else None
+    denoising = request.denoising_strength if img2img or request.enable_hr else None
     hashes = ", ".join(f"{a['name']}: {a['sha256'][:12]}" for a in first["adapters"] if a["kind"] == "lora")
-    extra = {"Lora hashes": hashes} if hashes else {}
+    extra = {**{k: v for k, v in the_plan.extra.items() if k != "Denoising strength"},
+             **({"Lora hashes": hashes} if hashes else {})}
     if first["settings"]["clip_skip"] > 1:
         extra["Clip skip"] = first["settings"]["clip_skip"]
     params = {"Steps": request.steps, "Sampler": the_plan.sampler_name, "Schedule type": SCHEDULES[the_plan.schedule],

@@ -91,8 +91,8 @@ class ServeConfig:
 
     @property
     def max_body_bytes(self) -> int:
-        """A generate request: base64 images (the image, one per ControlNet unit) and some JSON."""
-        return (1 + self.max_controlnets) * (self.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
+        """A generate request: base64 images (the image, the mask, one per ControlNet unit) and some JSON."""
+        return (2 + self.max_controlnets) * (self.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
 
     @staticmethod
     def api_key_from_env() -> str | None:

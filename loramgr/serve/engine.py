@@ -37,8 +37,10 @@ from ..bases import OpenBase
 from ..defaults import base_defaults
 from ..errors import LoramgrError
 from ..pipeline.control import ControlUnit
+from ..pipeline.inpaint import Inpaint
+from ..pipeline.passes import HiresFix, hires_size
 from ..pipeline.schedulers import SCHEDULERS, scheduler_class
-from ..pipeline.settings import GenerationSettings, check_inputs
+from ..pipeline.settings import GenerationSettings, check_inputs, check_mask, output_size
 from ..runtime import Generator
 from ..workspace import Workspace
 from .catalog import AdapterCatalog, CatalogError
@@ -74,6 +76,7 @@ class Job:
     key: tuple = field(default_factory=tuple)  # identical keys need no swap between them
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next step
     steps: tuple[int, int] = (0, 0)  # (completed, total) denoising steps, while it runs
+    mask: np.ndarray | None = None  # inpaint ``image`` where it is white
 
 
 @dataclass
@@ -190,6 +193,9 @@ class Engine:
             check_range(getattr(request, name), name, low, high)
         limits = (c.max_image_bytes, c.max_image_pixels)
         image = None if request.image is None else decode_image(request.image, "image", *limits)
+        mask = None if request.mask is None else decode_image(request.mask, "mask", *limits)
+        fields_["hires"] = None if request.hires is None else HiresFix(**request.hires.model_dump())
+        fields_["inpaint"] = Inpaint(**request.inpaint.model_dump())
         if request.controls is None:  # the one-unit form
             control_map = None if request.control_map is None else decode_image(request.control_map, "control_map",
                                                                                  *limits)
@@ -210,8 +216,29 @@ class Engine:
             message = str(exc).replace("units.", "controls.")  # the request's name for the units
             unit_field = re.match(r"controls\.\d+\.\w+", message)
             raise CatalogError(422, unit_field.group(0) if unit_field else field_of(message), message) from None
+        try:
+            check_mask(mask, image, settings.control_units(), settings)
+        except LoramgrError as exc:
+            raise CatalogError(422, "mask", str(exc)) from None
+        if settings.hires is not None:
+            self._check_hires(settings, image, control_images)
         adapter_set, applied, key = self.adapter_set(request, controls)
-        return Job(settings, image, control_images, adapter_set, applied, controls, key)
+        return Job(settings, image, control_images, adapter_set, applied, controls, key, mask=mask)
+
+    def _check_hires(self, settings: GenerationSettings, image: np.ndarray | None,
+                     control_images: list[np.ndarray | None]) -> None:
+        """The second pass within ``--max-resolution`` (short side) and ``--max-steps`` (its schedule)."""
+        c, hires = self.config, settings.hires
+        if (hires.steps or settings.steps) > c.max_steps:
+            raise CatalogError(422, "hires", f"hires.steps={hires.steps or settings.steps} exceeds this server's "
+                                             f"limit of {c.max_steps} (--max-steps)")
+        first = next((i for i in (image, *control_images) if i is not None), None)
+        size = (output_size(*first.shape[:2], settings.resolution) if first is not None
+                else (settings.height, settings.width))
+        height, width = hires_size(*size, hires).target
+        if min(height, width) > c.max_resolution:
+            raise CatalogError(422, "hires", f"hires: the second pass of {width}x{height} has a shorter side over "
+                                             f"this server's limit of {c.max_resolution} (--max-resolution)")
 
     def _units(self, request: GenerateRequest, image: np.ndarray | None, fields_: dict
                ) -> tuple[GenerationSettings, list[np.ndarray | None]]:
@@ -321,7 +348,8 @@ class Engine:
             one_unit = job.settings.units is None
             made = self.generator.generate(
                 adapter_set, job.settings, job.image, control_image=job.control_images[0] if one_unit else None,
-                control_images=None if one_unit else job.control_images, progress=self._step_hook(job))
+                control_images=None if one_unit else job.control_images, progress=self._step_hook(job),
+                mask=job.mask)
         timings = {"swap": swap_s, **made.result.timings}
         return Generation(made.images, made.control_maps, replace(job.settings), swapped, reopened, timings)
 

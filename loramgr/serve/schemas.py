@@ -17,6 +17,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..pipeline.control import CONTROL_MODES, PREPROCESSORS, WINDOW_RULES, ControlUnit
+from ..pipeline.inpaint import INPAINT_FILLS, MASK_RULES, Inpaint
+from ..pipeline.passes import UPSCALERS, HiresFix
 from ..pipeline.settings import CONTROL_SCHEDULES, PROMPT_SYNTAXES, GenerationSettings
 
 # The defaults of `loramgr run` that are the same on every base: read from the dataclass, never copied.
@@ -56,6 +58,46 @@ class ControlSpec(BaseModel):
     high_threshold: int = UNIT_DEFAULTS["high_threshold"]
 
 
+HIRES_DEFAULTS = {f.name: f.default for f in fields(HiresFix)}
+INPAINT_DEFAULTS = {f.name: f.default for f in fields(Inpaint)}
+
+
+class HiresSpec(BaseModel):
+    """``hires``: after the first pass, upscale and run an image-to-image second pass (A1111's hires fix)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    scale: FiniteFloat = Field(HIRES_DEFAULTS["scale"], description="upscale factor, when resize_x/y are 0")
+    resize_x: int = Field(HIRES_DEFAULTS["resize_x"], description="target width (0: from scale or resize_y)")
+    resize_y: int = Field(HIRES_DEFAULTS["resize_y"], description="target height; both given: upscale to cover, "
+                                                                  "then crop the latents")
+    upscaler: Literal[UPSCALERS] = Field(  # type: ignore[valid-type]
+        HIRES_DEFAULTS["upscaler"], description="`Latent ...`: interpolate the latents; `Lanczos`, `Nearest`, "
+                                                "`None`: resize the decoded pixels")
+    steps: int = Field(HIRES_DEFAULTS["steps"], description="the second pass's schedule (0: `steps`)")
+    strength: FiniteFloat = Field(HIRES_DEFAULTS["strength"], description="img2img strength of the second pass: "
+                                                                          "its last int(steps * strength) steps run")
+    prompt: str | None = Field(HIRES_DEFAULTS["prompt"], max_length=10_000, description="null: the prompt")
+    n_prompt: str | None = Field(HIRES_DEFAULTS["n_prompt"], max_length=10_000, description="null: n_prompt")
+    scheduler: str | None = Field(HIRES_DEFAULTS["scheduler"], description="null: scheduler")
+
+
+class InpaintSpec(BaseModel):
+    """``inpaint``: how ``mask`` is used (docs/serving.md)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    blur: int = Field(INPAINT_DEFAULTS["blur"], description="Gaussian blur of the mask, pixels (A1111's mask_blur)")
+    invert: bool = Field(INPAINT_DEFAULTS["invert"], description="inpaint where the mask is black")
+    fill: Literal[INPAINT_FILLS] = Field(  # type: ignore[valid-type]
+        INPAINT_DEFAULTS["fill"], description="what the masked area starts from (A1111's inpainting_fill 0..3)")
+    full_res: bool = Field(INPAINT_DEFAULTS["full_res"], description="generate the masked region's box at the "
+                                                                     "output size and paste it back")
+    padding: int = Field(INPAINT_DEFAULTS["padding"], description="pixels around the region with full_res")
+    rule: Literal[MASK_RULES] = Field(  # type: ignore[valid-type]
+        INPAINT_DEFAULTS["rule"], description="diffusers: the inpaint pipelines' mask rules; a1111: A1111's")
+
+
 class GenerateRequest(BaseModel):
     """``POST /v1/generate``: one generation with its adapters and ControlNet units."""
 
@@ -92,6 +134,9 @@ class GenerateRequest(BaseModel):
                                                     "A1111's (docs/serving.md)")
     strength: FiniteFloat = RUN_DEFAULTS["strength"]
     img2img_strength: FiniteFloat | None = RUN_DEFAULTS["img2img_strength"]
+    hires: HiresSpec | None = Field(None, description="a hires fix: upscale and a second pass (text-to-image only)")
+    mask: str | None = Field(None, description="base64 PNG/JPEG, white where `image` is inpainted")
+    inpaint: InpaintSpec = Field(default_factory=InpaintSpec, description="how the mask is used")
     eta: FiniteFloat = RUN_DEFAULTS["eta"]
     low_threshold: int = RUN_DEFAULTS["low_threshold"]
     high_threshold: int = RUN_DEFAULTS["high_threshold"]
