@@ -112,7 +112,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from .pipeline.schedulers import SCHEDULERS
+    from .pipeline.schedulers import SCHEDULERS, SCHEDULES
     from .pipeline.settings import PREPROCESSORS
     from .pipeline.settings import GenerationSettings as S
 
@@ -146,7 +146,9 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--low-threshold", type=int, default=S.low_threshold)
     p.add_argument("--high-threshold", type=int, default=S.high_threshold)
     p.add_argument("--img2img-strength", type=float, default=None)
-    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler)
+    p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler, help="the sampler")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=S.schedule,
+                   help="where the sampler places its steps (automatic: its own; docs/a1111.md)")
     _add_backend_arguments(p)
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     p.add_argument("--name", help="output file stem (default: date-time-pid, made unique)")

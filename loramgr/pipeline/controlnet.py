@@ -124,7 +124,7 @@ class ControlNetPipeline:
         clock.lap("prepare_control")
 
         # 4. Prepare timesteps
-        scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
+        scheduler = make_scheduler(settings.scheduler, self.scheduler_config, settings.schedule, settings.seed)
         timesteps = self.prepare_timesteps(scheduler, settings)
 
         # 5. Prepare latents

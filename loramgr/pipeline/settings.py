@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import LoramgrError
-from .schedulers import SCHEDULERS, takes_eta
+from .schedulers import SCHEDULERS, SCHEDULES, schedule_error, takes_eta
 
 # "controlnet": guess-mode scales strength * 0.825 ** (12 - i), as ControlNet's process();
 # "diffusers": strength * logspace(-1, 0, 13), as diffusers' ControlNetModel (for parity).
@@ -34,6 +34,8 @@ class GenerationSettings:
     guidance scale; ``img2img_strength`` (``None`` for text-to-image) starts denoising
     from the noised input image, as diffusers' img2img ``strength``. ``preprocessor``
     says how the control image becomes the control map (:data:`PREPROCESSORS`).
+    ``scheduler`` is the sampler and ``schedule`` where it places its steps
+    (:mod:`~loramgr.pipeline.schedulers`; "automatic": the sampler's own).
     """
 
     prompt: str
@@ -54,6 +56,7 @@ class GenerationSettings:
     high_threshold: int = 200
     img2img_strength: float | None = None
     scheduler: str = "ddim"
+    schedule: str = "automatic"
     control_schedule: str = "controlnet"
     preprocessor: str = "canny"
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger outputs (width * height) before anything is allocated
@@ -93,6 +96,10 @@ def check_inputs(image: np.ndarray, settings: GenerationSettings) -> None:
     _check_real("eta", s.eta, minimum=0.0)
     if s.scheduler not in SCHEDULERS:
         raise LoramgrError(f"unknown scheduler {s.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+    if s.schedule not in SCHEDULES:
+        raise LoramgrError(f"unknown schedule {s.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if (why := schedule_error(s.scheduler, s.schedule)) is not None:
+        raise LoramgrError(why)
     if s.preprocessor not in PREPROCESSORS:
         raise LoramgrError(f"unknown preprocessor {s.preprocessor!r}; choose one of {', '.join(PREPROCESSORS)}")
     if s.control_schedule not in CONTROL_SCHEDULES:

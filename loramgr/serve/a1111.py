@@ -24,6 +24,7 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .a1111_samplers import resolve_sampler
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
 from .config import ServeConfig
@@ -31,21 +32,6 @@ from .schemas import GenerateRequest, LoraSpec
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
-# A1111 sampler name -> (loramgr scheduler, aliases). "DPM++ 2M" is DPMSolverMultistep's
-# default (dpmsolver++, order 2); its Karras variant sets use_karras_sigmas.
-SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "DPM++ 2M": ("dpm++", ("k_dpmpp_2m",)),
-    "DPM++ 2M Karras": ("dpm++_karras", ("k_dpmpp_2m_ka",)),
-    "Euler a": ("euler_a", ("k_euler_a",)),
-    "Euler": ("euler", ("k_euler",)),
-    "LMS": ("lms", ("k_lms",)),
-    "Heun": ("heun", ("k_heun",)),
-    "DDIM": ("ddim", ()),
-    "PNDM": ("pndm", ()),
-    "UniPC": ("unipc", ()),
-}
-# A1111 >= 1.9 names the noise schedule apart: "automatic" keeps the sampler's own.
-SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
 CONTROL_MODULES = ("none", "canny")
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
 UNIT_RESIZE_MODES = {"just resize": "resize", "crop and resize": "crop", "resize and fill": "fill",
@@ -160,27 +146,6 @@ def parse_lora_tags(prompt: str, field_: str = "prompt") -> tuple[str, list[tupl
                 raise CatalogError(422, field_, f"{tag}: weight must be a finite number, got {rest[0]!r}")
         loras.append((name.strip(), weight))
     return LORA_TAG.sub("", prompt), loras
-
-
-# -- samplers ----------------------------------------------------------------------------------
-
-def resolve_sampler(name: str | None, schedule: str | None) -> tuple[str, str, str]:
-    """(A1111 sampler name, schedule, loramgr scheduler) for a request's ``sampler_name`` and ``scheduler``."""
-    wanted = (name or "Euler").strip()
-    for canonical, (_, aliases) in SAMPLERS.items():
-        if wanted.lower() in (canonical.lower(), *aliases):
-            break
-    else:
-        raise CatalogError(422, "sampler_name", f"unknown sampler {wanted!r}; choose one of {', '.join(SAMPLERS)}")
-    schedule = (schedule or "automatic").strip().lower()
-    if schedule not in SCHEDULES:
-        raise CatalogError(422, "scheduler", f"unknown scheduler {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if schedule == "karras":
-        if canonical not in ("DPM++ 2M", "DPM++ 2M Karras"):
-            raise CatalogError(422, "scheduler", f"scheduler 'karras' is supported with DPM++ 2M only, "
-                                                 f"not with {canonical!r}; use 'automatic'")
-        canonical = "DPM++ 2M Karras"
-    return canonical, schedule, SAMPLERS[canonical][0]
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -341,14 +306,14 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         field_ = "batch_size" if request.batch_size > config.max_num_samples else "n_iter"
         raise CatalogError(422, field_, f"batch_size x n_iter = {total} images exceeds this server's limit of "
                                         f"{config.max_num_samples} (--max-num-samples)")
-    sampler_name, schedule, scheduler = resolve_sampler(request.sampler_name or request.sampler_index,
-                                                        request.scheduler)
+    sampler = resolve_sampler(request.sampler_name or request.sampler_index, request.scheduler, request.steps)
+    warnings += sampler.warnings
     eta = 0.0
-    if scheduler == "ddim":
+    if sampler.scheduler == "ddim":
         eta = 0.0 if request.eta is None else request.eta
-    elif request.eta is not None and not (scheduler == "euler_a" and request.eta == 1.0):
-        warnings.append(f"eta={request.eta} ignored: it applies to DDIM only here "
-                        "(Euler a always uses eta 1, as diffusers' scheduler does)")
+    elif request.eta is not None and not (sampler.eta_one and request.eta == 1.0):
+        warnings.append(f"eta={request.eta} ignored: it applies to DDIM only here (the ancestral and SDE "
+                        "samplers always use eta 1, as diffusers' schedulers do)")
     prompt, loras = parse_lora_tags(request.prompt)
     negative, negative_loras = parse_lora_tags(request.negative_prompt, "negative_prompt")
     if negative_loras:
@@ -395,7 +360,8 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
     common = {
         "prompt": prompt, "a_prompt": "", "n_prompt": negative, "image": None if init is None else encode_png(init),
         "control_map": encode_png(the_map), "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
-        "control": model, "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
+        "control": model, "steps": request.steps, "scale": request.cfg_scale, "scheduler": sampler.scheduler,
+        "schedule": sampler.native_schedule,
         "resolution": min(width, height), "num_samples": 1, "guess_mode": guess_mode, "strength": strength,
         "control_schedule": "controlnet", "eta": eta,
         "img2img_strength": request.denoising_strength if img2img else None,
@@ -408,7 +374,7 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             first = exc.errors()[0]
             native = str(first["loc"][0]) if first["loc"] else "body"
             raise CatalogError(422, a1111_field(native, request), first["msg"]) from None
-    return Plan(requests, seeds, sampler_name, schedule, control, ignored, warnings)
+    return Plan(requests, seeds, sampler.sampler_name, sampler.schedule, control, ignored, warnings)
 
 
 def resolve_model(model: str) -> str:
@@ -427,7 +393,8 @@ def a1111_field(native: str | None, request: A1111Request, unit_path: str | None
         return None
     head = native.split(".")[0]
     mapping = {"loras": "prompt", "scale": "cfg_scale", "img2img_strength": "denoising_strength",
-               "scheduler": "sampler_name", "n_prompt": "negative_prompt", "num_samples": "batch_size",
+               "scheduler": "sampler_name", "schedule": "scheduler", "n_prompt": "negative_prompt",
+               "num_samples": "batch_size",
                "resolution": "width" if request.width <= request.height else "height",
                "image": "init_images.0", "control": f"{unit_path}.model" if unit_path else "alwayson_scripts",
                "control_map": f"{unit_path}.image" if unit_path else "alwayson_scripts",

@@ -19,8 +19,9 @@ from fastapi.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..errors import LoramgrError
-from .a1111 import (BASE_CONTROLNET, CONTROL_MODULES, SAMPLERS, SCHEDULES, A1111Request, A1111Response,
+from .a1111 import (BASE_CONTROLNET, CONTROL_MODULES, A1111Request, A1111Response,
                     Img2ImgRequest, Plan, a1111_field, plan)
+from .a1111_samplers import SAMPLERS, SCHEDULES
 from .catalog import CatalogError
 from .engine import field_of
 from .schemas import ErrorBody
@@ -137,7 +138,7 @@ def router(service) -> APIRouter:
         hashes = ", ".join(f"{a['name']}: {a['sha256'][:12]}" for a in first["adapters"] if a["kind"] == "lora")
         _, fingerprint = base_title()
         infotext = (f"{request.prompt}\nNegative prompt: {request.negative_prompt}\nSteps: {request.steps}, "
-                    f"Sampler: {the_plan.sampler_name}, Schedule type: {SCHEDULES[the_plan.schedule]}, "
+                    f"Sampler: {the_plan.sampler_name}, Schedule type: {SCHEDULES[the_plan.schedule].label}, "
                     f"CFG scale: {request.cfg_scale}, Seed: {{seed}}, Size: {first['width']}x{first['height']}, "
                     f"Model: {service.engine.base}"
                     + (f", Lora hashes: \"{hashes}\"" if hashes else "") + f", Version: loramgr {__version__}")
@@ -191,13 +192,15 @@ def router(service) -> APIRouter:
 
     @api.get("/sdapi/v1/samplers")
     async def samplers():
-        return [{"name": name, "aliases": list(aliases), "options": {"loramgr_scheduler": native}}
-                for name, (native, aliases) in SAMPLERS.items()]
+        return [{"name": name, "aliases": list(s.aliases),
+                 "options": {**({"scheduler": s.automatic} if s.automatic in ("karras", "exponential") else {}),
+                             "loramgr_scheduler": s.scheduler}}
+                for name, s in SAMPLERS.items()]
 
     @api.get("/sdapi/v1/schedulers")
     async def schedulers():
-        return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for name, label in SCHEDULES.items()]
+        return [{"name": name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+                 "need_inner_model": s.need_inner_model} for name, s in SCHEDULES.items()]
 
     @api.get("/sdapi/v1/options")
     async def get_options():

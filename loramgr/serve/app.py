@@ -23,7 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LoramgrError
-from ..pipeline.schedulers import SCHEDULERS
+from ..pipeline.schedulers import SCHEDULERS, SCHEDULES
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
@@ -126,7 +126,8 @@ class Service:
                            "max_num_samples": c.max_num_samples, "max_image_bytes": c.max_image_bytes,
                            "max_image_pixels": c.max_image_pixels, "max_upload_bytes": c.max_upload_bytes,
                            "max_queue": c.max_queue, "max_overtake": c.max_overtake},
-                "schedulers": sorted(SCHEDULERS), "control_schedules": list(CONTROL_SCHEDULES)}
+                "schedulers": sorted(SCHEDULERS), "schedules": list(SCHEDULES),
+                "control_schedules": list(CONTROL_SCHEDULES)}
 
 
 def _error(status: int, field: str | None, reason: str, headers: dict | None = None) -> JSONResponse:

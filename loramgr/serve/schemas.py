@@ -48,6 +48,8 @@ class GenerateRequest(BaseModel):
     scale: FiniteFloat = RUN_DEFAULTS["scale"]
     seed: int = RUN_DEFAULTS["seed"]
     scheduler: str = RUN_DEFAULTS["scheduler"]
+    schedule: str = Field(RUN_DEFAULTS["schedule"], description="where the scheduler places its steps: "
+                          "`automatic` (its own), `karras`, `exponential`, `uniform`, ... (docs/serving.md)")
     resolution: int = RUN_DEFAULTS["resolution"]
     num_samples: int = RUN_DEFAULTS["num_samples"]
     guess_mode: bool = RUN_DEFAULTS["guess_mode"]
@@ -137,6 +139,7 @@ class ServerInfo(BaseModel):
     defaults: dict = Field(description="the generation defaults (those of `loramgr run`)")
     limits: dict
     schedulers: list[str]
+    schedules: list[str]
     control_schedules: list[str]
 
 
