@@ -27,6 +27,7 @@ from PIL import Image
 from scipy import stats
 
 from loramgr.backends.torch_runner import TorchRunner
+from loramgr.cli import _parser, _settings
 from loramgr.errors import LoramgrError
 from loramgr.pipeline.canny import detect_edges
 from loramgr.pipeline.controlnet import ControlNetPipeline
@@ -393,3 +394,12 @@ def test_bad_schedule_names_the_setting(pipe, image, overrides, fragments):
         pipe(image, GenerationSettings(prompt="a bird", **{**FAST, **overrides}))
     for fragment in fragments:
         assert fragment in str(info.value)
+
+
+def test_run_options(capsys):
+    settings = _settings(_parser().parse_args(["run", "--image", "x.png", "--prompt", "a bird",
+                                               "--scheduler", "dpm++_sde", "--schedule", "karras"]))
+    assert (settings.scheduler, settings.schedule) == ("dpm++_sde", "karras")
+    with pytest.raises(SystemExit) as exit_:
+        _parser().parse_args(["run", "--image", "x.png", "--prompt", "x", "--schedule", "align_your_steps"])
+    assert exit_.value.code == 2 and "--schedule: invalid choice: 'align_your_steps'" in capsys.readouterr().err
