@@ -88,8 +88,8 @@ def test_txt2img_with_unit_and_lora_tags_equals_native(api, url, ws, house, unit
     got = api.txt2img(prompt="a house <lora:sv_a:0.8> <lora:sv_b>", negative_prompt="lowres", seed=5,
                       sampler_name="Euler a", controlnet_units=[cn], **FAST)
     ref = native(url, prompt="a house", n_prompt="lowres", image=png_b64(ws.home / "house.png"), seed=5,
-                 loras=[{"name": "sv_a", "weight": 0.8}, {"name": "sv_b"}], steps=3, scale=7.0,
-                 scheduler="euler_a", resolution=64, low_threshold=90, high_threshold=180, **expected)
+                 loras=[{"name": "sv_a", "weight": 0.8}, {"name": "sv_b"}], steps=3, scale=7.0, scheduler="euler_a",
+                 schedule="uniform", resolution=64, low_threshold=90, high_threshold=180, **expected)
     assert len(got.images) == 2  # the image, then the control map
     assert np.array_equal(pixels(got.images[0]), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(ref["control_map"]))
@@ -119,7 +119,7 @@ def test_img2img_unit_without_image_uses_the_init_image(api, url, ws, house):
     got = api.img2img(images=[house], prompt="a house", denoising_strength=0.75, seed=4, sampler_name="Euler",
                       controlnet_units=[cn], **{**FAST, "steps": 4})
     ref = native(url, prompt="a house", n_prompt="", image=png_b64(ws.home / "house.png"), seed=4, steps=4,
-                 scale=7.0, scheduler="euler", resolution=64, img2img_strength=0.75)
+                 scale=7.0, scheduler="euler", schedule="uniform", resolution=64, img2img_strength=0.75)
     assert np.array_equal(pixels(got.images[0]), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(ref["control_map"]))
 
@@ -140,7 +140,7 @@ def test_precomputed_map_with_module_none(api, url, ws, house):
     cn = webuiapi.ControlNetUnit(image=edge_image, module="none")
     got = api.txt2img(prompt="a house", seed=8, sampler_name="UniPC", controlnet_units=[cn], **FAST)
     ref = native(url, prompt="a house", n_prompt="", control_map=edges, seed=8, steps=3, scale=7.0,
-                 scheduler="unipc", resolution=64)
+                 scheduler="unipc", schedule="uniform", resolution=64)
     assert np.array_equal(pixels(got.image), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(edges))
 
