@@ -137,7 +137,7 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     from .pipeline.control import WINDOW_RULES
-    from .pipeline.schedulers import SCHEDULERS
+    from .pipeline.schedulers import SCHEDULERS, SCHEDULES
     from .pipeline.settings import PREPROCESSORS
     from .pipeline.settings import GenerationSettings as S
 
@@ -190,7 +190,10 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img2img-strength", type=float, default=None,
                    help="start from --image noised this much, in (0, 1] (default: text to image)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler, metavar="NAME",
-                   help=f"one of {', '.join(sorted(SCHEDULERS))}")
+                   help=f"the sampler, one of {', '.join(sorted(SCHEDULERS))}")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=S.schedule, metavar="NAME",
+                   help=f"where the sampler places its steps (automatic: its own; docs/a1111.md), one of "
+                        f"{', '.join(SCHEDULES)}")
     _add_pass_arguments(p)
     _add_backend_arguments(p)
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")

@@ -21,7 +21,7 @@ from PIL import Image
 
 from loramgr.pipeline.canny import detect_edges
 from loramgr.serve import ServeConfig, create_app
-from loramgr.serve.a1111 import fit, parse_lora_tags, resolve_sampler
+from loramgr.serve.a1111 import fit, parse_lora_tags
 from loramgr.serve.catalog import CatalogError
 from test_serve_support import decode, png_b64, serve_workspace, served
 
@@ -78,8 +78,8 @@ def test_txt2img_with_unit_and_lora_tags_equals_native(api, url, ws, house, unit
     got = api.txt2img(prompt="a house <lora:sv_a:0.8> <lora:sv_b>", negative_prompt="lowres", seed=5,
                       sampler_name="Euler a", controlnet_units=[cn], **FAST)
     ref = native(url, prompt="a house", n_prompt="lowres", image=png_b64(ws.home / "house.png"), seed=5,
-                 loras=[{"name": "sv_a", "weight": 0.8}, {"name": "sv_b"}], steps=3, scale=7.0,
-                 scheduler="euler_a", resolution=64, low_threshold=90, high_threshold=180, **expected)
+                 loras=[{"name": "sv_a", "weight": 0.8}, {"name": "sv_b"}], steps=3, scale=7.0, scheduler="euler_a",
+                 schedule="uniform", resolution=64, low_threshold=90, high_threshold=180, **expected)
     assert len(got.images) == 2  # the image, then the control map
     assert np.array_equal(pixels(got.images[0]), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(ref["control_map"]))
@@ -109,7 +109,7 @@ def test_img2img_unit_without_image_uses_the_init_image(api, url, ws, house):
     got = api.img2img(images=[house], prompt="a house", denoising_strength=0.75, seed=4, sampler_name="Euler",
                       controlnet_units=[cn], **{**FAST, "steps": 4})
     ref = native(url, prompt="a house", n_prompt="", image=png_b64(ws.home / "house.png"), seed=4, steps=4,
-                 scale=7.0, scheduler="euler", resolution=64, img2img_strength=0.75)
+                 scale=7.0, scheduler="euler", schedule="uniform", resolution=64, img2img_strength=0.75)
     assert np.array_equal(pixels(got.images[0]), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(ref["control_map"]))
 
@@ -130,7 +130,7 @@ def test_precomputed_map_with_module_none(api, url, ws, house):
     cn = webuiapi.ControlNetUnit(image=edge_image, module="none")
     got = api.txt2img(prompt="a house", seed=8, sampler_name="UniPC", controlnet_units=[cn], **FAST)
     ref = native(url, prompt="a house", n_prompt="", control_map=edges, seed=8, steps=3, scale=7.0,
-                 scheduler="unipc", resolution=64)
+                 scheduler="unipc", schedule="uniform", resolution=64)
     assert np.array_equal(pixels(got.image), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(edges))
 
@@ -144,15 +144,30 @@ def test_non_square_output_with_crop_and_pixel_perfect(api, house):
     assert np.array_equal(pixels(got.images[1]), expected)
 
 
-def test_karras_schedule(api, url, ws, house):
+def test_schedule_types(api, url, ws, house):
+    """A1111 1.9+: DPM++ 2M's Automatic is Karras, the old "DPM++ 2M Karras" names both; any schedule type
+    A1111 has is accepted (sd-backend-client sends "normal"), approximations named in the warnings."""
     cn = webuiapi.ControlNetUnit(image=house, module="canny", processor_res=64)
     karras = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M", scheduler="karras",
                          controlnet_units=[cn], **FAST)
     named = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M Karras", controlnet_units=[cn], **FAST)
     plain = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M", controlnet_units=[cn], **FAST)
+    exponential = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M", scheduler="Exponential",
+                              controlnet_units=[cn], **FAST)
     assert np.array_equal(pixels(karras.image), pixels(named.image))
-    assert not np.array_equal(pixels(karras.image), pixels(plain.image))
-    assert karras.info["sampler_name"] == "DPM++ 2M Karras"
+    assert np.array_equal(pixels(karras.image), pixels(plain.image))
+    assert not np.array_equal(pixels(karras.image), pixels(exponential.image))
+    assert (named.info["sampler_name"], named.info["scheduler"]) == ("DPM++ 2M", "karras")
+    assert "Schedule type: Karras" in named.info["infotexts"][0]
+    ref = native(url, prompt="a house", n_prompt="", image=png_b64(ws.home / "house.png"), seed=2, steps=3,
+                 scale=7.0, scheduler="dpm++", schedule="karras", resolution=64)
+    assert np.array_equal(pixels(karras.image), decode(ref["images"][0]))
+    for schedule, warning in (("normal", None), ("sgm_uniform", "approximated"), ("kl_optimal", "instead")):
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "a house", "sampler_name": "Euler",
+                                                        "scheduler": schedule, **FAST}, timeout=60)
+        assert r.status_code == 200, r.text
+        warnings = json.loads(r.json()["info"])["loramgr"]["warnings"]
+        assert (warning is None and warnings == []) or any(warning in w for w in warnings), warnings
 
 
 # -- lists and options ------------------------------------------------------------------------------
@@ -163,8 +178,15 @@ def test_lists(api):
     assert all(len(lora["metadata"]["sha256"]) == 64 for lora in api.get_loras())
     titles = api.util_get_model_names()
     assert len(titles) == 1 and titles[0].startswith("tiny [")
-    assert {"Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "PNDM", "Heun", "LMS"} <= set(api.util_get_sampler_names())
-    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    assert {"Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "PLMS", "UniPC", "LCM"} \
+        <= set(api.util_get_sampler_names())
+    samplers = {s["name"]: s for s in api.get_samplers()}
+    assert samplers["DPM++ 2M"]["options"]["scheduler"] == "karras" and "k_euler_a" in samplers["Euler a"]["aliases"]
+    assert [s["name"] for s in api.get_schedulers()] == [
+        "automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+        "align_your_steps", "simple", "normal", "ddim", "beta"]
+    assert {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False} \
+        in api.get_schedulers()
     controlnets = api.controlnet_model_list()
     assert controlnets[0] == "canny" and "sv_hed" in controlnets and not loras & set(controlnets)
     assert api.controlnet_module_list() == ["none", "canny"]
@@ -214,8 +236,9 @@ def _unit(**fields) -> dict:
 
 
 BAD = [
-    pytest.param({"sampler_name": "Warp 9"}, "sampler_name", "DPM++ 2M Karras", id="unknown-sampler"),
-    pytest.param({"scheduler": "exponential"}, "scheduler", "automatic", id="unknown-schedule"),
+    pytest.param({"sampler_name": "Warp 9"}, "sampler_name", "DPM++ 2M", id="unknown-sampler"),
+    pytest.param({"sampler_name": "Restart"}, "sampler_name", "no diffusers equivalent", id="refused-sampler"),
+    pytest.param({"scheduler": "warp"}, "scheduler", "automatic", id="unknown-schedule"),
     pytest.param({"prompt": "x <lora:nope:0.5>"}, "prompt", "'nope'", id="unknown-lora"),
     pytest.param({"prompt": "x <lora:sv_a:heavy>"}, "prompt", "'heavy' is not a number", id="text-weight"),
     pytest.param({"prompt": "x <lora:sv_hed:1>"}, "prompt", "controlnet", id="controlnet-as-lora"),
@@ -293,14 +316,6 @@ def test_parse_lora_tags():
         with pytest.raises(CatalogError) as exc:
             parse_lora_tags(bad)
         assert exc.value.field == "prompt" and bad in exc.value.reason
-
-
-def test_resolve_sampler():
-    assert resolve_sampler("k_euler_a", None) == ("Euler a", "automatic", "euler_a")
-    assert resolve_sampler("dpm++ 2m", "Karras") == ("DPM++ 2M Karras", "karras", "dpm++_karras")
-    assert resolve_sampler(None, "automatic")[2] == "euler"
-    with pytest.raises(CatalogError, match="DPM\\+\\+ 2M only"):
-        resolve_sampler("Euler", "karras")
 
 
 def test_fit_modes():

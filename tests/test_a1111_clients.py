@@ -145,9 +145,8 @@ def test_sd_backend_client_quick_start_and_progress(backend, url):
     assert seen[-1].status.value == "finished"
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler names: issue 23 item 1")
 def test_sd_backend_client_defaults(backend):
-    """The client's default scheduler is A1111's `normal`."""
+    """The client's default scheduler is A1111's `normal`: accepted (issue 23 item 1)."""
     result = backend.submit_txt2img(DiffusionParams(prompt="a teapot", steps=2, width=64, height=64)).wait(timeout=300)
     assert len(result.images) == 1 and result.images[0].size == (64, 64)
 

@@ -178,7 +178,7 @@ class ControlNetPipeline:
         clock.lap("prepare_control")
 
         # 4. Prepare timesteps (and the second pass's: errors come before any denoising)
-        scheduler = make_scheduler(settings.scheduler, self.scheduler_config)
+        scheduler = make_scheduler(settings.scheduler, self.scheduler_config, settings.schedule, settings.seed)
         strength = settings.img2img_strength or (1.0 if area is not None else None)
         timesteps = self.prepare_timesteps(scheduler, replace(settings, img2img_strength=strength))
         height, width = self.output_shape(resized, maps, settings)
@@ -434,7 +434,7 @@ class ControlNetPipeline:
         """The hires fix's sizes, settings, scheduler and timesteps for a first pass of ``first`` (height, width)."""
         size = hires_size(*first, settings.hires)
         second = second_pass(settings, size)
-        scheduler = make_scheduler(second.scheduler, self.scheduler_config)
+        scheduler = make_scheduler(second.scheduler, self.scheduler_config, second.schedule, second.seed)
         return _SecondPass(settings.hires, size, second, scheduler, self.prepare_timesteps(scheduler, second))
 
     def second_pass(self, plan: _SecondPass, latents: torch.Tensor, sources: Sequence[np.ndarray],

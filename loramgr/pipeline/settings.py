@@ -16,7 +16,7 @@ from ..errors import LoramgrError, finite32
 from .control import CONTROL_MODES, CONTROL_SCHEDULES, PREPROCESSORS, WINDOW_RULES, ControlUnit
 from .inpaint import INPAINT_FILLS, MASK_RULES, Inpaint
 from .passes import UPSCALERS, HiresFix, hires_size
-from .schedulers import SCHEDULERS, takes_eta
+from .schedulers import SCHEDULERS, SCHEDULES, schedule_error, takes_eta
 
 PROMPT_SYNTAXES = ("a1111", "plain")  # A1111's emphasis, BREAK, chunks and embeddings; or the text as it is
 DEFAULT_MAX_PROMPT_TOKENS = 225  # 3 chunks of 75 tokens
@@ -34,7 +34,8 @@ class GenerationSettings:
     diffusers' ``do_classifier_free_guidance``); ``img2img_strength`` (``None`` for
     text-to-image) starts denoising from the noised input image, as diffusers' img2img
     ``strength``. ``preprocessor`` says how the control image becomes the control map
-    (:data:`PREPROCESSORS`).
+    (:data:`PREPROCESSORS`). ``scheduler`` is the sampler and ``schedule`` where it places its
+    steps (:mod:`~loramgr.pipeline.schedulers`; "automatic": the sampler's own).
 
     ControlNet units: ``units`` lists them (:class:`~loramgr.pipeline.control.ControlUnit`,
     ``()`` for none); ``None`` keeps the one-unit form of ``strength``, ``guess_mode``,
@@ -69,6 +70,7 @@ class GenerationSettings:
     high_threshold: int = 200
     img2img_strength: float | None = None
     scheduler: str = "ddim"
+    schedule: str = "automatic"
     control_schedule: str = "controlnet"
     preprocessor: str = "canny"
     max_pixels: int = DEFAULT_MAX_PIXELS  # refuse larger outputs (width * height) before anything is allocated
@@ -136,6 +138,9 @@ def check_inputs(image: np.ndarray | None, settings: GenerationSettings) -> None
     _check_real("scale", s.scale)
     _check_real("eta", s.eta, minimum=0.0)
     _check_choice("scheduler", s.scheduler, SCHEDULERS)
+    _check_choice("schedule", s.schedule, SCHEDULES)
+    if (why := schedule_error(s.scheduler, s.schedule)) is not None:
+        raise LoramgrError(why)
     _check_choice("preprocessor", s.preprocessor, PREPROCESSORS)
     _check_choice("control_schedule", s.control_schedule, CONTROL_SCHEDULES)
     _check_choice("control_window", s.control_window, WINDOW_RULES)

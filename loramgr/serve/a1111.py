@@ -30,6 +30,7 @@ from ..adapters import BASE_CONTROLNET
 from ..pipeline.inpaint import INPAINT_FILLS, Inpaint, prepare_mask
 from ..pipeline.passes import UPSCALERS
 from ..pipeline.settings import DEFAULT_MAX_PIXELS, output_size
+from .a1111_samplers import SCHEDULES, resolve_sampler
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
 from .config import MAX_JSON_DEPTH, ServeConfig
@@ -37,21 +38,6 @@ from .schemas import ControlSpec, GenerateRequest, HiresSpec, InpaintSpec, LoraS
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
-# A1111 sampler name -> (loramgr scheduler, aliases). "DPM++ 2M" is DPMSolverMultistep's
-# default (dpmsolver++, order 2); its Karras variant sets use_karras_sigmas.
-SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "DPM++ 2M": ("dpm++", ("k_dpmpp_2m",)),
-    "DPM++ 2M Karras": ("dpm++_karras", ("k_dpmpp_2m_ka",)),
-    "Euler a": ("euler_a", ("k_euler_a",)),
-    "Euler": ("euler", ("k_euler",)),
-    "LMS": ("lms", ("k_lms",)),
-    "Heun": ("heun", ("k_heun",)),
-    "DDIM": ("ddim", ()),
-    "PNDM": ("pndm", ()),
-    "UniPC": ("unipc", ()),
-}
-# A1111 >= 1.9 names the noise schedule apart: "automatic" keeps the sampler's own.
-SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
 CONTROL_MODULES = ("none", "canny", "inpaint", "inpaint_global_harmonious", "inpaint_only")
 # The ControlNet extension's inpaint modules: with an img2img mask, "inpaint_only" acts as "inpaint" (the
 # extension switches it, "A1111 inpaint and ControlNet inpaint duplicated"); the map is the image, masked at -1.
@@ -183,27 +169,6 @@ def parse_lora_tags(prompt: str, field_: str = "prompt") -> tuple[str, list[tupl
                 raise CatalogError(422, field_, f"{tag}: weight must be a finite number, got {rest[0]!r}")
         loras.append((name.strip(), weight))
     return LORA_TAG.sub("", prompt), loras
-
-
-# -- samplers ----------------------------------------------------------------------------------
-
-def resolve_sampler(name: str | None, schedule: str | None) -> tuple[str, str, str]:
-    """(A1111 sampler name, schedule, loramgr scheduler) for a request's ``sampler_name`` and ``scheduler``."""
-    wanted = (name or "Euler").strip()
-    for canonical, (_, aliases) in SAMPLERS.items():
-        if wanted.lower() in (canonical.lower(), *aliases):
-            break
-    else:
-        raise CatalogError(422, "sampler_name", f"unknown sampler {wanted!r}; choose one of {', '.join(SAMPLERS)}")
-    schedule = (schedule or "automatic").strip().lower()
-    if schedule not in SCHEDULES:
-        raise CatalogError(422, "scheduler", f"unknown scheduler {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if schedule == "karras":
-        if canonical not in ("DPM++ 2M", "DPM++ 2M Karras"):
-            raise CatalogError(422, "scheduler", f"scheduler 'karras' is supported with DPM++ 2M only, "
-                                                 f"not with {canonical!r}; use 'automatic'")
-        canonical = "DPM++ 2M Karras"
-    return canonical, schedule, SAMPLERS[canonical][0]
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -414,14 +379,14 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         field_ = "batch_size" if request.batch_size > config.max_num_samples else "n_iter"
         raise CatalogError(422, field_, f"batch_size x n_iter = {total} images exceeds this server's limit of "
                                         f"{config.max_num_samples} (--max-num-samples)")
-    sampler_name, schedule, scheduler = resolve_sampler(request.sampler_name or request.sampler_index,
-                                                        request.scheduler)
+    sampler = resolve_sampler(request.sampler_name or request.sampler_index, request.scheduler, request.steps)
+    warnings += sampler.warnings
     eta = 0.0
-    if scheduler == "ddim":
+    if sampler.scheduler == "ddim":
         eta = 0.0 if request.eta is None else request.eta
-    elif request.eta is not None and not (scheduler == "euler_a" and request.eta == 1.0):
-        warnings.append(f"eta={request.eta} ignored: it applies to DDIM only here "
-                        "(Euler a always uses eta 1, as diffusers' scheduler does)")
+    elif request.eta is not None and not (sampler.eta_one and request.eta == 1.0):
+        warnings.append(f"eta={request.eta} ignored: it applies to DDIM only here (the ancestral and SDE "
+                        "samplers always use eta 1, as diffusers' schedulers do)")
     prompt, loras = parse_lora_tags(request.prompt)
     negative, negative_loras = parse_lora_tags(request.negative_prompt, "negative_prompt")
     if negative_loras:
@@ -476,7 +441,8 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
     common = {
         "prompt": prompt, "a_prompt": "", "n_prompt": negative, "image": None if init is None else encode_png(init),
         "controls": specs, "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
-        "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
+        "steps": request.steps, "scale": request.cfg_scale, "scheduler": sampler.scheduler,
+        "schedule": sampler.native_schedule,
         "resolution": min(width, height), "width": width, "height": height, "num_samples": 1,
         "control_schedule": "controlnet", "control_window": "a1111", "eta": eta, "clip_skip": clip_skip,
         "img2img_strength": request.denoising_strength if img2img else None, "hires": hires,
@@ -490,7 +456,7 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             first = exc.errors()[0]
             native = str(first["loc"][0]) if first["loc"] else "body"
             raise CatalogError(422, a1111_field(native, request), first["msg"]) from None
-    return Plan(requests, seeds, sampler_name, schedule, controls, ignored, warnings, extra)
+    return Plan(requests, seeds, sampler.sampler_name, sampler.schedule, controls, ignored, warnings, extra)
 
 
 def hires_spec(request: A1111Request, loras: list, warnings: list[str], extra: dict[str, Any]) -> HiresSpec:
@@ -516,7 +482,7 @@ def hires_spec(request: A1111Request, loras: list, warnings: list[str], extra: d
         warnings.append("LoRA tags of hr_prompt are not applied on their own: the prompt's LoRAs act in both passes")
     scheduler = None
     if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
-        scheduler = resolve_sampler(request.hr_sampler_name, request.scheduler)[2]
+        scheduler = resolve_sampler(request.hr_sampler_name, request.scheduler, steps).scheduler
     extra.update({"Denoising strength": request.denoising_strength, "Hires upscaler": upscaler,
                   **({"Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}"}
                      if request.hr_resize_x or request.hr_resize_y else {"Hires upscale": request.hr_scale}),
@@ -574,7 +540,8 @@ def a1111_field(native: str | None, request: A1111Request, unit_paths: list[str]
         path = unit_paths[int(parts[1])]
         return f"{path}.{UNIT_FIELDS.get(parts[2], parts[2])}" if len(parts) > 2 else path
     mapping = {"loras": "prompt", "scale": "cfg_scale", "img2img_strength": "denoising_strength",
-               "scheduler": "sampler_name", "n_prompt": "negative_prompt", "num_samples": "batch_size",
+               "scheduler": "sampler_name", "schedule": "scheduler", "n_prompt": "negative_prompt",
+               "num_samples": "batch_size",
                "resolution": "width" if request.width <= request.height else "height",
                "image": "init_images.0", "controls": "alwayson_scripts", "hires": "hr_scale",
                "inpaint": "mask"}
@@ -661,7 +628,7 @@ def response_info(request: A1111Request, the_plan: Plan, results: list[dict], se
              **({"Lora hashes": hashes} if hashes else {})}
     if first["settings"]["clip_skip"] > 1:
         extra["Clip skip"] = first["settings"]["clip_skip"]
-    params = {"Steps": request.steps, "Sampler": the_plan.sampler_name, "Schedule type": SCHEDULES[the_plan.schedule],
+    params = {"Steps": request.steps, "Sampler": the_plan.sampler_name, "Schedule type": SCHEDULES[the_plan.schedule].label,
               "CFG scale": request.cfg_scale, "Seed": None, "Size": f"{width}x{height}",
               "Model hash": served.model_hash, "Model": served.model_name, "Denoising strength": denoising, **extra,
               "Version": served.version}

@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..errors import LoramgrError
-from .a1111 import (BASE_CONTROLNET, CONTROL_MODULES, SAMPLERS, SCHEDULES, A1111Request, A1111Response,
-                    ControlNetUnit, Img2ImgRequest, Served, a1111_field, control_map, echo_parameters, plan,
-                    response_info, rgb)
+from .a1111 import (BASE_CONTROLNET, CONTROL_MODULES, A1111Request, A1111Response, ControlNetUnit, Img2ImgRequest,
+                    Served, a1111_field, control_map, echo_parameters, plan, response_info, rgb)
+from .a1111_samplers import SAMPLERS, SCHEDULES
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
 from .config import is_loopback
@@ -173,13 +173,15 @@ def router(service) -> APIRouter:
 
     @api.get("/sdapi/v1/samplers")
     async def samplers():
-        return [{"name": name, "aliases": list(aliases), "options": {"loramgr_scheduler": native}}
-                for name, (native, aliases) in SAMPLERS.items()]
+        return [{"name": name, "aliases": list(s.aliases),
+                 "options": {**({"scheduler": s.automatic} if s.automatic in ("karras", "exponential") else {}),
+                             "loramgr_scheduler": s.scheduler}}
+                for name, s in SAMPLERS.items()]
 
     @api.get("/sdapi/v1/schedulers")
     async def schedulers():
-        return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for name, label in SCHEDULES.items()]
+        return [{"name": name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+                 "need_inner_model": s.need_inner_model} for name, s in SCHEDULES.items()]
 
     @api.get("/sdapi/v1/options")
     async def get_options():

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import LoramgrError
-from ..pipeline.schedulers import SCHEDULERS
+from ..pipeline.schedulers import SCHEDULERS, SCHEDULES
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
@@ -191,7 +191,8 @@ class Service:
                            "max_queue": c.max_queue, "max_overtake": c.max_overtake,
                            "max_lora_weight": MAX_LORA_WEIGHT, "max_strength": MAX_STRENGTH,
                            "max_scale": MAX_SCALE, "max_eta": MAX_ETA, "max_json_depth": MAX_JSON_DEPTH},
-                "schedulers": sorted(SCHEDULERS), "control_schedules": list(CONTROL_SCHEDULES)}
+                "schedulers": sorted(SCHEDULERS), "schedules": list(SCHEDULES),
+                "control_schedules": list(CONTROL_SCHEDULES)}
 
 
 def _error(status: int, field: str | None, reason: str, headers: dict | None = None) -> JSONResponse:

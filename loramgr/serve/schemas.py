@@ -124,6 +124,8 @@ class GenerateRequest(BaseModel):
     scale: FiniteFloat = RUN_DEFAULTS["scale"]
     seed: int = RUN_DEFAULTS["seed"]
     scheduler: str = RUN_DEFAULTS["scheduler"]
+    schedule: str = Field(RUN_DEFAULTS["schedule"], description="where the scheduler places its steps: "
+                          "`automatic` (its own), `karras`, `exponential`, `uniform`, ... (docs/serving.md)")
     resolution: int | None = Field(None, description="omitted: the base's native size, as `loramgr run` "
                                                       "(tiny 128, sd15 512; GET /v1/config)")
     num_samples: int = RUN_DEFAULTS["num_samples"]
@@ -243,6 +245,7 @@ class ServerInfo(BaseModel):
     defaults: dict = Field(description="the generation defaults (those of `loramgr run`)")
     limits: dict
     schedulers: list[str]
+    schedules: list[str]
     control_schedules: list[str]
 
 
