@@ -180,8 +180,13 @@ def test_released_graphs_open_again_with_the_current_set(tiny_workspace, adapter
             np.testing.assert_array_equal(got, expected)
 
 
-def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
-    """Runs in a thread while the main thread swaps A <-> B: each output is exactly A's or B's."""
+def test_a_swap_waits_for_the_set_in_use(tiny_workspace, adapters):
+    """set_adapters(B) from another thread while this one holds A (``runner.hold()``, as a generation does):
+    every call inside the hold still sees all of A, the swap ends only after the hold, and then B is in place.
+
+    The swap is called before the calls inside the hold run, so a swap that did not wait would land
+    while they run (a half- or fully-written B); it cannot pass by missing them.
+    """
     manifest = Manifest.load(tiny_workspace.base_dir("tiny"))
     set_a = load_adapter_set(tiny_workspace, manifest, ["rt_a:1.0"], None)
     set_b = load_adapter_set(tiny_workspace, manifest, ["rt_a:-1.0"], None)
@@ -190,21 +195,31 @@ def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
     expect_a = runner.predict_noise(**feeds).numpy()
     runner.set_adapters(set_b)
     expect_b = runner.predict_noise(**feeds).numpy()
-    outputs, stop = [], threading.Event()
+    runner.set_adapters(set_a)
+    assert np.abs(expect_a - expect_b).max() > 1e-3
+    calling, swapped, errors = threading.Event(), threading.Event(), []
 
-    def work():
-        while not stop.is_set():
-            outputs.append(runner.predict_noise(**feeds).numpy())
+    def swap():
+        calling.set()
+        try:
+            runner.set_adapters(set_b)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        swapped.set()
 
-    thread = threading.Thread(target=work)
-    thread.start()
-    for i in range(8):
-        runner.set_adapters(set_a if i % 2 == 0 else set_b)
-    stop.set()
-    thread.join()
-    assert outputs
-    for out in outputs:
-        assert np.array_equal(out, expect_a) or np.array_equal(out, expect_b)
+    swapper = threading.Thread(target=swap)
+    with runner.hold() as held:
+        assert held is set_a
+        swapper.start()
+        assert calling.wait(60)
+        during = [runner.predict_noise(**feeds).numpy() for _ in range(4)]
+        assert not swapped.is_set(), "set_adapters returned while a generation held the set"
+    swapper.join(300)
+    assert swapped.is_set() and not errors, errors
+    for out in during:
+        np.testing.assert_array_equal(out, expect_a)
+    np.testing.assert_array_equal(runner.predict_noise(**feeds).numpy(), expect_b)
+    runner.close()
 
 
 def test_bake_output_loads_in_plain_onnxruntime(tiny_workspace, adapters, tmp_path):

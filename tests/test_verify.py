@@ -85,6 +85,12 @@ def demo(ws, manifest, files) -> list[str]:
     return ["blindbox:0.8", "moxin:0.7"]
 
 
+@pytest.fixture(scope="module")
+def stack_reference(ws, demo):
+    """The seed's stack verified once (tensors only): its merged reference is in the cache from here on."""
+    return verify(ws, demo, control="hed", settings=TENSORS_ONLY)
+
+
 def by_name(report) -> dict:
     return {a.name: a for a in report.adapters}
 
@@ -182,10 +188,11 @@ def _save_as_converted(model: onnx.ModelProto, props: dict[str, str], dst: Path)
 
 
 @pytest.mark.parametrize("how", ["perturbed", "transposed", "scale"])
-def test_corrupted_lora_fails_naming_the_tensor(how, ws, demo):
+def test_corrupted_lora_fails_naming_the_tensor(how, ws, demo, stack_reference):
+    assert stack_reference.passed
     broken = _corrupt(ws.adapter_path("blindbox"), ws.adapter_path(f"blindbox-{how}"), how)
     report = verify(ws, [f"blindbox-{how}:0.8", "moxin:0.7"], control="hed", settings=TENSORS_ONLY)
-    assert report.cached  # same sources and weights: the reference of the first test
+    assert report.cached  # same sources and weights: the stack's reference, made by the fixture
     assert not report.passed
     assert checks(report) == {"reference": "passed", "coverage": "passed", "tensors": "failed", "untouched": "passed"}
     (failed,) = [d for d in report.tensors if not d.passed]
