@@ -130,7 +130,9 @@ def test_second_run_reuses_the_cached_reference(ws, demo):
     again = verify(ws, demo, control="hed", settings=TENSORS_ONLY)
     assert again.cached and again.merged_export == first.merged_export
     assert [a.changed for a in again.adapters] == [a.changed for a in first.adapters]  # counts kept with the cache
-    other_weight = verify(ws, ["blindbox:0.5"], settings=TENSORS_ONLY)
+    # a weight no other test verifies blindbox.safetensors at (test_dropped_target_fails_... uses 0.5 on the same
+    # source, whose reference the cache then holds): not cached in any test order
+    other_weight = verify(ws, ["blindbox:0.45"], settings=TENSORS_ONLY)
     assert not other_weight.cached and other_weight.merged_export != first.merged_export and other_weight.passed
 
 
