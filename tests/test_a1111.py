@@ -1,8 +1,10 @@
 """The A1111 web-UI API driven by a published client (webuiapi) against a real server on a loopback port.
 
-Tiny base, 64 px, 3-4 steps. The server is uvicorn in a thread over the real app; the
-native API of the same server is the reference: an A1111 request and its native
-translation must give the same pixels.
+Tiny base, 64 px, 3-4 steps. The server is uvicorn in a thread over the real app. The
+independent reference is diffusers' pipeline built here (reference_pipelines.py), with the
+sampler mapped to its diffusers scheduler by hand: txt2img with a unit and LoRA tags, img2img
+without a unit (plain SD img2img, no ControlNet), the Karras schedule. Other tests check the
+translation against the native API of the same server (a consistency check).
 """
 
 from __future__ import annotations
@@ -16,14 +18,19 @@ import time
 import httpx
 import numpy as np
 import pytest
+import torch
 import webuiapi
 from PIL import Image
 
 from loramgr.pipeline.canny import detect_edges
+from loramgr.samples import sample_image
 from loramgr.serve import ServeConfig, create_app
 from loramgr.serve.a1111 import fit, parse_lora_tags
 from loramgr.serve.catalog import CatalogError
-from test_serve_support import decode, png_b64, serve_workspace, served
+from reference_pipelines import (
+    assert_close_images, diffusers_images, documented, reference_process_preprocessing, reference_scheduler,
+)
+from test_serve_support import decode, png_b64, reference_for, serve_workspace, served
 
 CONFIG = ServeConfig(max_resolution=256, max_steps=400, max_num_samples=4, max_image_bytes=256 * 1024,
                      max_queue=8)
@@ -50,6 +57,17 @@ def api(url):
 @pytest.fixture(scope="module")
 def house(ws) -> Image.Image:
     return Image.open(ws.home / "house.png").convert("RGB")
+
+
+@pytest.fixture(scope="module")
+def reference(ws, tiny_folder):
+    """diffusers' ControlNet pipeline of the tiny base (canny ControlNet, no LoRA)."""
+    return reference_for(ws, tiny_folder)
+
+
+def a1111_settings(**fields):
+    """An A1111 request's settings for the reference: no added prompt, no default negative prompt."""
+    return documented(**{"a_prompt": "", "n_prompt": "", "resolution": 64, **fields})
 
 
 def native(url, **fields) -> dict:
@@ -93,15 +111,23 @@ def test_txt2img_with_unit_and_lora_tags_equals_native(api, url, ws, house, unit
     assert "denoise" in info["loramgr"]["timings"][0]
 
 
-def test_img2img_without_unit_is_plain_sd(api, url, ws, house):
-    """No unit: no ControlNet at all (the native request with `controls: []`)."""
-    got = api.img2img(images=[house], prompt="a red house", denoising_strength=0.6, seed=3, sampler_name="DDIM",
-                      eta=0.5, **{**FAST, "steps": 4})
-    ref = native(url, prompt="a red house", n_prompt="", image=png_b64(ws.home / "house.png"), seed=3, steps=4,
-                 scale=7.0, scheduler="ddim", eta=0.5, resolution=64, img2img_strength=0.6, controls=[])
+def test_img2img_without_unit_is_plain_sd(api, reference, ws):
+    """No unit: diffusers' plain StableDiffusionImg2ImgPipeline (no ControlNet) on the same base gives the image."""
+    from diffusers import StableDiffusionImg2ImgPipeline
+
+    init = Image.fromarray(sample_image(64))  # at the output size: no resize mode involved
+    got = api.img2img(images=[init], prompt="a red house", denoising_strength=0.6, seed=3, sampler_name="DDIM",
+                      eta=0.5, alwayson_scripts={}, **{**FAST, "steps": 4})  # webuiapi's default dict keeps the
+    # ControlNet unit an earlier img2img call put into it (a mutable default): passed empty, no unit is sent
     assert len(got.images) == 1  # no unit: no control map
-    assert np.array_equal(pixels(got.image), decode(ref["images"][0]))
     assert got.info["denoising_strength"] == 0.6 and got.parameters["init_images"] is None
+    parts = {k: v for k, v in reference.components.items() if k in ("vae", "text_encoder", "tokenizer", "unet")}
+    plain = StableDiffusionImg2ImgPipeline(**parts, scheduler=reference_scheduler("ddim", reference.scheduler.config),
+                                           safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+    expected = plain(prompt="a red house", negative_prompt="", image=init, strength=0.6, num_inference_steps=4,
+                     guidance_scale=7.0, eta=0.5, generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert_close_images([pixels(got.image)], np.asarray(expected)[None])
 
 
 def test_img2img_unit_without_image_uses_the_init_image(api, url, ws, house):
@@ -168,6 +194,38 @@ def test_schedule_types(api, url, ws, house):
         assert r.status_code == 200, r.text
         warnings = json.loads(r.json()["info"])["loramgr"]["warnings"]
         assert (warning is None and warnings == []) or any(warning in w for w in warnings), warnings
+
+
+@pytest.mark.parametrize("sampler_name, schedule, scheduler", [
+    ("DPM++ 2M", "karras", "dpm++_karras"),
+    ("DPM++ 2M Karras", None, "dpm++_karras"),
+    ("DPM++ 2M", None, "dpm++_karras"),  # A1111 1.9+: DPM++ 2M's Automatic schedule is Karras
+    ("DPM++ 2M", "uniform", "dpm++"),
+])
+def test_dpm_samplers_and_the_karras_schedule_match_diffusers(api, reference, house, sampler_name, schedule,
+                                                             scheduler):
+    """Each spelling against diffusers' DPMSolverMultistepScheduler, built by hand (with or without Karras sigmas)."""
+    cn = webuiapi.ControlNetUnit(image=house, module="canny", processor_res=64, threshold_a=100, threshold_b=200,
+                                 resize_mode="Just Resize")
+    got = api.txt2img(prompt="a house", seed=2, sampler_name=sampler_name, controlnet_units=[cn], **FAST,
+                      **({"scheduler": schedule} if schedule else {}))
+    settings = a1111_settings(prompt="a house", seed=2, steps=3, scale=7.0, scheduler=scheduler)
+    assert_close_images([pixels(got.image)], diffusers_images(reference, pixels(house), settings))
+    assert got.info["sampler_name"] == "DPM++ 2M"
+    assert got.info["scheduler"] == ("karras" if scheduler == "dpm++_karras" else "uniform")
+
+
+def test_txt2img_with_a_converted_controlnet_and_lora_tags_matches_diffusers(api, ws, tiny_folder, house):
+    """LoRA tags (one at its default weight), a converted ControlNet at weight 0.7, Euler a: diffusers with the files."""
+    cn = webuiapi.ControlNetUnit(image=house, module="canny", model="sv_hed [0123abcd]", weight=0.7, processor_res=64,
+                                 threshold_a=90, threshold_b=180, resize_mode="Just Resize")
+    got = api.txt2img(prompt="a house <lora:sv_a:0.8> <lora:sv_b>", negative_prompt="lowres", seed=5,
+                      sampler_name="Euler a", controlnet_units=[cn], **FAST)
+    reference = reference_for(ws, tiny_folder, [("sv_a", 0.8), ("sv_b", 1.0)], "sv_hed")
+    settings = a1111_settings(prompt="a house", n_prompt="lowres", seed=5, steps=3, scale=7.0, scheduler="euler_a",
+                              strength=0.7, low_threshold=90, high_threshold=180)
+    assert_close_images([pixels(got.images[0])], diffusers_images(reference, pixels(house), settings))
+    np.testing.assert_array_equal(pixels(got.images[1]), reference_process_preprocessing(pixels(house), 64, 90, 180)[1])
 
 
 # -- lists and options ------------------------------------------------------------------------------

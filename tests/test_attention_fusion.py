@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -82,8 +84,18 @@ def test_attention_the_op_would_compute_differently_is_left_alone(variant):
     assert model.SerializeToString() == before
 
 
-def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace):
-    """Every UNet/ControlNet attention fuses; the runner's noise and the text encoder agree either way."""
+def _node_ops(session: ort.InferenceSession) -> Counter:
+    """Op type -> number of nodes the session ran, from ONNX Runtime's profile of that session."""
+    import json
+
+    events = json.loads(Path(session.end_profiling()).read_text())
+    nodes = {e["name"]: e["args"]["op_name"] for e in events if e.get("cat") == "Node" and "op_name" in e.get("args", {})}
+    return Counter(nodes.values())
+
+
+def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace, tmp_path, monkeypatch):
+    """Every UNet/ControlNet attention fuses; the runner's own session then runs MultiHeadAttention nodes and no
+    Softmax (from ONNX Runtime's profile of every session the runner creates); outputs agree either way."""
     base_dir = tiny_workspace.base_dir("tiny")
     manifest = Manifest.load(base_dir)
     counts = {}
@@ -94,12 +106,33 @@ def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace):
     assert counts[UNET][0] == counts[UNET][1] > 0 and counts[CONTROLNET][0] == counts[CONTROLNET][1] > 0
     assert counts[TEXT_ENCODER][0] == 0  # CLIP's causal mask: left as exported
     assert counts[VAE_DECODER][0] == counts[VAE_DECODER][1] == 1  # the mid-block attention
+
+    created: list[ort.InferenceSession] = []
+
+    class Profiled(ort.InferenceSession):  # every session the runner creates, profiled
+        def __init__(self, model, sess_options=None, *args, **kwargs):
+            sess_options = sess_options or ort.SessionOptions()
+            sess_options.enable_profiling = True
+            sess_options.profile_file_prefix = str(tmp_path / f"profile{len(created)}")
+            super().__init__(model, sess_options, *args, **kwargs)
+            created.append(self)
+
+    monkeypatch.setattr(ort, "InferenceSession", Profiled)
     inputs = StepInputs.random(manifest, 64)
     ids = torch.randint(0, 500, (1, 77))  # the tiny vocabulary has 520 ids
-    outputs = {}
+    outputs, ops = {}, {}
     for fused in (True, False):
+        created.clear()
         with OrtRunner.open(base_dir, options=OrtOptions(fuse_attention=fused)) as runner:
             outputs[fused] = (inputs.step(runner), runner.encode_text(ids),
                               runner.vae_decode(inputs.sample[:1]))
+            for graph, input_name in ((UNET, "mid_block_res"), (CONTROLNET, "controlnet_cond")):
+                (session,) = [s for s in created if input_name in {i.name for i in s.get_inputs()}]
+                ops[fused, graph] = _node_ops(session)
+    for graph in (UNET, CONTROLNET):
+        fused_ops, plain_ops = ops[True, graph], ops[False, graph]
+        assert fused_ops["MultiHeadAttention"] == counts[graph][0] and fused_ops["Softmax"] == 0, fused_ops
+        assert plain_ops["MultiHeadAttention"] == 0 and plain_ops["Softmax"] == counts[graph][1], plain_ops
     for a, b in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import stat
@@ -386,11 +387,16 @@ def test_output_stems_are_unique_and_checked_before_generating(ws, lora_file, in
     assert cli(ws, *run_args(input_png, out, "--name", "mine", "--overwrite")) == 0
 
 
-def test_default_stems_differ_between_processes(tmp_path):
+def test_default_stems_differ_between_processes(tmp_path, monkeypatch):
+    import loramgr.pipeline.outputs as outputs
+
     stem = default_stem()
-    assert stem.endswith(f"-{os.getpid()}")
+    assert re.fullmatch(rf"\d{{8}}-\d{{6}}-{os.getpid()}", stem), stem
+    monkeypatch.setattr(outputs, "default_stem", lambda: stem)  # the same second for the claims below
     (tmp_path / f"{stem}.json").write_text("{}")
-    assert claim_stems(tmp_path, None, ["base"], 1) == [f"{stem}-2"] or default_stem() != stem
+    assert claim_stems(tmp_path, None, ["base"], 1) == [f"{stem}-2"]
+    (tmp_path / f"{stem}-2-0.png").write_text("")
+    assert claim_stems(tmp_path, None, ["base"], 1) == [f"{stem}-3"]
     stems = claim_stems(tmp_path, "run", ["a:0.8+hed", "dir/x.lora", "base"], 1)
     assert stems == ["run-0-a_0.8+hed", "run-1-dir_x.lora", "run-2-base"]
 

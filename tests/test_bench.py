@@ -169,11 +169,19 @@ def test_interleaved_runs_variants_in_turn():
 
 
 def test_competing_process_spins_and_is_gone_after():
-    with competing_process(limit_s=30) as pid:
-        status = Path(f"/proc/{pid}/stat")
-        if status.is_file():  # Linux: it is running, not sleeping
-            time.sleep(0.3)
-            assert status.read_text().split()[2] == "R"
+    """While the block runs the process spins on a CPU (state R, CPU time growing), then it is killed and reaped."""
+    with competing_process(limit_s=120) as pid:
+        stat = Path(f"/proc/{pid}/stat")
+        if stat.is_file():  # Linux
+            def fields() -> list[str]:  # after "pid (comm)": state, ..., utime at index 11
+                return stat.read_text().rsplit(")", 1)[1].split()
+
+            ticks = os.sysconf("SC_CLK_TCK")
+            deadline = time.monotonic() + 60
+            while int(fields()[11]) < 0.3 * ticks:  # 0.3 s of CPU: past start-up, in its loop
+                assert time.monotonic() < deadline, f"not spinning: {fields()[:1] + fields()[11:13]}"
+            states = [fields()[0] for _ in range(200)]
+            assert set(states) == {"R"}, states  # running or runnable, never asleep
     assert not Path(f"/proc/{pid}").exists()  # killed and reaped
 
 

@@ -28,7 +28,9 @@ from loramgr.pipeline.controlnet import ControlNetPipeline, GenerationResult
 from loramgr.pipeline.images import load_image
 from loramgr.pipeline.outputs import save_result
 from loramgr.pipeline.settings import GenerationSettings
-from reference_pipelines import diffusers_images
+from reference_pipelines import (
+    diffusers_images, reference_HWC3, reference_process_preprocessing, reference_resize_image,
+)
 from reference_units import diffusers_units_images
 
 pytestmark = [
@@ -40,47 +42,6 @@ pytestmark = [
 
 MAX_PIXEL_DIFF = 1
 FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, bad anatomy"}  # within 77 tokens: diffusers cuts longer ones
-
-
-# --- ControlNet's annotator/util.py and annotator/canny, verbatim (seed 000) -------------
-
-def reference_HWC3(x):  # noqa: N802
-    assert x.dtype == np.uint8
-    if x.ndim == 2:
-        x = x[:, :, None]
-    assert x.ndim == 3
-    H, W, C = x.shape
-    assert C == 1 or C == 3 or C == 4
-    if C == 3:
-        return x
-    if C == 1:
-        return np.concatenate([x, x, x], axis=2)
-    if C == 4:
-        color = x[:, :, 0:3].astype(np.float32)
-        alpha = x[:, :, 3:4].astype(np.float32) / 255.0
-        y = color * alpha + 255.0 * (1.0 - alpha)
-        y = y.clip(0, 255).astype(np.uint8)
-        return y
-
-
-def reference_resize_image(input_image, resolution):
-    H, W, C = input_image.shape
-    H = float(H)
-    W = float(W)
-    k = float(resolution) / min(H, W)
-    H *= k
-    W *= k
-    H = int(np.round(H / 64.0)) * 64
-    W = int(np.round(W / 64.0)) * 64
-    img = cv2.resize(input_image, (W, H), interpolation=cv2.INTER_LANCZOS4 if k > 1 else cv2.INTER_AREA)
-    return img
-
-
-def reference_process_preprocessing(input_image, image_resolution, low_threshold, high_threshold):
-    img = reference_resize_image(reference_HWC3(input_image), image_resolution)
-    detected_map = cv2.Canny(img, low_threshold, high_threshold)
-    detected_map = reference_HWC3(detected_map)
-    return img, detected_map
 
 
 def synthetic_image(height: int, width: int, channels: int = 3, seed: int = 0) -> np.ndarray:

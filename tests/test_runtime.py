@@ -1,7 +1,7 @@
 """ONNX Runtime runtime: parity with diffusers, adapters, hot swap, bake, CLI bad input.
 
-Tolerances: images as in test_pipeline.py (max 2 uint8 levels: same fp32 math, different
-kernels and summation order). Hot swap vs a fresh session: bit-identical noise_pred (the
+Tolerances: images within 2 uint8 levels of diffusers' (reference_pipelines.assert_close_images:
+same fp32 math, different kernels and summation order). Hot swap vs a fresh session: bit-identical noise_pred (the
 same tensors reach the same kernels; only how they got there differs).
 """
 
@@ -31,7 +31,7 @@ from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
 from loramgr.workspace import Workspace
 
 from cli_support import cli
-from reference_pipelines import diffusers_images
+from reference_pipelines import assert_close_images, diffusers_images, documented, reference_pipeline
 
 
 FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, worst quality"}
@@ -53,12 +53,6 @@ def adapters(tiny_workspace, tmp_path_factory):
     return files
 
 
-def assert_same_images(ours: list[np.ndarray], theirs: np.ndarray, max_diff: int) -> None:
-    diff = np.abs(np.stack(ours).astype(np.int16) - theirs.astype(np.int16))
-    assert diff.max() <= max_diff and diff.mean() < 0.05, f"max diff {diff.max()}, mean {diff.mean():.4f}"
-    assert np.stack(ours).std() > 40  # full-range images, so agreement means something
-
-
 def _runner(ws: Workspace, loras=(), control=None, **options) -> OrtRunner:
     base_dir = ws.base_dir("tiny")
     adapter_set = load_adapter_set(ws, Manifest.load(base_dir), list(loras), control)
@@ -67,9 +61,7 @@ def _runner(ws: Workspace, loras=(), control=None, **options) -> OrtRunner:
 
 @pytest.fixture(scope="module")
 def reference(tiny_folder):
-    from diffusers import StableDiffusionControlNetPipeline
-
-    return StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
+    return reference_pipeline(tiny_folder)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -77,43 +69,37 @@ def reference(tiny_folder):
     pytest.param({"guess_mode": True, "control_schedule": "diffusers", "strength": 0.7}, id="guess-mode"),
     pytest.param({"img2img_strength": 0.6}, id="img2img"),
 ])
-def test_ort_pipeline_matches_diffusers(tiny_workspace, reference, overrides):
-    image = sample_image(96)
-    settings = GenerationSettings(prompt="a house", seed=3, **FAST, **overrides)
-    runner = _runner(tiny_workspace)
-    ours = make_pipeline(runner.base, runner)(image, settings).images
-    assert_same_images(ours, diffusers_images(reference, image, settings), max_diff=2)
-
-
-def _count_lora_layers(module: torch.nn.Module) -> int:
-    from peft.tuners.lora import LoraLayer
-
-    return sum(isinstance(m, LoraLayer) for m in module.modules())
-
-
-def test_two_loras_and_a_controlnet_match_diffusers(tiny_workspace, tiny_folder, adapters):
-    """loramgr's injected session vs diffusers load_lora_weights + set_adapters + its ControlNetModel."""
-    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
-
-    reference = StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
-    reference.controlnet = ControlNetModel.from_pretrained(adapters["rt_hed"])
-    reference.load_lora_weights(str(adapters["rt_a"]), adapter_name="a")
-    reference.load_lora_weights(str(adapters["rt_b"]), adapter_name="b")
-    reference.set_adapters(["a", "b"], [0.8, 0.5])
-    targets = load_adapter_set(tiny_workspace, Manifest.load(tiny_workspace.base_dir("tiny")),
-                               ["rt_a:0.8", "rt_b:0.5"], "rt_hed")
-    lora_modules = {t.param for a, _ in targets.adapters if a.kind == "lora" for t in a.targets.values()}
-    # The oracle must really have loaded every module (REFERENCE.md: diffusers can load nothing silently).
-    assert _count_lora_layers(reference.unet) + _count_lora_layers(reference.text_encoder) == len(lora_modules)
+def test_python_api_matches_diffusers(tiny_workspace, reference, overrides):
+    """``Generator.generate`` (the Python API) against diffusers' pipeline; fields not given act as documented."""
+    from loramgr.runtime import Generator
 
     image = sample_image(96)
-    settings = GenerationSettings(prompt="a house", seed=5, **FAST)
-    runner = _runner(tiny_workspace, ["rt_a:0.8", "rt_b:0.5"], "rt_hed")
-    ours = make_pipeline(runner.base, runner)(image, settings).images
-    assert_same_images(ours, diffusers_images(reference, image, settings), max_diff=2)
-    plain = _runner(tiny_workspace)
-    base_images = make_pipeline(plain.base, plain)(image, settings).images
-    assert np.abs(ours[0].astype(int) - base_images[0].astype(int)).mean() > 5  # the adapters matter
+    with Generator.open(tiny_workspace, "tiny") as generator:
+        ours = generator.generate(None, GenerationSettings(prompt="a house", seed=3, **FAST, **overrides), image).images
+    assert_close_images(ours, diffusers_images(reference, image, documented(prompt="a house", seed=3, **FAST,
+                                                                             **overrides)))
+
+
+def test_cli_run_with_two_loras_and_a_controlnet_matches_diffusers(tiny_workspace, tiny_folder, adapters, tmp_path,
+                                                                   capsys):
+    """``loramgr run`` vs diffusers load_lora_weights + set_adapters + its ControlNetModel, defaults as documented."""
+    from PIL import Image
+
+    reference = reference_pipeline(tiny_folder, [(adapters["rt_a"], 0.8), (adapters["rt_b"], 0.5)], adapters["rt_hed"])
+    image = sample_image(96)
+    Image.fromarray(image).save(tmp_path / "in.png")
+
+    def run(*adapter_args: str) -> np.ndarray:
+        out = tmp_path / f"out{len(adapter_args)}"
+        assert cli(tiny_workspace, "run", "--image", str(tmp_path / "in.png"), "--prompt", "a house", "--seed", "5",
+                   "--steps", "4", "--resolution", "64", "--out", str(out), "--name", "x", *adapter_args) == 0
+        return np.asarray(Image.open(out / "x-0.png"))
+
+    ours = run("--lora", "rt_a:0.8", "--lora", "rt_b:0.5", "--control", "rt_hed")
+    capsys.readouterr()
+    assert_close_images([ours], diffusers_images(reference, image, documented(prompt="a house", seed=5, steps=4,
+                                                                              resolution=64)))
+    assert np.abs(ours.astype(int) - run().astype(int)).mean() > 5  # the adapters matter
 
 
 def _feeds(n: int = 1, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -236,8 +222,13 @@ def fresh_residuals(ws, feeds) -> list[np.ndarray]:
         return [r.numpy() for r in runner.control_residuals(None, **feeds)]
 
 
-def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
-    """Runs in a thread while the main thread swaps A <-> B: each output is exactly A's or B's."""
+def test_a_swap_waits_for_the_set_in_use(tiny_workspace, adapters):
+    """set_adapters(B) from another thread while this one holds A (``runner.hold()``, as a generation does):
+    every call inside the hold still sees all of A, the swap ends only after the hold, and then B is in place.
+
+    The swap is called before the calls inside the hold run, so a swap that did not wait would land
+    while they run (a half- or fully-written B); it cannot pass by missing them.
+    """
     manifest = Manifest.load(tiny_workspace.base_dir("tiny"))
     set_a = load_adapter_set(tiny_workspace, manifest, ["rt_a:1.0"], None)
     set_b = load_adapter_set(tiny_workspace, manifest, ["rt_a:-1.0"], None)
@@ -246,21 +237,31 @@ def test_no_run_sees_half_swapped_weights(tiny_workspace, adapters):
     expect_a = _step(runner, feeds).numpy()
     runner.set_adapters(set_b)
     expect_b = _step(runner, feeds).numpy()
-    outputs, stop = [], threading.Event()
+    runner.set_adapters(set_a)
+    assert np.abs(expect_a - expect_b).max() > 1e-3
+    calling, swapped, errors = threading.Event(), threading.Event(), []
 
-    def work():
-        while not stop.is_set():
-            outputs.append(_step(runner, feeds).numpy())
+    def swap():
+        calling.set()
+        try:
+            runner.set_adapters(set_b)
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        swapped.set()
 
-    thread = threading.Thread(target=work)
-    thread.start()
-    for i in range(8):
-        runner.set_adapters(set_a if i % 2 == 0 else set_b)
-    stop.set()
-    thread.join()
-    assert outputs
-    for out in outputs:
-        assert np.array_equal(out, expect_a) or np.array_equal(out, expect_b)
+    swapper = threading.Thread(target=swap)
+    with runner.hold() as held:
+        assert held is set_a
+        swapper.start()
+        assert calling.wait(60)
+        during = [_step(runner, feeds).numpy() for _ in range(4)]
+        assert not swapped.is_set(), "set_adapters returned while a generation held the set"
+    swapper.join(300)
+    assert swapped.is_set() and not errors, errors
+    for out in during:
+        np.testing.assert_array_equal(out, expect_a)
+    np.testing.assert_array_equal(_step(runner, feeds).numpy(), expect_b)
+    runner.close()
 
 
 def test_bake_output_loads_in_plain_onnxruntime(tiny_workspace, adapters, tmp_path):

@@ -20,7 +20,10 @@ from PIL import Image
 from loramgr.serve import ServeConfig, create_app
 from loramgr.serve.config import is_loopback
 from loramgr.serve.scheduler import QueueFull, Scheduler
-from test_serve_support import FAST, cli_run, decode, png_b64, serve_workspace
+from reference_pipelines import (
+    CONTROLNET_DEFAULTS, assert_close_images, diffusers_images, documented, reference_process_preprocessing,
+)
+from test_serve_support import FAST, cli_run, decode, png_b64, reference_for, serve_workspace
 
 CONFIG = ServeConfig(max_resolution=256, max_steps=20, max_num_samples=2, max_image_bytes=64 * 1024,
                      max_upload_bytes=4 * 1024 * 1024, max_queue=8, max_overtake=2)
@@ -79,19 +82,51 @@ def test_generate_equals_loramgr_run_bit_for_bit(client, ws, tmp_path, loras, co
     assert set(got["timings"]) >= {"queue_wait", "swap", "encode", "denoise", "decode", "total"}
 
 
-def test_defaults_are_loramgr_runs(client, ws):
-    from loramgr.bases import OpenBase
-    from loramgr.defaults import base_defaults
-    from loramgr.pipeline.settings import GenerationSettings
+def test_defaults_are_controlnets_process_defaults(client, ws):
+    """/v1/config and the OpenAPI schema state ControlNet's process() defaults (written out in the test); the two
+    that depend on the base (docs/design.md, "Defaults") follow their documented rules on the tiny base: the UNet's
+    native size, and the negative prompt cut at the last item that fits one 77-token window of its tokenizer."""
+    import json as json_
+
+    from transformers import CLIPTokenizer
 
     defaults = client.get("/v1/config").json()["defaults"]
-    reference = base_defaults(OpenBase.resolve(ws, "tiny")).settings(prompt="x")  # the tiny base's: 128 px
-    assert reference.resolution == 128
-    for field in dataclasses.fields(GenerationSettings):
-        if field.name != "prompt":
-            assert defaults[field.name] == getattr(reference, field.name), field.name
     schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
-    assert schema["steps"]["default"] == reference.steps and schema["scale"]["default"] == reference.scale
+    per_base = ("resolution", "n_prompt")
+    for name, value in CONTROLNET_DEFAULTS.items():
+        if name in per_base:
+            continue
+        assert defaults[name] == value, name
+        if name in schema:  # the request has no preprocessor field (a control_map is sent as one)
+            assert schema[name].get("default") == value, name
+    source = ws.base_dir("tiny") / "source"
+    assert defaults["resolution"] == 8 * json_.loads((source / "unet" / "config.json").read_text())["sample_size"]
+    tokenizer = CLIPTokenizer.from_pretrained(source / "tokenizer")
+    items = CONTROLNET_DEFAULTS["n_prompt"].split(", ")
+    fits = [k for k in range(1, len(items) + 1) if len(tokenizer(", ".join(items[:k])).input_ids) <= 77]
+    assert defaults["n_prompt"] == ", ".join(items[: max(fits)])
+    assert all(schema[name].get("default") is None for name in per_base)  # omitted: the base's
+    schema = client.get("/openapi.json").json()["components"]["schemas"]["GenerateRequest"]["properties"]
+    for name, value in CONTROLNET_DEFAULTS.items():
+        assert defaults[name] == value, name
+        if name in schema:  # the request has no preprocessor field (a control_map is sent as one)
+            assert schema[name].get("default") == value, name
+    assert len(set(schema) & set(CONTROLNET_DEFAULTS)) == len(CONTROLNET_DEFAULTS) - 1
+
+
+def test_generate_with_omitted_fields_matches_diffusers(client, ws, tiny_folder):
+    """The native route's image against diffusers' pipeline with the same files: every field the request
+    leaves out must act as ControlNet's documented default (a_prompt, n_prompt, scale, eta, DDIM, thresholds)."""
+    got = client.post("/v1/generate", json={
+        "prompt": "a house", "image": png_b64(ws.home / "house.png"), "seed": 5, "steps": 3, "resolution": 64,
+        "loras": [{"name": "sv_a", "weight": 0.8}, {"name": "sv_b"}], "control": "sv_hed"})
+    assert got.status_code == 200, got.text
+    reference = reference_for(ws, tiny_folder, [("sv_a", 0.8), ("sv_b", 1.0)], "sv_hed")
+    house = np.asarray(Image.open(ws.home / "house.png").convert("RGB"))
+    settings = documented(prompt="a house", seed=5, steps=3, resolution=64)
+    assert_close_images([decode(b) for b in got.json()["images"]], diffusers_images(reference, house, settings))
+    edges = reference_process_preprocessing(house, 64, 100, 200)[1]
+    np.testing.assert_array_equal(decode(got.json()["control_map"]), edges)
 
 
 def test_omitted_size_and_negative_prompt_are_the_bases_as_in_loramgr_run(client, ws, tmp_path, caplog):
@@ -211,6 +246,7 @@ def test_failed_swap_or_generation_leaves_no_half_swapped_runner(client, ws, ser
     ref_a, ref_b = generate(client, ws, **a)["images"], generate(client, ws, **b)["images"]
     engine = service.engine
     reopens = engine.reopens
+    recreations = _metric(client, "loramgr_session_recreations_total")
 
     def half_swap(adapter_set):  # writes garbage into one buffer, then fails
         buffers = next(s.buffers for s in engine.runner._graphs.values() if s.buffers)
@@ -233,9 +269,19 @@ def test_failed_swap_or_generation_leaves_no_half_swapped_runner(client, ws, ser
     monkeypatch.undo()
     assert generate(client, ws, **a)["images"] == ref_a
     assert generate(client, ws, **b)["images"] == ref_b
-    metrics = client.get("/metrics").text
-    assert 'loramgr_generations_total{outcome="failed"}' in metrics
-    assert "loramgr_session_recreations_total 1.0" in metrics or engine.reopens > 1
+    assert 'loramgr_generations_total{outcome="failed"}' in client.get("/metrics").text
+    assert _metric(client, "loramgr_session_recreations_total") == recreations + (engine.reopens - reopens)
+    assert engine.reopens - reopens >= 1
+
+
+def _metric(client, name: str) -> float:
+    """The value of the unlabelled Prometheus sample ``name`` on /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = [s for family in text_string_to_metric_families(client.get("/metrics").text)
+               for s in family.samples if s.name == name and not s.labels]
+    assert len(samples) == 1, name
+    return samples[0].value
 
 
 # -- scheduling -------------------------------------------------------------------------------
@@ -248,7 +294,7 @@ def _run_scheduler(policy: str, keys: list[str], max_overtake: int) -> tuple[lis
     def execute(job):
         index, key = job
         if index < 0:
-            gate.wait(5)
+            gate.wait()  # set below, once every job is queued (no timeout that could release it early)
             return None
         if (key,) != state["key"]:
             state["swaps"] += 1
@@ -256,13 +302,15 @@ def _run_scheduler(policy: str, keys: list[str], max_overtake: int) -> tuple[lis
         order.append(index)
 
     scheduler = Scheduler(execute, lambda: state["key"], policy=policy, max_queue=100, max_overtake=max_overtake)
-    blocker = scheduler.submit((-1, None), ("block",))
-    _until(lambda: scheduler.stats.running == 1)
-    futures = [scheduler.submit((i, k), (k,)) for i, k in enumerate(keys)]
-    gate.set()
+    try:
+        blocker = scheduler.submit((-1, None), ("block",))
+        _until(lambda: scheduler.stats.running == 1)
+        futures = [scheduler.submit((i, k), (k,)) for i, k in enumerate(keys)]
+    finally:
+        gate.set()
     for f in [blocker, *futures]:
-        f.result(5)
-    scheduler.close(5)
+        f.result(60)
+    scheduler.close(60)
     return order, state["swaps"], scheduler.stats.max_overtaken
 
 
@@ -285,7 +333,7 @@ def test_full_queue_is_503_with_retry_after(client, ws, service, monkeypatch):
     run = service.engine.run
 
     def slow_run(job):
-        gate.wait(10)
+        gate.wait()  # set in the finally below: the first job runs until the 503 was seen
         return run(job)
 
     monkeypatch.setattr(service.engine, "run", slow_run)
@@ -318,15 +366,17 @@ def _until(condition, timeout: float = 60.0) -> None:
 
 def test_queue_full_exception_carries_retry_after():
     gate = threading.Event()
-    scheduler = Scheduler(lambda job: gate.wait(10), lambda: (), max_queue=1)
-    scheduler.submit(1, ())
-    _until(lambda: scheduler.stats.running == 1)
-    scheduler.submit(2, ())
-    with pytest.raises(QueueFull) as info:
-        scheduler.submit(3, ())
-    assert info.value.retry_after >= 1
-    gate.set()
-    scheduler.close(5)
+    scheduler = Scheduler(lambda job: gate.wait(), lambda: (), max_queue=1)
+    try:
+        scheduler.submit(1, ())
+        _until(lambda: scheduler.stats.running == 1)
+        scheduler.submit(2, ())
+        with pytest.raises(QueueFull) as info:
+            scheduler.submit(3, ())
+        assert info.value.retry_after >= 1
+    finally:
+        gate.set()
+        scheduler.close(60)
 
 
 def test_swappable_set_grows_within_the_budget(ws):

@@ -42,7 +42,8 @@ def serve_workspace(tiny_workspace, tmp_path_factory):
         os.symlink(tiny_workspace.base_dir("tiny"), home / "base_models" / "tiny")
         ws = Workspace.resolve(home)
         manifest = Manifest.load(ws.base_dir("tiny"))
-        src = tmp_path_factory.mktemp("serve_src")
+        src = home / "sources"  # the files converted: what the diffusers references load
+        src.mkdir()
         files = {
             "sv_a": write_kohya_lora(src / "sv_a.safetensors", manifest.param_shapes(), seed=11, trigger="blindbox"),
             "sv_b": write_kohya_lora(src / "sv_b.safetensors", manifest.param_shapes(), seed=12, rank=8, alpha=4.0,
@@ -56,6 +57,15 @@ def serve_workspace(tiny_workspace, tmp_path_factory):
     from loramgr.workspace import Workspace
 
     return Workspace.resolve(_CACHE["home"])
+
+
+def reference_for(ws, tiny_folder: Path, loras: list[tuple[str, float]] = (), control: str = "canny"):
+    """diffusers' pipeline with the source files of ``loras`` (name, weight) and of ``control`` (or the base's)."""
+    from reference_pipelines import reference_pipeline
+
+    src = ws.home / "sources"
+    return reference_pipeline(tiny_folder, [(src / f"{name}.safetensors", weight) for name, weight in loras],
+                              None if control == "canny" else src / control)
 
 
 def png_b64(path: Path) -> str:

@@ -232,23 +232,18 @@ def test_bad_tokenizer_folder_exit_2_with_one_line(tmp_path, capsys, make_bad, r
     assert not base_models.exists() or not any(base_models.iterdir())
 
 
-def test_tokenizer_override_is_exported(tmp_path, monkeypatch):
-    """``--tokenizer DIR`` replaces the model's tokenizer (checked up to the export, which is not run)."""
-    import loramgr.export as export
+def test_tokenizer_override_is_exported(tmp_path):
+    """``--tokenizer DIR`` replaces the model's tokenizer: the exported base holds it and the manifest names it."""
+    from loramgr.export import export_base
+    from loramgr.manifest import Manifest
     from loramgr.workspace import Workspace
 
-    write_byte_level_tokenizer(tmp_path / "tok", 516)  # tiny's own has 520 ids
-    seen = {}
-
-    class Stop(Exception):
-        pass
-
-    def fake_export(components, target, *, source, **kwargs):
-        seen["tokenizer"], seen["source"] = components["tokenizer"], source
-        raise Stop
-
-    monkeypatch.setattr(export, "export_components", fake_export)
-    with pytest.raises(Stop):
-        export.export_base(Workspace.resolve(tmp_path / "ws"), "t", arch="tiny", tokenizer=tmp_path / "tok")
-    assert len(seen["tokenizer"]) == 516
-    assert seen["source"]["tokenizer"] == str((tmp_path / "tok").resolve())
+    write_byte_level_tokenizer(tmp_path / "tok", 516)  # tiny's own has 520 ids (BOS/EOS 518/519, here 514/515)
+    ws = Workspace.resolve(tmp_path / "ws")
+    export_base(ws, "t", arch="tiny", seed=0, tokenizer=tmp_path / "tok")
+    exported = CLIPTokenizer.from_pretrained(ws.base_dir("t") / "tokenizer", local_files_only=True)
+    override = CLIPTokenizer.from_pretrained(tmp_path / "tok", local_files_only=True)
+    assert len(exported) == 516
+    assert exported("a photo of a cat").input_ids == override("a photo of a cat").input_ids
+    assert exported("a photo of a cat").input_ids[0] == 514
+    assert Manifest.load(ws.base_dir("t")).source["tokenizer"] == str((tmp_path / "tok").resolve())
