@@ -49,6 +49,14 @@ CONTROLNET_DEFAULTS = {
 }
 
 
+def base_negative_prompt(tokenizer) -> str:
+    """The documented default negative prompt on a base (docs/design.md, "Defaults"): ControlNet's, cut after
+    its last comma-separated item that keeps it within one 77-token window of the base's ``tokenizer``."""
+    items = CONTROLNET_DEFAULTS["n_prompt"].split(", ")
+    fitting = [k for k in range(1, len(items) + 1) if len(tokenizer(", ".join(items[:k])).input_ids) <= 77]
+    return ", ".join(items[: max(fitting, default=0)])
+
+
 def documented(**fields) -> GenerationSettings:
     """Settings with every field given: ``fields`` over :data:`CONTROLNET_DEFAULTS` (no loramgr default used)."""
     return GenerationSettings(**{**CONTROLNET_DEFAULTS, **fields})
