@@ -82,6 +82,8 @@ def native(url, **fields) -> dict:
     ``strength=0.0`` stands for an A1111 request without a unit: no ControlNet at all
     (``controls: []``), 64 px without an image unless a width and height are given.
     """
+    if fields.get("scheduler") in ("euler", "euler_a", "lms", "heun"):  # A1111's Automatic for them: uniform
+        fields.setdefault("schedule", "uniform")
     if fields.get("strength") == 0.0 and "controls" not in fields:
         del fields["strength"]
         fields["controls"] = []
@@ -220,7 +222,7 @@ def test_aaa1111_readme(aaa, url, tmp_path):
     resp = aaa.txt2img(TXT2IMG(**README_PARAMS))
     assert len(resp.images) == 2 and resp.images[0].size == (64, 128)
     info = resp.info
-    check_info(info, sampler_name="DPM++ 2M Karras", batch_size=2, cfg_scale=7.5, steps=2)
+    check_info(info, sampler_name="DPM++ 2M", scheduler="karras", batch_size=2, cfg_scale=7.5, steps=2)
     assert info["clip_skip"] == 2  # override_settings.CLIP_stop_at_last_layers
     ref = native(url, prompt=README_PARAMS["prompt"], n_prompt=README_PARAMS["negative_prompt"], seed=info["seed"] + 1,
                  steps=2, scale=7.5, scheduler="dpm++_karras", strength=0.0, width=64, height=128, clip_skip=2)
@@ -527,7 +529,7 @@ def test_parameters_and_info_as_a1111(url):
     assert len(info["job_timestamp"]) == 14 and info["job_timestamp"].isdigit()
     assert info["extra_generation_params"]["Lora hashes"].startswith("sv_a: ")
     text = info["infotexts"][0]
-    assert text.startswith("a <lora:sv_a:0.5> house\nSteps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0"
+    assert text.startswith("a <lora:sv_a:0.5> house\nSteps: 2, Sampler: Euler, Schedule type: Uniform, CFG scale: 7.0"
                            ", Seed: 11, Size: 64x64, Model hash: ") and '"sv_a: ' in text
     assert {"restore_faces", "styles"} <= set(info["loramgr"]["ignored_fields"])
 

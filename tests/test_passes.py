@@ -542,7 +542,7 @@ def test_a1111_hires_equals_the_native_request(url):
                                          "hr_upscaler": "latent (bicubic)", "hr_second_pass_steps": 3,
                                          "denoising_strength": 0.6, "hr_prompt": "a red house"})
     assert r.status_code == 200, r.text
-    native = _post(url, "/v1/generate", {**NATIVE_FAST, "scheduler": "euler_a", "hires": {
+    native = _post(url, "/v1/generate", {**NATIVE_FAST, "scheduler": "euler_a", "schedule": "uniform", "hires": {
         "scale": 2, "upscaler": "Latent (bicubic)", "steps": 5, "strength": 0.7, "prompt": "a red house"}})
     assert native.status_code == 200, native.text
     got = decode(r.json()["images"][0])

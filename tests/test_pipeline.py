@@ -269,7 +269,7 @@ def test_prompt_mode_is_soft_weights_on_both_halves(pipe, image):
     """A1111's "My prompt is more important": each residual k scaled by 0.825 ** (12 - k), on both halves."""
     recorder, recording = _recording(pipe)
     unit = ControlUnit(strength=0.5, mode="prompt")
-    recording(image, GenerationSettings(prompt="a bird", steps=1, resolution=64, units=(unit,)))
+    recording(image, GenerationSettings(prompt="a bird", n_prompt="lowres", steps=1, resolution=64, units=(unit,)))
     (control,), (unet,) = recorder.controlnet, recorder.unet
     assert control["sample"].shape[0] == unet["sample"].shape[0] == 2  # both halves
     raw = pipe.runner.control_residuals(None, control["sample"], control["timestep"], control["embeds"], control["cond"])
@@ -408,7 +408,8 @@ def _recording(pipe) -> tuple[RecordingRunner, ControlNetPipeline]:
 
 def test_runner_inputs_and_progress(pipe, image):
     recorder, recording = _recording(pipe)
-    settings = GenerationSettings(prompt="a bird", num_samples=2, guess_mode=True, steps=3, resolution=64)
+    settings = GenerationSettings(prompt="a bird", n_prompt="lowres", num_samples=2, guess_mode=True, steps=3,
+                                  resolution=64)  # both prompts one chunk: one batch per step
     steps = []
     result = recording(image, settings, progress=lambda done, total: steps.append((done, total)))
 
@@ -435,7 +436,7 @@ def test_no_controlnet_work_where_no_unit_acts(pipe, image):
     """A step outside every window, a strength-0 unit, or no unit at all: no ControlNet call, the UNet alone."""
     units = (ControlUnit(strength=0.5, start=0.0, end=0.5), ControlUnit(strength=0.0), ControlUnit(start=0.75))
     recorder, recording = _recording(pipe)
-    recording(image, GenerationSettings(prompt="a bird", steps=4, resolution=64, units=units))
+    recording(image, GenerationSettings(prompt="a bird", n_prompt="lowres", steps=4, resolution=64, units=units))
     # step 0, 1: unit 0; step 3: unit 2; step 2: nothing; the strength-0 unit never
     assert len(recorder.controlnet) == 3 and len(recorder.unet) == 4
     assert [call["residuals"] is None for call in recorder.unet] == [False, False, True, False]
@@ -445,10 +446,18 @@ def test_no_controlnet_work_where_no_unit_acts(pipe, image):
     assert recorder.unet[0]["sample"].shape == (1, 4, 16, 8)  # guidance off: the conditional half alone
 
 
-def test_long_prompt_is_truncated_with_a_warning(pipe, image, caplog):
-    with caplog.at_level(logging.WARNING, logger="loramgr.pipeline.controlnet"):
-        pipe(image, GenerationSettings(prompt="bird " * 100, n_prompt="", steps=1, resolution=64))
-    assert any("prompt, a_prompt" in r.message and "truncated" in r.message for r in caplog.records)
+def test_prompts_of_different_lengths_are_predicted_apart(pipe, image, caplog):
+    """A prompt over 75 tokens is two chunks, nothing cut; with a one-chunk negative prompt the halves of the
+    guidance batch have different lengths, so each step makes two UNet calls (A1111 pads neither)."""
+    recorder, recording = _recording(pipe)
+    with caplog.at_level(logging.WARNING):
+        recording(image, GenerationSettings(prompt="bird " * 30, a_prompt="", n_prompt="lowres", steps=2,
+                                            resolution=64))
+    assert "truncated" not in caplog.text
+    assert [call["embeds"].shape[:2] for call in recorder.unet] == [(1, 77), (1, 154)] * 2
+    recorder, recording = _recording(pipe)
+    recording(image, GenerationSettings(prompt="bird", a_prompt="", n_prompt="lowres", steps=2, resolution=64))
+    assert [call["embeds"].shape[:2] for call in recorder.unet] == [(2, 77)] * 2
 
 
 # --- validation --------------------------------------------------------------------------

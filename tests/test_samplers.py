@@ -397,8 +397,11 @@ def test_bad_schedule_names_the_setting(pipe, image, overrides, fragments):
 
 
 def test_run_options(capsys):
+    from loramgr.defaults import BaseDefaults
+
     settings = _settings(_parser().parse_args(["run", "--image", "x.png", "--prompt", "a bird",
-                                               "--scheduler", "dpm++_sde", "--schedule", "karras"]))
+                                               "--scheduler", "dpm++_sde", "--schedule", "karras"]),
+                         BaseDefaults(resolution=128, n_prompt="lowres"))
     assert (settings.scheduler, settings.schedule) == ("dpm++_sde", "karras")
     with pytest.raises(SystemExit) as exit_:
         _parser().parse_args(["run", "--image", "x.png", "--prompt", "x", "--schedule", "align_your_steps"])

@@ -256,7 +256,7 @@ class ControlNetPipeline:
             mask = torch.zeros(len(chunks), ids.shape[1])
             for row, chunk in enumerate(chunks):
                 for position, vector in chunk.vectors.items():
-                    vectors[row, position] = torch.from_numpy(np.asarray(vector, dtype=np.float32))
+                    vectors[row, position] = torch.tensor(np.asarray(vector), dtype=torch.float32)
                     mask[row, position] = 1.0
             vectors, mask = vectors.to(device), mask.to(device)
         states = self.runner.encode_text(ids, vectors, mask)

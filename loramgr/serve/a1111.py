@@ -624,8 +624,7 @@ def response_info(request: A1111Request, the_plan: Plan, results: list[dict], se
     width, height = first["width"], first["height"]
     denoising = request.denoising_strength if img2img or request.enable_hr else None
     hashes = ", ".join(f"{a['name']}: {a['sha256'][:12]}" for a in first["adapters"] if a["kind"] == "lora")
-    extra = {**{k: v for k, v in the_plan.extra.items() if k != "Denoising strength"},
-             **({"Lora hashes": hashes} if hashes else {})}
+    extra = {**the_plan.extra, **({"Lora hashes": hashes} if hashes else {})}
     if first["settings"]["clip_skip"] > 1:
         extra["Clip skip"] = first["settings"]["clip_skip"]
     params = {"Steps": request.steps, "Sampler": the_plan.sampler_name, "Schedule type": SCHEDULES[the_plan.schedule].label,
