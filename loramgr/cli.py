@@ -66,14 +66,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="verify adapters against a model merged in torch (diffusers/PEFT) and exported")
     p.add_argument("adapters", nargs="*", metavar="NAME[:WEIGHT]")
-    p.add_argument("--control", metavar="NAME", help="a converted ControlNet to verify with the LoRAs")
+    p.add_argument("--control", metavar="NAME", action="append",
+                   help="a converted ControlNet to verify with the LoRAs (canny: the base's own); repeat it for "
+                        "several, run as units against diffusers' MultiControlNetModel")
     p.add_argument("--base", help="base name (default: the only base in the workspace)")
     _add_backend_arguments(p)
     p.add_argument("--reference", choices=("auto", "diffusers", "formulas"), default="auto",
                    help="who merges LoRAs for the reference (auto: diffusers where it reads the format correctly)")
     p.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                    help="source file of an adapter, where the path recorded at conversion moved")
-    p.add_argument("--checks", default="tensors,outputs,images", help="comma-separated: tensors,outputs,images")
+    p.add_argument("--checks", default="tensors,outputs,images,units",
+                   help="comma-separated: tensors,outputs,images,units")
     p.add_argument("--size", type=int, default=64, help="image size of the images check (pixels)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the images check")
     p.add_argument("--seed", type=int, default=0)
