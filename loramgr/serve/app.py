@@ -189,6 +189,7 @@ class Service:
                            "max_num_samples": c.max_num_samples, "max_image_bytes": c.max_image_bytes,
                            "max_image_pixels": c.max_image_pixels, "max_upload_bytes": c.max_upload_bytes,
                            "max_queue": c.max_queue, "max_overtake": c.max_overtake,
+                           "max_controlnets": c.max_controlnets,
                            "max_lora_weight": MAX_LORA_WEIGHT, "max_strength": MAX_STRENGTH,
                            "max_scale": MAX_SCALE, "max_eta": MAX_ETA, "max_json_depth": MAX_JSON_DEPTH},
                 "schedulers": sorted(SCHEDULERS), "schedules": list(SCHEDULES),
