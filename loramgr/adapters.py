@@ -16,29 +16,71 @@ from pathlib import Path
 
 from .adapter_file import AdapterFile, load_adapter
 from .errors import LoramgrError, check_finite, parse_weight
-from .manifest import Manifest
+from .manifest import CONTROLNET, Manifest
 from .workspace import Workspace
 
 Names = dict[str, set[str]]  # graph -> initializer names
 
 
+BASE_CONTROLNET = "canny"  # how users name the base's own ControlNet (the demo bases are canny ones)
+
+
+def is_controlnet(adapter: AdapterFile) -> bool:
+    """Whether ``adapter`` replaces a whole ControlNet (a converted one, or a baked ControlNet graph)."""
+    return adapter.kind == "controlnet" or (
+        adapter.kind == "baked" and all(t.graph == CONTROLNET for t in adapter.targets.values()))
+
+
 @dataclass(frozen=True)
 class AdapterSet:
-    """Adapters with their weights, in the order they are applied; at most one ControlNet."""
+    """Adapters with their weights, in the order they are applied, and the ControlNets units may use.
+
+    ``adapters`` holds LoRAs (UNet and text encoder) and converted ControlNets (weight 1).
+    Each ControlNet sits in a slot of its own when units use it (docs/design.md, "ControlNet
+    units"); ``base_controlnet`` says whether the base's own ControlNet is one of them
+    (``None``: yes unless a converted ControlNet replaces it, the one-unit case).
+    """
 
     adapters: tuple[tuple[AdapterFile, float], ...] = ()
+    base_controlnet: bool | None = None
 
     def __post_init__(self):
-        controlnets = [a.name for a, _ in self.adapters if a.kind == "controlnet"]
-        if len(controlnets) > 1:
-            raise LoramgrError(f"only one ControlNet can be active, got {', '.join(controlnets)}")
+        names = [a.name for a, _ in self.adapters if is_controlnet(a)]
+        if len(set(names)) != len(names):
+            raise LoramgrError(f"a ControlNet is listed twice in one adapter set: {', '.join(names)}")
         for adapter, weight in self.adapters:
             check_finite(weight, f"{adapter.name} weight")  # a NaN weight renders a black image
             if adapter.kind != "lora" and weight != 1.0:
                 raise LoramgrError(f"{adapter.name}: a {adapter.kind} adapter replaces weights; its weight must be 1, got {weight}")
 
+    @property
+    def uses_base_controlnet(self) -> bool:
+        if self.base_controlnet is None:
+            return not any(is_controlnet(a) for a, _ in self.adapters)
+        return self.base_controlnet
+
+    def controlnets(self) -> tuple[AdapterFile | None, ...]:
+        """The ControlNets units may use: ``None`` for the base's own, then the converted ones."""
+        return (None,) * self.uses_base_controlnet + tuple(a for a, _ in self.adapters if is_controlnet(a))
+
+    def controlnet(self, name: str | None) -> AdapterFile | None:
+        """The ControlNet a unit names (``canny``: the base's own; ``None``: the set's only one), or LoramgrError."""
+        if name in (None, BASE_CONTROLNET) and self.uses_base_controlnet:
+            return None
+        converted = [a for a in self.controlnets() if a is not None]
+        found = next((a for a in converted if a.name == name), converted[0] if name is None and len(converted) == 1
+                     else None)
+        if found is None:
+            available = ", ".join(BASE_CONTROLNET if a is None else a.name for a in self.controlnets()) or "none"
+            raise LoramgrError(f"ControlNet {name or BASE_CONTROLNET!r} is not in this adapter set (it has: {available})")
+        return found
+
+    def loras(self) -> "AdapterSet":
+        """This set without its ControlNets: what the UNet and the text encoder carry."""
+        return AdapterSet(tuple((a, w) for a, w in self.adapters if not is_controlnet(a)), base_controlnet=False)
+
     def touched(self) -> Names:
-        """Graph -> initializer names this set changes."""
+        """Graph -> initializer names this set changes (ControlNet weights under ``controlnet``, any slot)."""
         out: Names = defaultdict(set)
         for adapter, _ in self.adapters:
             for t in adapter.targets.values():
@@ -80,27 +122,33 @@ def parse_adapter_spec(spec: str) -> tuple[str, float | None]:
     return name, parse_weight(weight, f"adapter {spec!r}", " (use NAME:0.8)")
 
 
-def load_adapter_set(workspace: Workspace, manifest: Manifest, loras: Iterable[str], control: str | None = None
-                     ) -> AdapterSet:
-    """Load ``NAME[:WEIGHT]`` LoRAs and an optional ControlNet adapter, checked against ``manifest``.
+def load_adapter_set(workspace: Workspace, manifest: Manifest, loras: Iterable[str],
+                     control: str | Iterable[str | None] | None = None) -> AdapterSet:
+    """Load ``NAME[:WEIGHT]`` LoRAs and the ControlNets units use, checked against ``manifest``.
 
-    ``control`` of ``None`` or ``"canny"`` keeps the base's own ControlNet.
+    ``control``: one ControlNet name or several (the units' ControlNets, repeats allowed);
+    ``None`` or ``"canny"`` is the base's own. An empty list: no ControlNet at all.
     """
     chosen: list[tuple[AdapterFile, float]] = []
     for spec in loras:
         name, weight = parse_adapter_spec(spec)
         adapter = load_named(workspace, name)
-        if adapter.kind == "controlnet":
+        if is_controlnet(adapter):
             raise LoramgrError(f"{name} is a ControlNet adapter: pass it with --control {name}")
         chosen.append((adapter, adapter.default_weight if weight is None else weight))
-    if control not in (None, "canny"):
-        adapter = load_named(workspace, control)
-        if adapter.kind != "controlnet":
-            raise LoramgrError(f"--control {control}: {adapter.path} is a {adapter.kind} adapter, not a ControlNet")
-        chosen.insert(0, (adapter, 1.0))
-    for adapter, _ in chosen:
+    names = [control] if control is None or isinstance(control, str) else list(control)
+    wanted = list(dict.fromkeys(BASE_CONTROLNET if n is None else n for n in names))  # distinct, in order
+    controlnets = []
+    for name in wanted:
+        if name == BASE_CONTROLNET:
+            continue
+        adapter = load_named(workspace, name)
+        if not is_controlnet(adapter):
+            raise LoramgrError(f"--control {name}: {adapter.path} is a {adapter.kind} adapter, not a ControlNet")
+        controlnets.append((adapter, 1.0))
+    for adapter, _ in (*controlnets, *chosen):
         adapter.check_base(manifest)
-    return AdapterSet(tuple(chosen))
+    return AdapterSet(tuple(controlnets + chosen), base_controlnet=BASE_CONTROLNET in wanted)
 
 
 def load_named(workspace: Workspace, name: str) -> AdapterFile:
@@ -114,10 +162,15 @@ def load_named(workspace: Workspace, name: str) -> AdapterFile:
 
 @dataclass(frozen=True)
 class AdapterChoice:
-    """One adapter set to run, by name: LoRAs as ``NAME[:WEIGHT]`` and a ControlNet (``None``/``canny``: the base's)."""
+    """One adapter set to run, by name: LoRAs as ``NAME[:WEIGHT]`` and the ControlNets its units use.
+
+    ``control``: the ControlNet of a one-unit run (``None``/``canny``: the base's);
+    ``controls``, when given, the ControlNets of several units instead (``()``: none at all).
+    """
 
     loras: tuple[str, ...] = ()
     control: str | None = None
+    controls: tuple[str, ...] | None = None
 
     @classmethod
     def parse(cls, spec: str, workspace: Workspace) -> "AdapterChoice":
@@ -126,7 +179,7 @@ class AdapterChoice:
 
         loras, control = [], None
         for item in filter(None, (i.strip() for i in spec.split(","))):
-            if item in ("none", "canny"):
+            if item in ("none", BASE_CONTROLNET):
                 continue
             name = item.partition(":")[0]
             path = workspace.adapter_path(name)
@@ -136,8 +189,18 @@ class AdapterChoice:
                 loras.append(item)
         return cls(tuple(loras), control)
 
+    def controlnet_names(self) -> tuple[str, ...]:
+        """The distinct ControlNets this choice uses (``canny``: the base's own), in order."""
+        names = (self.control,) if self.controls is None else self.controls
+        return tuple(dict.fromkeys(BASE_CONTROLNET if n is None else n for n in names))
+
+    def key(self) -> tuple:
+        """What identifies the loaded set: the LoRAs as written and the ControlNets in use."""
+        return tuple(self.loras), self.controlnet_names()
+
     def load(self, workspace: Workspace, manifest: Manifest) -> AdapterSet:
-        return load_adapter_set(workspace, manifest, self.loras, self.control)
+        return load_adapter_set(workspace, manifest, self.loras, self.controlnet_names())
 
     def label(self) -> str:
-        return "+".join([*self.loras, *([self.control] if self.control else [])]) or "base"
+        controls = ([self.control] if self.control else []) if self.controls is None else list(self.controls)
+        return "+".join([*self.loras, *controls]) or "base"

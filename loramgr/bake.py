@@ -14,7 +14,7 @@ from .adapter_file import AdapterTarget, save_adapter
 from .adapters import load_adapter_set, touched_names
 from .bases import OpenBase
 from .errors import LoramgrError
-from .manifest import FUSED
+from .manifest import UNET
 from .merge import BaseWeights, merge_tensors
 from .workspace import Workspace
 
@@ -23,7 +23,7 @@ def parse_outputs(items: Sequence[str]) -> dict[str, Path]:
     """``-o`` values, ``GRAPH=FILE`` or a plain ``FILE`` (the UNet graph's), as graph -> path."""
     outputs: dict[str, Path] = {}
     for item in items:
-        graph, sep, path = item.partition("=") if "=" in item else (FUSED, "", item)
+        graph, sep, path = item.partition("=") if "=" in item else (UNET, "", item)
         if graph in outputs:
             raise LoramgrError(f"-o {item}: the {graph} graph already has a file ({outputs[graph]}; "
                                "a plain FILE is the UNet graph's)")
@@ -47,7 +47,7 @@ def bake(workspace: Workspace, outputs: str | Path | Mapping[str, str | Path], l
     if not adapter_set.adapters:
         raise LoramgrError("bake needs at least one --lora or --control adapter")
     paths = {graph: Path(path) for graph, path in (outputs.items() if isinstance(outputs, Mapping)
-                                                   else [(FUSED, outputs)])}
+                                                   else [(UNET, outputs)])}
     changed = sorted(touched_names(adapter_set), key=list(manifest.graphs).index)
     _check_outputs(paths, changed, list(manifest.graphs))
     tensors = merge_tensors(BaseWeights(manifest, base_dir), adapter_set)
@@ -82,7 +82,7 @@ def _check_outputs(paths: dict[str, Path], changed: list[str], graphs: list[str]
                                f"(it changes {', '.join(changed)})")
     missing = [g for g in changed if g not in paths]
     if missing:
-        example = " ".join(f"-o {g}={paths[FUSED].stem if FUSED in paths else 'mix'}-{g}.lora" for g in missing)
+        example = " ".join(f"-o {g}={paths[UNET].stem if UNET in paths else 'mix'}-{g}.lora" for g in missing)
         raise LoramgrError(f"the set also changes the {', '.join(missing)} graph: name its file too, e.g. {example} "
                            "(one .lora per graph: ONNX Runtime refuses initializers a graph does not have)")
     if len(set(paths.values())) < len(paths):

@@ -66,14 +66,17 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("verify", help="verify adapters against a model merged in torch (diffusers/PEFT) and exported")
     p.add_argument("adapters", nargs="*", metavar="NAME[:WEIGHT]")
-    p.add_argument("--control", metavar="NAME", help="a converted ControlNet to verify with the LoRAs")
+    p.add_argument("--control", metavar="NAME", action="append",
+                   help="a converted ControlNet to verify with the LoRAs (canny: the base's own); repeat it for "
+                        "several, run as units against diffusers' MultiControlNetModel")
     p.add_argument("--base", help="base name (default: the only base in the workspace)")
     _add_backend_arguments(p)
     p.add_argument("--reference", choices=("auto", "diffusers", "formulas"), default="auto",
                    help="who merges LoRAs for the reference (auto: diffusers where it reads the format correctly)")
     p.add_argument("--source", action="append", default=[], metavar="NAME=PATH",
                    help="source file of an adapter, where the path recorded at conversion moved")
-    p.add_argument("--checks", default="tensors,outputs,images", help="comma-separated: tensors,outputs,images")
+    p.add_argument("--checks", default="tensors,outputs,images,units",
+                   help="comma-separated: tensors,outputs,images,units")
     p.add_argument("--size", type=int, default=64, help="image size of the images check (pixels)")
     p.add_argument("--steps", type=int, default=4, help="denoising steps of the images check")
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--min", default="1x32x32", help="smallest BATCHxLATENT_HxLATENT_W (latent = image / 8)")
     p.add_argument("--opt", default="2x64x64", help="shape TensorRT tunes for (default: one 512 px image with CFG)")
     p.add_argument("--max", default="4x96x96", help="largest shape accepted")
+    p.add_argument("--max-tokens", type=int, default=3 * 77,
+                   help="longest text context of the UNet and ControlNet engines: 77 per 75-token prompt chunk")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("serve", help="HTTP service: the base kept open, adapters hot-swapped per request "
@@ -134,7 +139,8 @@ def _show_defaults(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_run_arguments(p: argparse.ArgumentParser) -> None:
-    from .pipeline.schedulers import SCHEDULERS
+    from .pipeline.control import WINDOW_RULES
+    from .pipeline.schedulers import SCHEDULERS, SCHEDULES
     from .pipeline.settings import PREPROCESSORS
     from .pipeline.settings import GenerationSettings as S
 
@@ -151,10 +157,25 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
                         "a map made before, e.g. depth or pose for a converted ControlNet)")
     p.add_argument("--preprocessor", choices=PREPROCESSORS, default=S.preprocessor,
                    help="canny: ControlNet's canny annotator; none: the control image is the map")
+    p.add_argument("--unit", action="append", default=[], metavar="CONTROLNET[,KEY=VALUE...]",
+                   help="a ControlNet unit (repeatable; replaces --control, --control-image, --strength, "
+                        "--guess-mode): CONTROLNET is canny or a converted ControlNet; keys: image=FILE, "
+                        "preprocessor=canny|none, strength, start, end (fractions of the steps), "
+                        "mode=balanced|prompt|control, low, high (canny thresholds). 'none' alone: no ControlNet")
+    p.add_argument("--control-window", choices=WINDOW_RULES, default=S.control_window,
+                   help="how unit start/end pick steps: diffusers' rule or A1111's")
+    p.add_argument("--width", type=int, help="output width when there is no image at all (multiple of 64)")
+    p.add_argument("--height", type=int, help="output height when there is no image at all (multiple of 64)")
     p.add_argument("--prompt", required=True)
     p.add_argument("--a-prompt", default=S.a_prompt)
     p.add_argument("--n-prompt", help="negative prompt (default: ControlNet's, up to the last of its items that "
                                        "fits the base's tokenizer in 77 tokens)")
+    p.add_argument("--plain-prompt", action="store_true",
+                   help="take the prompts as they are (default: A1111's syntax: (emphasis:1.2), [less], BREAK, "
+                        "embeddings, 75-token chunks)")
+    p.add_argument("--clip-skip", type=int, default=S.clip_skip, help="A1111's CLIP skip (1: the last layer)")
+    p.add_argument("--max-prompt-tokens", type=int, default=S.max_prompt_tokens,
+                   help="refuse longer prompts (tokens; 75 per chunk)")
     p.add_argument("--num-samples", type=int, default=S.num_samples)
     p.add_argument("--resolution", type=int,
                    help="short side of the output in pixels (default: the base's native size; tiny: 128, sd15: 512)")
@@ -172,12 +193,67 @@ def _add_run_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--img2img-strength", type=float, default=None,
                    help="start from --image noised this much, in (0, 1] (default: text to image)")
     p.add_argument("--scheduler", choices=sorted(SCHEDULERS), default=S.scheduler, metavar="NAME",
-                   help=f"one of {', '.join(sorted(SCHEDULERS))}")
+                   help=f"the sampler, one of {', '.join(sorted(SCHEDULERS))}")
+    p.add_argument("--schedule", choices=list(SCHEDULES), default=S.schedule, metavar="NAME",
+                   help=f"where the sampler places its steps (automatic: its own; docs/a1111.md), one of "
+                        f"{', '.join(SCHEDULES)}")
+    _add_pass_arguments(p)
     _add_backend_arguments(p)
     p.add_argument("--out", default="outputs", help="output folder (default outputs/)")
     p.add_argument("--name", help="output file stem (default: date-time-pid, made unique)")
     p.add_argument("--overwrite", action="store_true", help="replace the files of an existing --name")
     p.add_argument("--json", action="store_true")
+
+
+def _add_pass_arguments(p: argparse.ArgumentParser) -> None:
+    """Hires fix and inpainting options of ``run`` (docs/a1111.md has the rules)."""
+    from .pipeline.inpaint import INPAINT_FILLS, MASK_RULES, Inpaint
+    from .pipeline.passes import UPSCALERS, HiresFix
+
+    g = p.add_argument_group("hires fix: upscale, then an image-to-image second pass (text-to-image only)")
+    g.add_argument("--hires-scale", type=float, help="upscale factor; turns the hires fix on")
+    g.add_argument("--hires-size", metavar="WxH", help="target size instead of a factor (W or H 0: from the "
+                                                         "aspect ratio; both: upscale to cover, then crop)")
+    g.add_argument("--hires-upscaler", choices=UPSCALERS, default=HiresFix.upscaler, metavar="NAME",
+                   help=f"{', '.join(UPSCALERS)} (default %(default)s)")
+    g.add_argument("--hires-steps", type=int, default=HiresFix.steps, help="second pass schedule (0: --steps)")
+    g.add_argument("--hires-strength", type=float, default=HiresFix.strength,
+                   help="second pass img2img strength (default %(default)s)")
+    g.add_argument("--hires-prompt", help="second pass prompt (default: --prompt)")
+    g.add_argument("--hires-n-prompt", help="second pass negative prompt (default: --n-prompt)")
+    g = p.add_argument_group("inpainting: --image is repainted where --mask is white")
+    g.add_argument("--mask", metavar="FILE", help="mask image (white: inpaint; an RGBA mask: its alpha)")
+    g.add_argument("--mask-blur", type=int, default=Inpaint.blur, help="Gaussian blur of the mask, pixels")
+    g.add_argument("--mask-invert", action="store_true", help="inpaint where the mask is black")
+    g.add_argument("--inpaint-fill", choices=INPAINT_FILLS, default=Inpaint.fill,
+                   help="what the masked area starts from (A1111's inpainting_fill)")
+    g.add_argument("--inpaint-full-res", action="store_true",
+                   help="generate the masked region's box at the output size and paste it back")
+    g.add_argument("--inpaint-padding", type=int, default=Inpaint.padding, help="pixels around that box")
+    g.add_argument("--inpaint-rule", choices=MASK_RULES, default=Inpaint.rule,
+                   help="mask rules: diffusers' inpaint pipelines or A1111's")
+
+
+def _passes(args: argparse.Namespace) -> dict:
+    """The ``hires`` and ``inpaint`` settings of ``run``'s options."""
+    from .pipeline.inpaint import Inpaint
+    from .pipeline.passes import HiresFix
+
+    hires = None
+    if args.hires_scale is not None or args.hires_size is not None:
+        resize = (0, 0)
+        if args.hires_size is not None:
+            width, sep, height = args.hires_size.lower().partition("x")
+            if not sep or not width.isdigit() or not height.isdigit():
+                raise LoramgrError(f"--hires-size {args.hires_size!r}: write WxH, e.g. 1024x768 (0 for a side "
+                                   "that follows the aspect ratio)")
+            resize = (int(width), int(height))
+        hires = HiresFix(scale=2.0 if args.hires_scale is None else args.hires_scale, resize_x=resize[0],
+                         resize_y=resize[1], upscaler=args.hires_upscaler, steps=args.hires_steps,
+                         strength=args.hires_strength, prompt=args.hires_prompt, n_prompt=args.hires_n_prompt)
+    inpaint = Inpaint(blur=args.mask_blur, invert=args.mask_invert, fill=args.inpaint_fill,
+                      full_res=args.inpaint_full_res, padding=args.inpaint_padding, rule=args.inpaint_rule)
+    return {"hires": hires, "inpaint": inpaint}
 
 
 def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
@@ -193,6 +269,8 @@ def _add_backend_arguments(p: argparse.ArgumentParser) -> None:
     for bound in ("min", "opt", "max"):
         p.add_argument(f"--{bound}", metavar="BxHxW",
                        help=f"TensorRT profile {bound} shape as in build-engine (default: what build-engine built)")
+    p.add_argument("--max-tokens", type=int, metavar="N",
+                   help="TensorRT profile's longest text context as in build-engine (default: what it built)")
 
 
 def _backend_options(args: argparse.Namespace):
@@ -201,13 +279,15 @@ def _backend_options(args: argparse.Namespace):
         from .backends.tensorrt import DEFAULT_PROFILE, ShapeProfile, TrtOptions
 
         profile = None
-        if args.min or args.opt or args.max:
+        if args.min or args.opt or args.max or args.max_tokens:
             profile = ShapeProfile.parse(args.min or str(DEFAULT_PROFILE.min), args.opt or str(DEFAULT_PROFILE.opt),
-                                         args.max or str(DEFAULT_PROFILE.max))
+                                         args.max or str(DEFAULT_PROFILE.max),
+                                         args.max_tokens or DEFAULT_PROFILE.max_tokens)
         return TrtOptions(args.precision, profile)
     from .backends.options import OrtOptions
 
-    given = [f"--{o}" for o in ("precision", "min", "opt", "max") if getattr(args, o) is not None]
+    given = [f"--{o.replace('_', '-')}" for o in ("precision", "min", "opt", "max", "max_tokens")
+             if getattr(args, o) is not None]
     if given:
         raise LoramgrError(f"{', '.join(given)}: TensorRT options, but --backend is {args.backend}")
     return OrtOptions(optimization=args.ort_opt, hot_swap=not args.no_hot_swap,
@@ -242,6 +322,10 @@ def _add_serve_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-resolution", type=int, default=C.max_resolution)
     p.add_argument("--max-steps", type=int, default=C.max_steps)
     p.add_argument("--max-num-samples", type=int, default=C.max_num_samples)
+    p.add_argument("--max-controlnets", type=int, default=C.max_controlnets,
+                   help="ControlNet units per request; each distinct ControlNet keeps one ControlNet's weights")
+    p.add_argument("--max-prompt-tokens", type=int, default=C.max_prompt_tokens,
+                   help="longest prompt and negative prompt, in tokens (75 per chunk)")
     p.add_argument("--max-image-mb", type=float, default=C.max_image_bytes / 2**20,
                    help="largest input image (decoded bytes); larger gets 413")
     p.add_argument("--max-upload-mb", type=float, default=C.max_upload_bytes / 2**20,
@@ -327,7 +411,8 @@ def cmd_serve(args: argparse.Namespace, ws: Workspace) -> int:
             scheduling=args.scheduling, max_queue=args.max_queue, max_overtake=args.max_overtake,
             max_resolution=args.max_resolution, max_steps=args.max_steps, max_num_samples=args.max_num_samples,
             max_image_bytes=int(args.max_image_mb * 2**20), max_upload_bytes=int(args.max_upload_mb * 2**20),
-            swap_budget_mb=args.swap_budget_mb)
+            swap_budget_mb=args.swap_budget_mb, max_controlnets=args.max_controlnets,
+            max_prompt_tokens=args.max_prompt_tokens)
     except ValueError as exc:
         raise LoramgrError(str(exc)) from None
     if args.ray or args.write_config:
@@ -384,6 +469,30 @@ def cmd_bake(args: argparse.Namespace, ws: Workspace) -> int:
 
 # run's options named otherwise than the GenerationSettings field they set
 _SETTING_OPTIONS = {"control_schedule": "guess_schedule"}
+_UNIT_KEYS = {"image": str, "preprocessor": str, "strength": float, "start": float, "end": float, "mode": str,
+              "low": int, "high": int}
+
+
+def parse_unit(spec: str) -> tuple[object, str | None]:
+    """``--unit CONTROLNET[,KEY=VALUE...]`` -> (ControlUnit, image file or None)."""
+    from .pipeline.control import ControlUnit
+
+    name, *items = [item.strip() for item in spec.split(",")]
+    if not name or "=" in name:
+        raise LoramgrError(f"--unit {spec!r}: start with the ControlNet (canny or a converted one), "
+                           "e.g. --unit canny,strength=0.8")
+    values: dict[str, object] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or key not in _UNIT_KEYS:
+            raise LoramgrError(f"--unit {spec!r}: {item!r} is not KEY=VALUE with KEY one of {', '.join(_UNIT_KEYS)}")
+        try:
+            values[key] = _UNIT_KEYS[key](value)
+        except ValueError:
+            raise LoramgrError(f"--unit {spec!r}: {key}={value!r} is not a {_UNIT_KEYS[key].__name__}") from None
+    image = values.pop("image", None)
+    renamed = {"low": "low_threshold", "high": "high_threshold"}
+    return ControlUnit(name, **{renamed.get(k, k): v for k, v in values.items()}), image
 
 
 def _settings(args: argparse.Namespace, defaults):
@@ -393,8 +502,21 @@ def _settings(args: argparse.Namespace, defaults):
 
     from .pipeline.settings import GenerationSettings
 
-    return defaults.settings(**{f.name: getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
+    computed = {"units": _units(args)[0], "prompt_syntax": "plain" if args.plain_prompt else "a1111",
+                **_passes(args)}
+    return defaults.settings(**{f.name: computed[f.name] if f.name in computed
+                                else getattr(args, _SETTING_OPTIONS.get(f.name, f.name))
                                 for f in fields(GenerationSettings)})
+
+
+def _units(args: argparse.Namespace) -> tuple[tuple | None, list[str | None] | None]:
+    """The ``--unit`` options as (units, their image files); ``--unit none``: no ControlNet at all."""
+    if not args.unit:
+        return None, None
+    if args.unit == ["none"]:
+        return (), []
+    parsed = [parse_unit(spec) for spec in args.unit]
+    return tuple(u for u, _ in parsed), [image for _, image in parsed]
 
 
 def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
@@ -408,10 +530,12 @@ def cmd_run(args: argparse.Namespace, ws: Workspace) -> int:
     options = _backend_options(args)
     opened = OpenBase.resolve(ws, args.base)
     settings = _settings(args, base_defaults(opened))
+    _, unit_images = _units(args)
     with console.steps_bar("denoising", enabled=not args.json) as progress:
         reports = generate(ws, args.image, settings, choices, base=opened.name, backend=args.backend,
-                           options=options, control_image=args.control_image, out_dir=args.out, progress=progress, stem=args.name,
-                           overwrite=args.overwrite)
+                           options=options, control_image=args.control_image, control_images=unit_images,
+                           out_dir=args.out, progress=progress, stem=args.name, overwrite=args.overwrite,
+                           mask=args.mask)
     _print_runs(reports, choices, settings, args.json)
     return 0
 
@@ -499,7 +623,8 @@ def cmd_build_engine(args: argparse.Namespace, ws: Workspace) -> int:
     from .backends.tensorrt import ShapeProfile, TrtOptions, build_engines
     from .bases import OpenBase
 
-    options = TrtOptions("fp16" if args.fp16 else "fp32", ShapeProfile.parse(args.min, args.opt, args.max))
+    options = TrtOptions("fp16" if args.fp16 else "fp32",
+                         ShapeProfile.parse(args.min, args.opt, args.max, args.max_tokens))
     with console.steps(f"build-engine {args.base}", enabled=not args.json) as step:
         paths = build_engines(OpenBase.resolve(ws, args.base), options, on_step=step)
     if args.json:
@@ -563,11 +688,13 @@ def cmd_list(args: argparse.Namespace, ws: Workspace) -> int:
                           "  loramgr export --model DIR_OR_FILE --name sd15    # an SD1.5 model (README)\n"
                           "or read another workspace: --home DIR or $LORAMGR_HOME", highlight=False)
     if data["adapters"]:
+        with_embeddings = any(a["embeddings"] for a in data["adapters"])  # a column only when some have them
         rows = [(a["name"], a["kind"], a["base"], a["format"], a["targets"], console.human_size(a["size_bytes"]),
-                 ", ".join(a["trigger_words"][:3]), _embeddings(a["embeddings"])) for a in data["adapters"]]
+                 ", ".join(a["trigger_words"][:3]), *([_embeddings(a["embeddings"])] * with_embeddings))
+                for a in data["adapters"]]
         console.out.print(console.table(f"adapters in {ws.adapters}",
                                         ("adapter", "kind", "base", "format", "targets", "size", "trigger words",
-                                         "embeddings"), rows))
+                                         *(["embeddings"] * with_embeddings)), rows))
     else:
         console.out.print(f"no adapter in {ws.adapters.name}/: convert one with loramgr convert FILE",
                           highlight=False)

@@ -43,7 +43,7 @@ from onnx import numpy_helper
 
 from .errors import LoramgrError
 from .manifest import (
-    FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER, GraphInfo, IOSpec, Manifest, WeightEntry,
+    CONTROLNET, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER, GraphInfo, IOSpec, Manifest, WeightEntry,
 )
 from .workspace import Workspace, atomic_dir, honour_umask, sha256_file
 
@@ -69,49 +69,73 @@ class GraphSpec:
 
 
 def graph_specs(components: dict, dtype: torch.dtype) -> list[GraphSpec]:
-    """The four graphs of a base with small example inputs (axes are dynamic anyway)."""
-    from .models.fused import TextEncoder, UNetControlNet, VaeDecoder, VaeEncoder
+    """The five graphs of a base with small example inputs (axes are dynamic anyway)."""
+    from .models.graphs import RESIDUALS, ControlNetResiduals, TextEncoder, UNetWithResiduals, VaeDecoder, VaeEncoder
 
     text_width = components["text_encoder"].config.hidden_size
     batch, h, w = 2, 8, 8
     gen = torch.Generator().manual_seed(0)
-    fused_inputs = {
-        "sample": torch.randn(batch, 4, h, w, generator=gen),
-        "timestep": torch.tensor([999.0, 999.0]),
-        "encoder_hidden_states": torch.randn(batch, 77, text_width, generator=gen),
-        "controlnet_cond": torch.rand(batch, 3, 8 * h, 8 * w, generator=gen),
-        "control_scales": torch.ones(batch, 13),
-    }
-    latent_axes = {0: "batch", 2: "latent_height", 3: "latent_width"}
-    image_axes = {0: "batch", 2: "height", 3: "width"}
     # The text encoder stays fp32 in an fp16 base: transformers' CLIP traced in fp16 mixes an
     # fp32 attention mask into fp16 activations, a graph ONNX Runtime refuses to load; it is
     # 10% of the weights and runs once per prompt.
     for name in ("unet", "controlnet", "vae"):
         if components[name].dtype != dtype:
             components[name].to(dtype)
+    controlnet = ControlNetResiduals(components["controlnet"])
+    denoise_inputs = {
+        "sample": torch.randn(batch, 4, h, w, generator=gen),
+        "timestep": torch.tensor([999.0, 999.0]),
+        # 2 chunks of 77 tokens: cross-attention takes any length (A1111's long prompts)
+        "encoder_hidden_states": torch.randn(batch, 2 * 77, text_width, generator=gen),
+    }
+    control_inputs = {**denoise_inputs, "controlnet_cond": torch.rand(batch, 3, 8 * h, 8 * w, generator=gen)}
+    with torch.no_grad():
+        residuals = dict(zip(RESIDUALS, controlnet(*control_inputs.values())))
+    latent_axes = {0: "batch", 2: "latent_height", 3: "latent_width"}
+    image_axes = {0: "batch", 2: "height", 3: "width"}
+    context_axes = {"sample": latent_axes, "timestep": {0: "batch"},
+                    "encoder_hidden_states": {0: "batch", 1: "tokens"}}
+    residual_axes = {name: residual_axes_of(r.shape[2], h) for name, r in residuals.items()}
+    text_inputs = {
+        "input_ids": torch.zeros(batch, 77, dtype=torch.int64),
+        "token_vectors": torch.zeros(batch, 77, text_width),
+        "token_mask": torch.zeros(batch, 77),
+    }
     return [
         GraphSpec(
-            FUSED, UNetControlNet(components["unet"], components["controlnet"]), fused_inputs, ["noise_pred"],
-            {"sample": latent_axes, "timestep": {0: "batch"}, "encoder_hidden_states": {0: "batch"},
-             "controlnet_cond": image_axes, "control_scales": {0: "batch"}, "noise_pred": latent_axes},
+            UNET, UNetWithResiduals(components["unet"]), {**denoise_inputs, **residuals}, ["noise_pred"],
+            {**context_axes, **residual_axes, "noise_pred": latent_axes},
         ),
         GraphSpec(
-            TEXT_ENCODER, TextEncoder(components["text_encoder"]),
-            {"input_ids": torch.zeros(batch, 77, dtype=torch.int64)}, ["last_hidden_state"],
-            {"input_ids": {0: "batch"}, "last_hidden_state": {0: "batch"}},
+            CONTROLNET, controlnet, control_inputs, list(RESIDUALS),
+            {**context_axes, "controlnet_cond": image_axes, **residual_axes},
         ),
         GraphSpec(
-            VAE_DECODER, VaeDecoder(components["vae"]), {"latent": fused_inputs["sample"]}, ["image"],
+            TEXT_ENCODER, TextEncoder(components["text_encoder"]), text_inputs, ["hidden_states"],
+            {"input_ids": {0: "batch"}, "token_vectors": {0: "batch"}, "token_mask": {0: "batch"},
+             "hidden_states": {1: "batch"}},
+        ),
+        GraphSpec(
+            VAE_DECODER, VaeDecoder(components["vae"]), {"latent": denoise_inputs["sample"]}, ["image"],
             {"latent": latent_axes, "image": image_axes}, uses_all_parameters=False,
         ),
         GraphSpec(
-            VAE_ENCODER, VaeEncoder(components["vae"]), {"image": fused_inputs["controlnet_cond"] * 2 - 1},
+            VAE_ENCODER, VaeEncoder(components["vae"]), {"image": control_inputs["controlnet_cond"] * 2 - 1},
             ["latent_mean", "latent_std"],
             {"image": image_axes, "latent_mean": latent_axes, "latent_std": latent_axes},
             uses_all_parameters=False,
         ),
     ]
+
+
+def residual_axes_of(size: int, latent_size: int) -> dict[int, str]:
+    """Named axes of a ControlNet residual ``size`` pixels high on a latent ``latent_size`` high.
+
+    ``latent_height/4``: a quarter of the latent's height (the UNet halves it per down block).
+    """
+    factor = latent_size // size
+    suffix = "" if factor == 1 else f"/{factor}"
+    return {0: "batch", 2: f"latent_height{suffix}", 3: f"latent_width{suffix}"}
 
 
 def _io_specs(values: list, axes: dict[str, dict[int, str]]) -> list[IOSpec]:
@@ -383,7 +407,7 @@ def export_base(
         >>> ws = Workspace.resolve("/tmp/ws")
         >>> manifest = export_base(ws, "tiny", arch="tiny", seed=0)
         >>> sorted(manifest.graphs)
-        ['text_encoder', 'unet_controlnet', 'vae_decoder', 'vae_encoder']
+        ['controlnet', 'text_encoder', 'unet', 'vae_decoder', 'vae_encoder']
     """
     from .models.loading import load_components, load_controlnet
     from .models.tokenizer import fit_tokenizer, load_tokenizer

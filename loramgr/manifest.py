@@ -20,13 +20,17 @@ import numpy as np
 
 from .errors import BadFileError, LoramgrError
 
-FORMAT_VERSION = 1
+# 2: the UNet and the ControlNet are separate graphs, the text encoder takes textual-inversion
+# vectors and returns every CLIP-skip output (docs/base-layout.md). 1 fused UNet + ControlNet.
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-FUSED = "unet_controlnet"
+UNET = "unet"
+CONTROLNET = "controlnet"
 TEXT_ENCODER = "text_encoder"
 VAE_DECODER = "vae_decoder"
 VAE_ENCODER = "vae_encoder"
-GRAPHS = (FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER)
+GRAPHS = (UNET, CONTROLNET, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER)
+ADAPTER_GRAPHS = (UNET, CONTROLNET, TEXT_ENCODER)  # the graphs adapters change (the VAE carries none)
 LAYOUTS = ("identity", "transpose", "reshape")
 
 
@@ -149,7 +153,8 @@ class Manifest:
         try:
             raw = json.loads(path.read_text())
             if raw.get("format_version") != FORMAT_VERSION:
-                raise BadFileError(path, f"manifest format {raw.get('format_version')} is not {FORMAT_VERSION}: re-export the base")
+                raise BadFileError(path, f"manifest format {raw.get('format_version')} is not {FORMAT_VERSION}: "
+                                         + reexport_hint(raw))
             graphs = {
                 name: GraphInfo(
                     path=g["path"], data=g["data"], data_sha256=g.get("data_sha256"),
@@ -172,6 +177,21 @@ class Manifest:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise BadFileError(path, f"damaged manifest ({type(exc).__name__}: {exc}): re-export the base") from None
+
+
+def reexport_hint(raw: dict) -> str:
+    """What to run to rebuild a base in today's layout, from what its (old) manifest says of its source."""
+    name, source = raw.get("name", "NAME"), raw.get("source")
+    source = source if isinstance(source, dict) else {}
+    if source.get("kind") == "random":
+        args = f"--arch {source.get('arch')} --random --seed {source.get('seed')}"
+    elif source.get("model"):
+        args = f"--model {source['model']}" + (f" --controlnet {source['controlnet']}" if source.get("controlnet") else "")
+    else:
+        args = "--model SRC --controlnet SRC"
+    return (f"this base was exported by an older loramgr (format 1: UNet and ControlNet fused in one graph); "
+            f"re-export it with `loramgr export {args} --name {name}`, then convert its adapters "
+            f"again (`loramgr convert FILE`)")
 
 
 def _optional(raw: dict, key: str, kind: type):

@@ -79,7 +79,7 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
     ids = torch.arange(77, dtype=torch.int64).reshape(1, 77) % 3
 
     def outputs(runner) -> tuple:
-        return runner.predict_noise(*inputs.args()).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
+        return inputs.step(runner).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
 
     say(f"hot-swap runner on {provider}: A (rank {SMALL}), swappable for B (rank {LARGE})")
     hot = OrtRunner.open(base_dir, sets[SMALL], options, swappable=union_touched(sets.values()))
@@ -91,9 +91,10 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
             seen["B"] = outputs(hot)
             swaps["B->A"].append(hot.set_adapters(sets[SMALL]))
             seen["A"] = outputs(hot)
-        floor = interleaved({"floor": _synced(_copy_floor(hot._buffers, touched_names(*sets.values())), provider)},
+        buffers = {g: s.buffers for g, s in hot._graphs.items()}
+        floor = interleaved({"floor": _synced(_copy_floor(buffers, touched_names(*sets.values())), provider)},
                             SWAPS)["floor"]
-        device_buffers = sorted({str(t.device) for named in hot._buffers.values() for t in named.values()})
+        device_buffers = sorted({str(t.device) for named in buffers.values() for t in named.values()})
     finally:
         hot.close()
     fresh: dict[str, dict] = {}

@@ -104,7 +104,7 @@ def references(args, ws, image: Path, sets) -> list[list[bytes]]:
             if main(argv) != 0:
                 raise SystemExit(f"loramgr run failed for set {loras} {control}")
             sidecar = json.loads(next(folder.glob("*.json")).read_text())
-            out.append([(folder / n).read_bytes() for n in [*sidecar["images"], sidecar["edge_map"]]])
+            out.append([(folder / n).read_bytes() for n in [*sidecar["images"], *sidecar["control_maps"]]])
     return out
 
 

@@ -49,6 +49,14 @@ CONTROLNET_DEFAULTS = {
 }
 
 
+def base_negative_prompt(tokenizer) -> str:
+    """The documented default negative prompt on a base (docs/design.md, "Defaults"): ControlNet's, cut after
+    its last comma-separated item that keeps it within one 77-token window of the base's ``tokenizer``."""
+    items = CONTROLNET_DEFAULTS["n_prompt"].split(", ")
+    fitting = [k for k in range(1, len(items) + 1) if len(tokenizer(", ".join(items[:k])).input_ids) <= 77]
+    return ", ".join(items[: max(fitting, default=0)])
+
+
 def documented(**fields) -> GenerationSettings:
     """Settings with every field given: ``fields`` over :data:`CONTROLNET_DEFAULTS` (no loramgr default used)."""
     return GenerationSettings(**{**CONTROLNET_DEFAULTS, **fields})
@@ -97,10 +105,15 @@ def reference_process_preprocessing(input_image, image_resolution, low_threshold
 
 # --- diffusers' pipelines ----------------------------------------------------------------
 
-def reference_scheduler(name: str, config):
-    """A fresh diffusers scheduler for loramgr's scheduler ``name``, from the table above."""
+# A1111's schedule types as diffusers options (diffusers' docs: timestep_spacing "linspace" spreads the steps
+# evenly over the whole schedule, A1111's "uniform"); only those the tests compare with.
+REFERENCE_SCHEDULES = {"automatic": {}, "uniform": {"timestep_spacing": "linspace"}}
+
+
+def reference_scheduler(name: str, config, schedule: str = "automatic"):
+    """A fresh diffusers scheduler for loramgr's scheduler ``name`` and ``schedule``, from the tables above."""
     cls, options = REFERENCE_SCHEDULERS[name]
-    return cls.from_config(config, **options)
+    return cls.from_config(config, **options, **REFERENCE_SCHEDULES[schedule])
 
 
 def lora_modules_in(path: Path) -> int:
@@ -150,7 +163,8 @@ def diffusers_images(reference, image: np.ndarray | None, settings: GenerationSe
                                                          settings.high_threshold)
     if control_map is not None:
         edges = control_map
-    components = {**reference.components, "scheduler": reference_scheduler(settings.scheduler, reference.scheduler.config)}
+    components = {**reference.components,
+                  "scheduler": reference_scheduler(settings.scheduler, reference.scheduler.config, settings.schedule)}
     kwargs = {
         # process(): prompt + ', ' + a_prompt; an A1111 request has no added prompt
         "prompt": f"{settings.prompt}, {settings.a_prompt}" if settings.a_prompt else settings.prompt,

@@ -25,7 +25,7 @@ from PIL import Image
 from loramgr.pipeline.canny import detect_edges
 from loramgr.samples import sample_image
 from loramgr.serve import ServeConfig, create_app
-from loramgr.serve.a1111 import fit, parse_lora_tags, resolve_sampler
+from loramgr.serve.a1111 import fit, parse_lora_tags
 from loramgr.serve.catalog import CatalogError
 from reference_pipelines import (
     assert_close_images, diffusers_images, documented, reference_process_preprocessing, reference_scheduler,
@@ -96,8 +96,8 @@ def test_txt2img_with_unit_and_lora_tags_equals_native(api, url, ws, house, unit
     got = api.txt2img(prompt="a house <lora:sv_a:0.8> <lora:sv_b>", negative_prompt="lowres", seed=5,
                       sampler_name="Euler a", controlnet_units=[cn], **FAST)
     ref = native(url, prompt="a house", n_prompt="lowres", image=png_b64(ws.home / "house.png"), seed=5,
-                 loras=[{"name": "sv_a", "weight": 0.8}, {"name": "sv_b"}], steps=3, scale=7.0,
-                 scheduler="euler_a", resolution=64, low_threshold=90, high_threshold=180, **expected)
+                 loras=[{"name": "sv_a", "weight": 0.8}, {"name": "sv_b"}], steps=3, scale=7.0, scheduler="euler_a",
+                 schedule="uniform", resolution=64, low_threshold=90, high_threshold=180, **expected)
     assert len(got.images) == 2  # the image, then the control map
     assert np.array_equal(pixels(got.images[0]), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(ref["control_map"]))
@@ -107,7 +107,7 @@ def test_txt2img_with_unit_and_lora_tags_equals_native(api, url, ws, house, unit
     assert [(a["name"], a["weight"]) for a in info["loramgr"]["adapters"]] == \
         [(a["name"], a["weight"]) for a in ref["adapters"]]
     assert all(len(a["sha256"]) == 64 for a in info["loramgr"]["adapters"])
-    assert "hr_scale" in info["loramgr"]["ignored_fields"] and "eta" not in info["loramgr"]["ignored_fields"]
+    assert "styles" in info["loramgr"]["ignored_fields"] and "eta" not in info["loramgr"]["ignored_fields"]
     assert "denoise" in info["loramgr"]["timings"][0]
 
 
@@ -135,7 +135,7 @@ def test_img2img_unit_without_image_uses_the_init_image(api, url, ws, house):
     got = api.img2img(images=[house], prompt="a house", denoising_strength=0.75, seed=4, sampler_name="Euler",
                       controlnet_units=[cn], **{**FAST, "steps": 4})
     ref = native(url, prompt="a house", n_prompt="", image=png_b64(ws.home / "house.png"), seed=4, steps=4,
-                 scale=7.0, scheduler="euler", resolution=64, img2img_strength=0.75)
+                 scale=7.0, scheduler="euler", schedule="uniform", resolution=64, img2img_strength=0.75)
     assert np.array_equal(pixels(got.images[0]), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(ref["control_map"]))
 
@@ -156,7 +156,7 @@ def test_precomputed_map_with_module_none(api, url, ws, house):
     cn = webuiapi.ControlNetUnit(image=edge_image, module="none")
     got = api.txt2img(prompt="a house", seed=8, sampler_name="UniPC", controlnet_units=[cn], **FAST)
     ref = native(url, prompt="a house", n_prompt="", control_map=edges, seed=8, steps=3, scale=7.0,
-                 scheduler="unipc", resolution=64)
+                 scheduler="unipc", schedule="uniform", resolution=64)
     assert np.array_equal(pixels(got.image), decode(ref["images"][0]))
     assert np.array_equal(pixels(got.images[1]), decode(edges))
 
@@ -170,10 +170,36 @@ def test_non_square_output_with_crop_and_pixel_perfect(api, house):
     assert np.array_equal(pixels(got.images[1]), expected)
 
 
+def test_schedule_types(api, url, ws, house):
+    """A1111 1.9+: DPM++ 2M's Automatic is Karras, the old "DPM++ 2M Karras" names both; any schedule type
+    A1111 has is accepted (sd-backend-client sends "normal"), approximations named in the warnings."""
+    cn = webuiapi.ControlNetUnit(image=house, module="canny", processor_res=64)
+    karras = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M", scheduler="karras",
+                         controlnet_units=[cn], **FAST)
+    named = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M Karras", controlnet_units=[cn], **FAST)
+    plain = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M", controlnet_units=[cn], **FAST)
+    exponential = api.txt2img(prompt="a house", seed=2, sampler_name="DPM++ 2M", scheduler="Exponential",
+                              controlnet_units=[cn], **FAST)
+    assert np.array_equal(pixels(karras.image), pixels(named.image))
+    assert np.array_equal(pixels(karras.image), pixels(plain.image))
+    assert not np.array_equal(pixels(karras.image), pixels(exponential.image))
+    assert (named.info["sampler_name"], named.info["scheduler"]) == ("DPM++ 2M", "karras")
+    assert "Schedule type: Karras" in named.info["infotexts"][0]
+    ref = native(url, prompt="a house", n_prompt="", image=png_b64(ws.home / "house.png"), seed=2, steps=3,
+                 scale=7.0, scheduler="dpm++", schedule="karras", resolution=64)
+    assert np.array_equal(pixels(karras.image), decode(ref["images"][0]))
+    for schedule, warning in (("normal", None), ("sgm_uniform", "approximated"), ("kl_optimal", "instead")):
+        r = httpx.post(f"{url}/sdapi/v1/txt2img", json={"prompt": "a house", "sampler_name": "Euler",
+                                                        "scheduler": schedule, **FAST}, timeout=60)
+        assert r.status_code == 200, r.text
+        warnings = json.loads(r.json()["info"])["loramgr"]["warnings"]
+        assert (warning is None and warnings == []) or any(warning in w for w in warnings), warnings
+
+
 @pytest.mark.parametrize("sampler_name, schedule, scheduler", [
     ("DPM++ 2M", "karras", "dpm++_karras"),
     ("DPM++ 2M Karras", None, "dpm++_karras"),
-    ("DPM++ 2M", None, "dpm++"),
+    ("DPM++ 2M", None, "dpm++_karras"),  # A1111 1.9+: DPM++ 2M's Automatic schedule is Karras
 ])
 def test_dpm_samplers_and_the_karras_schedule_match_diffusers(api, reference, house, sampler_name, schedule,
                                                              scheduler):
@@ -184,7 +210,7 @@ def test_dpm_samplers_and_the_karras_schedule_match_diffusers(api, reference, ho
                       **({"scheduler": schedule} if schedule else {}))
     settings = a1111_settings(prompt="a house", seed=2, steps=3, scale=7.0, scheduler=scheduler)
     assert_close_images([pixels(got.image)], diffusers_images(reference, pixels(house), settings))
-    assert got.info["sampler_name"] == ("DPM++ 2M Karras" if scheduler == "dpm++_karras" else "DPM++ 2M")
+    assert (got.info["sampler_name"], got.info["scheduler"]) == ("DPM++ 2M", "karras")
 
 
 def test_txt2img_with_a_converted_controlnet_and_lora_tags_matches_diffusers(api, ws, tiny_folder, house):
@@ -195,6 +221,7 @@ def test_txt2img_with_a_converted_controlnet_and_lora_tags_matches_diffusers(api
                       sampler_name="Euler a", controlnet_units=[cn], **FAST)
     reference = reference_for(ws, tiny_folder, [("sv_a", 0.8), ("sv_b", 1.0)], "sv_hed")
     settings = a1111_settings(prompt="a house", n_prompt="lowres", seed=5, steps=3, scale=7.0, scheduler="euler_a",
+                              schedule="uniform",  # A1111's Automatic for Euler a: uniform
                               strength=0.7, low_threshold=90, high_threshold=180)
     assert_close_images([pixels(got.images[0])], diffusers_images(reference, pixels(house), settings))
     np.testing.assert_array_equal(pixels(got.images[1]), reference_process_preprocessing(pixels(house), 64, 90, 180)[1])
@@ -208,11 +235,18 @@ def test_lists(api):
     assert all(len(lora["metadata"]["sha256"]) == 64 for lora in api.get_loras())
     titles = api.util_get_model_names()
     assert len(titles) == 1 and titles[0].startswith("tiny [")
-    assert {"Euler a", "DPM++ 2M Karras", "DDIM", "UniPC", "PNDM", "Heun", "LMS"} <= set(api.util_get_sampler_names())
-    assert [s["name"] for s in api.get_schedulers()] == ["automatic", "karras"]
+    assert {"Euler a", "DPM++ 2M", "DPM++ SDE", "DPM++ 2M SDE", "DDIM", "PLMS", "UniPC", "LCM"} \
+        <= set(api.util_get_sampler_names())
+    samplers = {s["name"]: s for s in api.get_samplers()}
+    assert samplers["DPM++ 2M"]["options"]["scheduler"] == "karras" and "k_euler_a" in samplers["Euler a"]["aliases"]
+    assert [s["name"] for s in api.get_schedulers()] == [
+        "automatic", "uniform", "karras", "exponential", "polyexponential", "sgm_uniform", "kl_optimal",
+        "align_your_steps", "simple", "normal", "ddim", "beta"]
+    assert {"name": "karras", "label": "Karras", "aliases": None, "default_rho": 7.0, "need_inner_model": False} \
+        in api.get_schedulers()
     controlnets = api.controlnet_model_list()
     assert controlnets[0] == "canny" and "sv_hed" in controlnets and not loras & set(controlnets)
-    assert api.controlnet_module_list() == ["none", "canny"]
+    assert api.controlnet_module_list() == ["none", "canny", "inpaint", "inpaint_global_harmonious", "inpaint_only"]
     assert api.controlnet_version() == 2
     assert api.get_scripts()["txt2img"] == ["controlnet", "controlnet m2m"]
     assert api.get_options()["sd_model_checkpoint"] == titles[0]
@@ -259,14 +293,14 @@ def _unit(**fields) -> dict:
 
 
 BAD = [
-    pytest.param({"sampler_name": "Warp 9"}, "sampler_name", "DPM++ 2M Karras", id="unknown-sampler"),
-    pytest.param({"scheduler": "exponential"}, "scheduler", "automatic", id="unknown-schedule"),
+    pytest.param({"sampler_name": "Warp 9"}, "sampler_name", "DPM++ 2M", id="unknown-sampler"),
+    pytest.param({"sampler_name": "Restart"}, "sampler_name", "no diffusers equivalent", id="refused-sampler"),
+    pytest.param({"scheduler": "warp"}, "scheduler", "automatic", id="unknown-schedule"),
     pytest.param({"prompt": "x <lora:nope:0.5>"}, "prompt", "'nope'", id="unknown-lora"),
     pytest.param({"prompt": "x <lora:sv_a:heavy>"}, "prompt", "'heavy' is not a number", id="text-weight"),
     pytest.param({"prompt": "x <lora:sv_hed:1>"}, "prompt", "controlnet", id="controlnet-as-lora"),
     pytest.param({"width": 100}, "width", "multiple of 64", id="width-not-64"),
     pytest.param({"batch_size": 5}, "batch_size", "limit", id="batch-over-limit"),
-    pytest.param({"enable_hr": True}, "enable_hr", "hires", id="hires-fix"),
     pytest.param({"steps": 0}, "steps", "steps", id="zero-steps"),
     pytest.param({"alwayson_scripts": {"ADetailer": {"args": [True]}}}, "alwayson_scripts.ADetailer",
                  "not available", id="unknown-script"),
@@ -275,17 +309,15 @@ BAD = [
     pytest.param({"alwayson_scripts": {"ControlNet": {"args": ["canny"]}}}, "alwayson_scripts.ControlNet.args.0",
                  "object", id="unit-not-an-object"),
     pytest.param(_unit(weight="strong"), "alwayson_scripts.controlnet.args.0.weight", "number", id="text-unit-weight"),
-    pytest.param({"alwayson_scripts": {"ControlNet": {"args": [{"image": "IMAGE"}, {"image": "IMAGE"}]}}},
-                 "alwayson_scripts.ControlNet.args.1", "more than one", id="two-units"),
+    pytest.param({"alwayson_scripts": {"ControlNet": {"args": [{"image": "IMAGE"}] * 4}}},
+                 "alwayson_scripts.ControlNet.args.3", "more than 3", id="units-over-the-limit"),
     pytest.param(_unit(image="bm90IGFuIGltYWdl"), "alwayson_scripts.controlnet.args.0.image", "PNG, JPEG, WebP",
                  id="undecodable-unit-image"),
     pytest.param(_unit(image=""), "alwayson_scripts.controlnet.args.0.image", "required", id="no-unit-image"),
     pytest.param(_unit(module="depth_midas"), "alwayson_scripts.controlnet.args.0.module", "canny",
                  id="unknown-module"),
-    pytest.param(_unit(guidance_end=0.5), "alwayson_scripts.controlnet.args.0.guidance_start", "full range",
-                 id="guidance-range"),
-    pytest.param(_unit(control_mode="My prompt is more important"), "alwayson_scripts.controlnet.args.0.control_mode",
-                 "not supported", id="prompt-mode"),
+    pytest.param(_unit(guidance_start=0.8, guidance_end=0.5), "alwayson_scripts.controlnet.args.0.guidance_start",
+                 "must not exceed", id="guidance-range"),
     pytest.param(_unit(control_mode=7), "alwayson_scripts.controlnet.args.0.control_mode", "0, 1 or 2",
                  id="bad-control-mode"),
     pytest.param(_unit(threshold_a=300), "alwayson_scripts.controlnet.args.0.threshold_a", "[1, 255]",
@@ -308,7 +340,7 @@ def test_bad_txt2img_is_a_4xx_naming_the_field(url, ws, fields, field, reason):
 
 def test_bad_img2img(url, ws):
     for fields, field in (({"init_images": ["!!"]}, "init_images.0"), ({"init_images": []}, "init_images"),
-                          ({"mask": png_b64(ws.home / "house.png")}, "mask"),
+                          ({"mask": "!!"}, "mask"),
                           ({"denoising_strength": 0}, "denoising_strength"),
                           ({"sd_model_checkpoint": "x", "resize_mode": 9}, "resize_mode")):
         payload = {"prompt": "a house", "init_images": [png_b64(ws.home / "house.png")], **FAST, **fields}
@@ -319,13 +351,15 @@ def test_bad_img2img(url, ws):
 
 
 def test_unknown_fields_and_override_settings_are_listed(url, ws):
-    payload = {"prompt": "a house", **FAST, "hr_upscaler": "Latent", "my_own_field": [1, 2],
-               "override_settings": {"CLIP_stop_at_last_layers": 2}, "negative_prompt": "ugly <lora:sv_a:1>"}
+    payload = {"prompt": "a house", **FAST, "hr_checkpoint_name": "x", "my_own_field": [1, 2],
+               "override_settings": {"CLIP_stop_at_last_layers": 2, "sd_vae": "x"},
+               "negative_prompt": "ugly <lora:sv_a:1>"}
     r = httpx.post(f"{url}/sdapi/v1/txt2img", json=payload, timeout=60)
     assert r.status_code == 200, r.text
+    assert json.loads(r.json()["info"])["clip_skip"] == 2
     extra = json.loads(r.json()["info"])["loramgr"]
-    assert {"hr_upscaler", "my_own_field"} <= set(extra["ignored_fields"]) and extra["adapters"] == []
-    assert any("override_settings" in w for w in extra["warnings"])
+    assert {"hr_checkpoint_name", "my_own_field"} <= set(extra["ignored_fields"]) and extra["adapters"] == []
+    assert any("override_settings ignored: sd_vae" in w for w in extra["warnings"])
     assert any("negative_prompt" in w for w in extra["warnings"])
     assert r.json()["parameters"]["my_own_field"] == [1, 2]
 
@@ -339,14 +373,6 @@ def test_parse_lora_tags():
         with pytest.raises(CatalogError) as exc:
             parse_lora_tags(bad)
         assert exc.value.field == "prompt" and bad in exc.value.reason
-
-
-def test_resolve_sampler():
-    assert resolve_sampler("k_euler_a", None) == ("Euler a", "automatic", "euler_a")
-    assert resolve_sampler("dpm++ 2m", "Karras") == ("DPM++ 2M Karras", "karras", "dpm++_karras")
-    assert resolve_sampler(None, "automatic")[2] == "euler"
-    with pytest.raises(CatalogError, match="DPM\\+\\+ 2M only"):
-        resolve_sampler("Euler", "karras")
 
 
 def test_fit_modes():

@@ -79,10 +79,17 @@ def url(ws):
 def native(url, **fields) -> dict:
     """The native API's answer for the same generation (the reference for every image here).
 
-    Without an image, an empty 64 px control map at strength 0: an A1111 request without a unit.
+    ``strength=0.0`` stands for an A1111 request without a unit: no ControlNet at all
+    (``controls: []``), 64 px without an image unless a width and height are given.
     """
-    if "image" not in fields and "control_map" not in fields:
-        fields["control_map"] = _encoded(np.zeros((64, 64, 3), np.uint8), "PNG")
+    if fields.get("scheduler") in ("euler", "euler_a", "lms", "heun"):  # A1111's Automatic for them: uniform
+        fields.setdefault("schedule", "uniform")
+    if fields.get("strength") == 0.0 and "controls" not in fields:
+        del fields["strength"]
+        fields["controls"] = []
+        if "image" not in fields:
+            fields.setdefault("width", 64)
+            fields.setdefault("height", 64)
     r = httpx.post(f"{url}/v1/generate", json={"a_prompt": "", "n_prompt": "", "scale": 7.0, "resolution": 64,
                                                **fields}, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)
     assert r.status_code == 200, r.text
@@ -140,9 +147,8 @@ def test_sd_backend_client_quick_start_and_progress(backend, url):
     assert seen[-1].status.value == "finished"
 
 
-@pytest.mark.xfail(strict=True, reason="scheduler names: issue 23 item 1")
 def test_sd_backend_client_defaults(backend):
-    """The client's default scheduler is A1111's `normal`."""
+    """The client's default scheduler is A1111's `normal`: accepted (issue 23 item 1)."""
     result = backend.submit_txt2img(DiffusionParams(prompt="a teapot", steps=2, width=64, height=64)).wait(timeout=300)
     assert len(result.images) == 1 and result.images[0].size == (64, 64)
 
@@ -192,7 +198,7 @@ def test_sd_backend_client_discovery(backend):
     assert backend.get_styles() == [] and backend.get_latent_upscale_modes() == []
     assert {s.name for s in backend.get_script_info()} == {"controlnet"}
     assert backend.get_soft_inpainting_parameters() == []
-    assert backend.get_controlnet_settings() == {"control_net_unit_count": 1}
+    assert backend.get_controlnet_settings() == {"control_net_unit_count": 3}
     for refresh in (backend.refresh_loras, backend.refresh_checkpoints, backend.refresh_vae):
         assert refresh().status_code == 200
     assert backend.progress_check().state.job_count == 0
@@ -216,11 +222,10 @@ def test_aaa1111_readme(aaa, url, tmp_path):
     resp = aaa.txt2img(TXT2IMG(**README_PARAMS))
     assert len(resp.images) == 2 and resp.images[0].size == (64, 128)
     info = resp.info
-    check_info(info, sampler_name="DPM++ 2M Karras", batch_size=2, cfg_scale=7.5, steps=2)
-    assert any("override_settings" in w for w in info["loramgr"]["warnings"])
+    check_info(info, sampler_name="DPM++ 2M", scheduler="karras", batch_size=2, cfg_scale=7.5, steps=2)
+    assert info["clip_skip"] == 2  # override_settings.CLIP_stop_at_last_layers
     ref = native(url, prompt=README_PARAMS["prompt"], n_prompt=README_PARAMS["negative_prompt"], seed=info["seed"] + 1,
-                 steps=2, scale=7.5, scheduler="dpm++_karras", strength=0.0,
-                 control_map=_encoded(np.zeros((128, 64, 3), np.uint8), "PNG"))  # no unit: an empty map at weight 0
+                 steps=2, scale=7.5, scheduler="dpm++_karras", strength=0.0, width=64, height=128, clip_skip=2)
     assert np.array_equal(rgb(resp.images[1]), decode(ref["images"][0]))
     assert resp.parameters["sampler_name"] == "DPM++ 2M Karras" and resp.parameters["steps"] == 2
     assert resp.parameters["hr_scale"] == 2.0 and resp.parameters["subseed"] == -1  # A1111's defaults, unsent
@@ -314,7 +319,7 @@ def test_webuiapi_lists_and_detect(api, house):
     assert api.get_latent_upscale_modes() == [] and api.get_upscalers()[0]["name"] == "None"
     assert api.get_embeddings() == {"loaded": {}, "skipped": {}}
     assert set(api.get_memory()) == {"ram", "cuda"} and api.get_cmd_flags()["nowebui"]
-    assert api.custom_get("controlnet/settings") == {"control_net_unit_count": 1}
+    assert api.custom_get("controlnet/settings") == {"control_net_unit_count": 3}
     detected = api.controlnet_detect([house], module="canny", processor_res=96, threshold_a=80, threshold_b=160)
     assert np.array_equal(rgb(detected.image)[..., 0], canny(house, 96, 80, 160))
     none = api.controlnet_detect([house], module="none")
@@ -524,7 +529,7 @@ def test_parameters_and_info_as_a1111(url):
     assert len(info["job_timestamp"]) == 14 and info["job_timestamp"].isdigit()
     assert info["extra_generation_params"]["Lora hashes"].startswith("sv_a: ")
     text = info["infotexts"][0]
-    assert text.startswith("a <lora:sv_a:0.5> house\nSteps: 2, Sampler: Euler, Schedule type: Automatic, CFG scale: 7.0"
+    assert text.startswith("a <lora:sv_a:0.5> house\nSteps: 2, Sampler: Euler, Schedule type: Uniform, CFG scale: 7.0"
                            ", Seed: 11, Size: 64x64, Model hash: ") and '"sv_a: ' in text
     assert {"restore_faces", "styles"} <= set(info["loramgr"]["ignored_fields"])
 

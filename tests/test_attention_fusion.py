@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from loramgr.backends.attention_fusion import fuse_attention
 from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
 from loramgr.bench.fixtures import StepInputs
-from loramgr.manifest import FUSED, TEXT_ENCODER, VAE_DECODER, Manifest
+from loramgr.manifest import CONTROLNET, TEXT_ENCODER, UNET, VAE_DECODER, Manifest
 
 
 class Attention(torch.nn.Module):
@@ -99,11 +99,11 @@ def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace, tmp_path, monkey
     base_dir = tiny_workspace.base_dir("tiny")
     manifest = Manifest.load(base_dir)
     counts = {}
-    for graph in (FUSED, TEXT_ENCODER, VAE_DECODER):
+    for graph in (UNET, CONTROLNET, TEXT_ENCODER, VAE_DECODER):
         model = onnx.load(str(base_dir / manifest.graphs[graph].path), load_external_data=False)
         softmaxes = sum(n.op_type == "Softmax" for n in model.graph.node)
         counts[graph] = (fuse_attention(model), softmaxes)
-    assert counts[FUSED][0] == counts[FUSED][1] > 0
+    assert counts[UNET][0] == counts[UNET][1] > 0 and counts[CONTROLNET][0] == counts[CONTROLNET][1] > 0
     assert counts[TEXT_ENCODER][0] == 0  # CLIP's causal mask: left as exported
     assert counts[VAE_DECODER][0] == counts[VAE_DECODER][1] == 1  # the mid-block attention
 
@@ -124,12 +124,15 @@ def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace, tmp_path, monkey
     for fused in (True, False):
         created.clear()
         with OrtRunner.open(base_dir, options=OrtOptions(fuse_attention=fused)) as runner:
-            outputs[fused] = (runner.predict_noise(*inputs.args()), runner.encode_text(ids),
+            outputs[fused] = (inputs.step(runner), runner.encode_text(ids),
                               runner.vae_decode(inputs.sample[:1]))
-            (unet,) = [s for s in created if "controlnet_cond" in {i.name for i in s.get_inputs()}]
-            ops[fused] = _node_ops(unet)
-    assert ops[True]["MultiHeadAttention"] == counts[FUSED][0] and ops[True]["Softmax"] == 0, ops[True]
-    assert ops[False]["MultiHeadAttention"] == 0 and ops[False]["Softmax"] == counts[FUSED][1], ops[False]
+            for graph, input_name in ((UNET, "mid_block_res"), (CONTROLNET, "controlnet_cond")):
+                (session,) = [s for s in created if input_name in {i.name for i in s.get_inputs()}]
+                ops[fused, graph] = _node_ops(session)
+    for graph in (UNET, CONTROLNET):
+        fused_ops, plain_ops = ops[True, graph], ops[False, graph]
+        assert fused_ops["MultiHeadAttention"] == counts[graph][0] and fused_ops["Softmax"] == 0, fused_ops
+        assert plain_ops["MultiHeadAttention"] == 0 and plain_ops["Softmax"] == counts[graph][1], plain_ops
     for a, b in zip(outputs[True], outputs[False]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 

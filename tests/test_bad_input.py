@@ -406,4 +406,4 @@ def test_exported_base_honours_the_umask(tiny_workspace):
     os.umask(umask)
     base = tiny_workspace.base_dir("tiny")
     assert stat.S_IMODE(base.stat().st_mode) == 0o777 & ~umask
-    assert stat.S_IMODE((base / "unet_controlnet" / "model.onnx_data").stat().st_mode) == 0o666 & ~umask
+    assert stat.S_IMODE((base / "unet" / "model.onnx_data").stat().st_mode) == 0o666 & ~umask

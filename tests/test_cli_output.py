@@ -127,20 +127,21 @@ def test_verify_prints_one_verdict_and_its_worst_figures(ws, screen):
 
 
 def test_bake_writes_exactly_the_files_it_names(ws, tmp_path, screen, capsys):
-    # the set changes two graphs: one file named is refused before anything is written
+    # the set changes three graphs: one file named is refused before anything is written
     assert cli(ws, "bake", "--lora", "lo", "--control", "hed", "-o", str(tmp_path / "mix.lora")) == 2
     one_error_line(capsys, "text_encoder", "-o text_encoder=")
     assert not any(tmp_path.iterdir())
-    assert cli(ws, "bake", "--control", "hed", "-o", str(tmp_path / "a.lora"),
+    assert cli(ws, "bake", "--control", "hed", "-o", f"controlnet={tmp_path / 'a.lora'}",
                "-o", f"text_encoder={tmp_path / 'b.lora'}") == 2
     one_error_line(capsys, "does not change the text_encoder graph")
     assert not any(tmp_path.iterdir())
 
-    unet, text_encoder = tmp_path / "mix.lora", tmp_path / "mix-te.lora"
-    assert cli(ws, "bake", "--lora", "lo", "--control", "hed", "-o", str(unet), "-o", f"text_encoder={text_encoder}") == 0
+    unet, controlnet, text_encoder = tmp_path / "mix.lora", tmp_path / "mix-cn.lora", tmp_path / "mix-te.lora"
+    assert cli(ws, "bake", "--lora", "lo", "--control", "hed", "-o", str(unet), "-o", f"controlnet={controlnet}",
+               "-o", f"text_encoder={text_encoder}") == 0
     lines = readable(screen.getvalue())
     named = {line.split()[0]: Path(line.split()[-1]) for line in lines if line.endswith(".lora")}
-    assert named == {"unet_controlnet": unet, "text_encoder": text_encoder}
+    assert named == {"unet": unet, "controlnet": controlnet, "text_encoder": text_encoder}
     assert sorted(tmp_path.iterdir()) == sorted(named.values())
 
 

@@ -24,7 +24,7 @@ from loramgr.backends.onnxruntime import OrtRunner
 from loramgr.bases import VERIFIED_CACHE, OpenBase
 from loramgr.convert import convert_adapter
 from loramgr.errors import BadFileError
-from loramgr.manifest import FUSED, GRAPHS, TEXT_ENCODER, VAE_DECODER, Manifest
+from loramgr.manifest import GRAPHS, TEXT_ENCODER, UNET, VAE_DECODER, Manifest
 from loramgr.samples import write_kohya_lora
 from loramgr.workspace import Workspace
 
@@ -101,7 +101,7 @@ def test_a_good_base_runs(ws, input_png, tmp_path, capsys):
 
 def test_flipped_bits_in_a_data_file_are_refused_even_after_a_checked_open(ws, input_png, tmp_path, capsys):
     OpenBase.resolve(ws, "tiny")  # hashed and remembered: the damage comes after
-    data = graph_file(ws, FUSED, "data")
+    data = graph_file(ws, UNET, "data")
     flip(data, data.stat().st_size // 2, 3)
     assert_refused(ws, input_png, tmp_path, capsys, data, "content changed", "re-export base 'tiny'")
 
@@ -129,7 +129,7 @@ def test_a_manifest_without_recorded_sizes_still_refuses_a_truncated_file(ws):
             del graph[key]
     path.write_text(json.dumps(raw))
     OpenBase.resolve(ws, "tiny")
-    data = graph_file(ws, FUSED, "data")
+    data = graph_file(ws, UNET, "data")
     os.truncate(data, data.stat().st_size - 4)
     with pytest.raises(BadFileError, match=r"its tensors need [\d,]+ \(truncated file\): re-export") as caught:
         OpenBase.resolve(ws, "tiny")
@@ -144,10 +144,10 @@ def test_an_unchanged_base_is_hashed_once(ws, hashes):
     OpenBase.resolve(ws, "tiny")
     assert set(hashes) == everything and len(hashes) == len(everything)
     cache = json.loads((folder / VERIFIED_CACHE).read_text())
-    data = graph_file(ws, FUSED, "data")
+    data = graph_file(ws, UNET, "data")
     entry = cache[data.relative_to(folder).as_posix()]
     assert entry["size"] == data.stat().st_size and entry["inode"] == data.stat().st_ino
-    assert entry["sha256"] == Manifest.load(folder).graphs[FUSED].data_sha256
+    assert entry["sha256"] == Manifest.load(folder).graphs[UNET].data_sha256
     hashes.clear()
     OpenBase.resolve(ws, "tiny")
     assert hashes == []
@@ -227,6 +227,7 @@ def test_a_lora_written_before_checksums_is_read_unchecked(ws):
 def test_a_damaged_ort_cache_file_is_rebuilt(ws, damage):
     base = OpenBase.resolve(ws, "tiny")
     adapters = AdapterSet(((load_adapter(ws.adapter_path("good")), 1.0),))
+    shutil.rmtree(base.dir / ".ort", ignore_errors=True)  # only the files this runner writes
     OrtRunner.open(base, adapters).close()
     files = sorted((base.dir / ".ort").glob("*.json"))
     assert files, "hot swap on CPU writes the .ort cache"

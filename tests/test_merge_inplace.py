@@ -20,7 +20,6 @@ from loramgr.convert import convert_adapter
 from loramgr.formats import WeightDelta, merge_weight
 from loramgr.manifest import Manifest
 from loramgr.merge import BaseWeights, MergeJob, apply_merge, merge_into, merge_tensors, plan_merge
-from loramgr.pipeline.control import control_scales
 from loramgr.samples import write_controlnet, write_kohya_lora
 
 
@@ -155,18 +154,23 @@ def test_other_kinds_go_through_merge_weight(tiny, layout):
 
 
 def _noise(runner: OrtRunner) -> np.ndarray:
+    """One step: the ControlNet's residuals, then the UNet with them."""
     gen = torch.Generator().manual_seed(0)
-    return runner.predict_noise(torch.randn(2, 4, 8, 8, generator=gen), torch.full((2,), 500.0),
-                                torch.randn(2, 77, 32, generator=gen), torch.rand(2, 3, 64, 64, generator=gen),
-                                control_scales(1, 1.0, False, "controlnet")).numpy()
+    context = (torch.randn(2, 4, 8, 8, generator=gen), torch.full((2,), 500.0), torch.randn(2, 77, 32, generator=gen))
+    residuals = runner.control_residuals(None, *context, torch.rand(2, 3, 64, 64, generator=gen))
+    return runner.predict_noise(*context, residuals).numpy()
+
+
+def _buffers(runner: OrtRunner) -> dict[str, dict[str, torch.Tensor]]:
+    return {g: s.buffers for g, s in runner._graphs.items() if s.buffers}
 
 
 def test_hot_swap_writes_the_buffers_onnx_runtime_reads(tiny, monkeypatch):
     """A -> B -> A in place equals fresh sessions; the buffers never move; a failed merge leaves the old set."""
     _, base_dir, _, sets = tiny
     with OrtRunner.open(base_dir, sets["a"], OrtOptions(), swappable=union_touched(sets.values())) as hot:
-        pointers = {n: t.data_ptr() for named in hot._buffers.values() for n, t in named.items()}
-        assert all(hot._values[g][n].data_ptr() == t.data_ptr() for g, named in hot._buffers.items()
+        pointers = {n: t.data_ptr() for named in _buffers(hot).values() for n, t in named.items()}
+        assert all(hot._graphs[g].values[n].data_ptr() == t.data_ptr() for g, named in _buffers(hot).items()
                    for n, t in named.items())  # shared through DLPack, not copied
         expected = {}
         for key in ("a", "b", "abc"):
@@ -175,7 +179,7 @@ def test_hot_swap_writes_the_buffers_onnx_runtime_reads(tiny, monkeypatch):
         for key in ("b", "a", "abc", "a"):
             hot.set_adapters(sets[key])
             np.testing.assert_array_equal(_noise(hot), expected[key])
-        assert pointers == {n: t.data_ptr() for named in hot._buffers.values() for n, t in named.items()}
+        assert pointers == {n: t.data_ptr() for named in _buffers(hot).values() for n, t in named.items()}
 
         calls = []
 

@@ -319,16 +319,17 @@ def test_ray_route_matches_diffusers(cluster, ws, tiny_folder):
     import numpy as np
     from PIL import Image
 
-    from reference_pipelines import assert_close_images, diffusers_images, documented
+    from reference_pipelines import assert_close_images, base_negative_prompt, diffusers_images, documented
     from test_serve_support import decode, reference_for
 
     r = httpx.post(f"{cluster['url']}/v1/generate", timeout=300, json={
         "prompt": "a house", "image": png_b64(ws.home / "house.png"), "seed": SEED, "steps": 3, "resolution": 64,
-        "n_prompt": documented().n_prompt, "loras": [{"name": "sv_b", "weight": 0.6}], "control": "sv_hed"})
+        "loras": [{"name": "sv_b", "weight": 0.6}], "control": "sv_hed"})
     assert r.status_code == 200, r.text
     house = np.asarray(Image.open(ws.home / "house.png").convert("RGB"))
-    expected = diffusers_images(reference_for(ws, tiny_folder, [("sv_b", 0.6)], "sv_hed"), house,
-                                documented(prompt="a house", seed=SEED, steps=3, resolution=64))
+    reference = reference_for(ws, tiny_folder, [("sv_b", 0.6)], "sv_hed")
+    expected = diffusers_images(reference, house, documented(prompt="a house", seed=SEED, steps=3, resolution=64,
+                                                             n_prompt=base_negative_prompt(reference.tokenizer)))
     assert_close_images([decode(b) for b in r.json()["images"]], expected)
 
 

@@ -23,15 +23,17 @@ from loramgr.backends.onnxruntime import OrtOptions, OrtRunner
 from loramgr.bake import bake
 from loramgr.convert import convert_adapter
 from loramgr.export import export_base
-from loramgr.manifest import FUSED, TEXT_ENCODER, Manifest
-from loramgr.pipeline.control import control_scales
+from loramgr.manifest import CONTROLNET, TEXT_ENCODER, UNET, Manifest
+from loramgr.models.graphs import RESIDUALS
 from loramgr.pipeline.settings import GenerationSettings
 from loramgr.runtime import make_pipeline
 from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
 from loramgr.workspace import Workspace
 
 from cli_support import cli
-from reference_pipelines import assert_close_images, diffusers_images, documented, reference_pipeline
+from reference_pipelines import (
+    assert_close_images, base_negative_prompt, diffusers_images, documented, reference_pipeline,
+)
 
 
 FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, worst quality"}
@@ -97,8 +99,9 @@ def test_cli_run_with_two_loras_and_a_controlnet_matches_diffusers(tiny_workspac
 
     ours = run("--lora", "rt_a:0.8", "--lora", "rt_b:0.5", "--control", "rt_hed")
     capsys.readouterr()
-    assert_close_images([ours], diffusers_images(reference, image, documented(prompt="a house", seed=5, steps=4,
-                                                                              resolution=64)))
+    settings = documented(prompt="a house", seed=5, steps=4, resolution=64,
+                          n_prompt=base_negative_prompt(reference.tokenizer))  # the base's default (tiny: cut)
+    assert_close_images([ours], diffusers_images(reference, image, settings))
     assert np.abs(ours.astype(int) - run().astype(int)).mean() > 5  # the adapters matter
 
 
@@ -108,13 +111,18 @@ def _feeds(n: int = 1, size: int = 8, seed: int = 0) -> dict[str, torch.Tensor]:
         "sample": torch.randn(2 * n, 4, size, size, generator=gen), "timestep": torch.full((2 * n,), 500.0),
         "encoder_hidden_states": torch.randn(2 * n, 77, 32, generator=gen),
         "controlnet_cond": torch.rand(2 * n, 3, 8 * size, 8 * size, generator=gen),
-        "control_scales": control_scales(n, 1.0, False, "controlnet"),
     }
+
+
+def _step(runner, feeds, controlnet=None) -> torch.Tensor:
+    """One denoising step's graph calls: the ControlNet's residuals, then the UNet with them."""
+    context = {k: v for k, v in feeds.items() if k != "controlnet_cond"}
+    return runner.predict_noise(**context, residuals=runner.control_residuals(controlnet, **feeds))
 
 
 def _outputs(runner: OrtRunner, feeds) -> tuple[np.ndarray, np.ndarray]:
     ids = torch.arange(77).remainder(500).reshape(1, 77)
-    return runner.predict_noise(**feeds).numpy(), runner.encode_text(ids).numpy()
+    return _step(runner, feeds).numpy(), runner.encode_text(ids).numpy()
 
 
 SEQUENCE = [
@@ -128,7 +136,7 @@ def test_hot_swap_equals_fresh_sessions(tiny_workspace, adapters):
     manifest = Manifest.load(ws.base_dir("tiny"))
     sets = [load_adapter_set(ws, manifest, loras, control) for loras, control in SEQUENCE]
     hot = OrtRunner.open(ws.base_dir("tiny"), sets[0], OrtOptions(), swappable=union_touched(sets))
-    sessions_before = dict(hot._sessions)
+    sessions_before = {g: s.session for g, s in hot._graphs.items()}
     feeds = _feeds()
     seen = []
     for (loras, control), adapter_set in zip(SEQUENCE, sets):
@@ -137,17 +145,18 @@ def test_hot_swap_equals_fresh_sessions(tiny_workspace, adapters):
         for got, expected in zip(_outputs(hot, feeds), _outputs(fresh, feeds)):
             np.testing.assert_array_equal(got, expected)
         seen.append(_outputs(hot, feeds)[0])
-    assert hot._sessions[FUSED] is sessions_before[FUSED]  # never re-created
+    assert hot._graphs[UNET].session is sessions_before[UNET]  # never re-created
+    assert len(hot._slots) == 1  # the ControlNet swaps happened in its one slot
     assert len(hot.timings.swaps) == len(SEQUENCE)
     assert np.abs(seen[0] - seen[3]).max() > 1e-2 and np.abs(seen[0] - seen[4]).max() > 1e-3
 
 
 def test_swap_outside_the_swappable_set_recreates_sessions(tiny_workspace, adapters):
     runner = _runner(tiny_workspace, ["rt_a:0.8"])
-    first = runner._sessions[FUSED]
+    first = runner._graphs[UNET].session
     manifest = runner.manifest
     runner.set_adapters(load_adapter_set(tiny_workspace, manifest, ["rt_b:0.5"], None))  # rt_b adds conv weights
-    assert runner._sessions[FUSED] is not first
+    assert runner._graphs[UNET].session is not first
     fresh = _runner(tiny_workspace, ["rt_b:0.5"], hot_swap=False)
     np.testing.assert_array_equal(_outputs(runner, _feeds())[0], _outputs(fresh, _feeds())[0])
 
@@ -162,22 +171,58 @@ def test_released_graphs_open_again_with_the_current_set(tiny_workspace, adapter
     with OrtRunner.open(base_dir, a, OrtOptions(), swappable=swappable) as runner, \
             OrtRunner.open(base_dir, b, OrtOptions(), swappable=swappable) as fresh_b:
         with_a = _outputs(runner, feeds)
-        for graph in (TEXT_ENCODER, FUSED):
+        for graph in (TEXT_ENCODER, UNET, CONTROLNET):
             runner.release(graph)
-        assert not set(runner._sessions) & {TEXT_ENCODER, FUSED} and runner._buffers == {}
-        assert runner.swappable() == swappable  # still declared: they come back on the next call
+        assert not set(runner._graphs) & {TEXT_ENCODER, UNET} and all(s.graph is None for s in runner._slots)
+        assert runner.swappable() == swappable  # still declared: back on the next call
         for got, expected in zip(_outputs(runner, feeds), with_a):
             np.testing.assert_array_equal(got, expected)
-        runner.release(FUSED)
+        runner.release(UNET)
         runner.set_adapters(b)  # the text encoder's buffers are rewritten, the released UNet opens with b
-        assert FUSED not in runner._sessions
+        assert UNET not in runner._graphs
         for got, expected in zip(_outputs(runner, feeds), _outputs(fresh_b, feeds)):
             np.testing.assert_array_equal(got, expected)
-        sessions = dict(runner._sessions)
+        sessions = {g: s.session for g, s in runner._graphs.items()}
         runner.set_adapters(a)  # everything open again: in place
-        assert runner._sessions[FUSED] is sessions[FUSED]
+        assert runner._graphs[UNET].session is sessions[UNET]
         for got, expected in zip(_outputs(runner, feeds), with_a):
             np.testing.assert_array_equal(got, expected)
+
+
+def test_unit_sets_swap_controlnets_in_slots_bit_exact_with_fresh_sessions(tiny_workspace, adapters):
+    """Sets of several ControlNets: each ControlNet's residuals and each unit set's step equal a fresh runner's,
+    a ControlNet used again stays in its slot, and slots are reused before new ones are opened."""
+    from loramgr.adapters import AdapterSet
+
+    ws, base_dir = tiny_workspace, tiny_workspace.base_dir("tiny")
+    manifest = Manifest.load(base_dir)
+    sequence = [["canny"], ["canny", "rt_hed"], ["rt_hed"], ["rt_hed", "canny"], [], ["rt_hed"], ["canny"]]
+    sets = [load_adapter_set(ws, manifest, ["rt_a:0.8"], controls) for controls in sequence]
+    feeds = _feeds()
+    with OrtRunner.open(base_dir, sets[0], OrtOptions(), swappable=union_touched(sets)) as hot:
+        slots = []
+        for controls, adapter_set in zip(sequence, sets):
+            hot.set_adapters(adapter_set)
+            slots.append(hot.controlnet_slots())
+            with OrtRunner.open(base_dir, adapter_set, OrtOptions(hot_swap=False)) as fresh:
+                for name in controls:
+                    for got, expected in zip(hot.control_residuals(name, **feeds), fresh.control_residuals(name, **feeds)):
+                        np.testing.assert_array_equal(got.numpy(), expected.numpy())
+                context = {k: v for k, v in feeds.items() if k != "controlnet_cond"}
+                np.testing.assert_array_equal(hot.predict_noise(**context).numpy(),
+                                              fresh.predict_noise(**context).numpy())
+        assert slots == [[None], [None, "rt_hed"], [None, "rt_hed"], [None, "rt_hed"], [None, "rt_hed"],
+                         [None, "rt_hed"], [None, "rt_hed"]]
+        assert len(hot._slots) == 2  # never a third: each ControlNet stayed in its slot
+        hot.set_adapters(AdapterSet(((sets[2].controlnet("rt_hed"), 1.0),)))  # rt_hed alone, not the base's
+        base_residuals = hot.control_residuals("rt_hed", **feeds)
+        assert not np.array_equal(base_residuals[0].numpy(), fresh_residuals(ws, feeds)[0])
+
+
+def fresh_residuals(ws, feeds) -> list[np.ndarray]:
+    """The base's own ControlNet's residuals on a fresh runner."""
+    with _runner(ws) as runner:
+        return [r.numpy() for r in runner.control_residuals(None, **feeds)]
 
 
 def test_a_swap_waits_for_the_set_in_use(tiny_workspace, adapters):
@@ -192,9 +237,9 @@ def test_a_swap_waits_for_the_set_in_use(tiny_workspace, adapters):
     set_b = load_adapter_set(tiny_workspace, manifest, ["rt_a:-1.0"], None)
     runner = OrtRunner.open(tiny_workspace.base_dir("tiny"), set_a, OrtOptions(), swappable=set_a.touched())
     feeds = _feeds(size=8)
-    expect_a = runner.predict_noise(**feeds).numpy()
+    expect_a = _step(runner, feeds).numpy()
     runner.set_adapters(set_b)
-    expect_b = runner.predict_noise(**feeds).numpy()
+    expect_b = _step(runner, feeds).numpy()
     runner.set_adapters(set_a)
     assert np.abs(expect_a - expect_b).max() > 1e-3
     calling, swapped, errors = threading.Event(), threading.Event(), []
@@ -212,44 +257,47 @@ def test_a_swap_waits_for_the_set_in_use(tiny_workspace, adapters):
         assert held is set_a
         swapper.start()
         assert calling.wait(60)
-        during = [runner.predict_noise(**feeds).numpy() for _ in range(4)]
+        during = [_step(runner, feeds).numpy() for _ in range(4)]
         assert not swapped.is_set(), "set_adapters returned while a generation held the set"
     swapper.join(300)
     assert swapped.is_set() and not errors, errors
     for out in during:
         np.testing.assert_array_equal(out, expect_a)
-    np.testing.assert_array_equal(runner.predict_noise(**feeds).numpy(), expect_b)
+    np.testing.assert_array_equal(_step(runner, feeds).numpy(), expect_b)
     runner.close()
 
 
 def test_bake_output_loads_in_plain_onnxruntime(tiny_workspace, adapters, tmp_path):
-    outputs = {FUSED: tmp_path / "mix.lora", TEXT_ENCODER: tmp_path / "mix-te.lora"}
+    outputs = {UNET: tmp_path / "mix.lora", CONTROLNET: tmp_path / "mix-cn.lora", TEXT_ENCODER: tmp_path / "mix-te.lora"}
     written = bake(tiny_workspace, outputs, ["rt_a:0.8", "rt_b:0.5"], control="rt_hed")
     assert written == outputs and sorted(tmp_path.iterdir()) == sorted(outputs.values())  # exactly the files named
     import onnx
 
-    baked = onnx.load(str(written[FUSED]))
-    assert len(baked.graph.node) == 0
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    names = [t.name for t in baked.graph.initializer]
-    values = [ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(t)) for t in baked.graph.initializer]
-    so.add_external_initializers(names, values)
     manifest = Manifest.load(tiny_workspace.base_dir("tiny"))
-    session = ort.InferenceSession(str(tiny_workspace.base_dir("tiny") / manifest.graphs[FUSED].path), so)
-    feeds = _feeds()
-    plain_onnx = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
+    sessions = {}
+    for graph in (UNET, CONTROLNET):
+        baked = onnx.load(str(written[graph]))
+        assert len(baked.graph.node) == 0
+        so = ort.SessionOptions()
+        so.log_severity_level = 3
+        names = [t.name for t in baked.graph.initializer]
+        values = [ort.OrtValue.ortvalue_from_numpy(onnx.numpy_helper.to_array(t)) for t in baked.graph.initializer]
+        so.add_external_initializers(names, values)
+        sessions[graph] = ort.InferenceSession(str(tiny_workspace.base_dir("tiny") / manifest.graphs[graph].path), so)
+    feeds = {k: v.numpy() for k, v in _feeds().items()}
+    context = {k: v for k, v in feeds.items() if k != "controlnet_cond"}
+    residuals = sessions[CONTROLNET].run(None, feeds)
+    plain_onnx = sessions[UNET].run(None, {**context, **dict(zip(RESIDUALS, residuals))})[0]
     injected = _runner(tiny_workspace, ["rt_a:0.8", "rt_b:0.5"], "rt_hed", hot_swap=False, optimization="all",
-                       fuse_attention=False)  # the graph exactly as the plain session reads it
-    injected = injected.predict_noise(**feeds).numpy()
-    np.testing.assert_array_equal(plain_onnx, injected)
+                       fuse_attention=False)  # the graphs exactly as the plain sessions read them
+    np.testing.assert_array_equal(plain_onnx, _step(injected, _feeds()).numpy())
 
 
 def test_convert_cli_summary_json_and_replace(tiny_workspace, adapters, capsys):
     assert cli(tiny_workspace, "convert", str(adapters["rt_a"]), "--name", "rt_a2", "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["format"] == "kohya" and report["keys_used"] == report["keys_total"]
-    assert report["modules"] == {"unet_controlnet": 192, "text_encoder": 12}
+    assert report["modules"] == {"unet": 192, "text_encoder": 12}
     assert report["size_bytes"] <= 1.1 * report["source_bytes"]
     assert report["trigger_words"] == ["blindbox"]
     first = tiny_workspace.adapter_path("rt_a2").stat().st_ino
@@ -295,13 +343,13 @@ def test_run_cli_writes_images_sidecar_and_sweeps(tiny_workspace, adapters, tmp_
     from PIL import Image
 
     Image.fromarray(sample_image(64)).save(tmp_path / "in.png")
-    long_prompt = "house " * 40
+    long_prompt = "house " * 25  # over 77 tokens, within 225
     code = cli(tiny_workspace, "run", "--lora", "rt_a:0.8", "--control", "canny", "--image", str(tmp_path / "in.png"),
                 "--prompt", long_prompt, "--n-prompt", "bad", "--resolution", "64", "--steps", "3",
                 "--sweep", "rt_b:0.5,rt_hed", "--sweep", "none", "--out", str(tmp_path / "out"), "--json")
     assert code == 0
     captured = capsys.readouterr()
-    assert "truncated" in caplog.text  # > 77 tokens: warned, not refused
+    assert "truncated" not in caplog.text  # > 77 tokens: A1111's chunks, nothing cut
     reports = json.loads(captured.out)
     assert len(reports) == 3 and "swap_s" in reports[1]["timings"]
     sidecars = sorted((tmp_path / "out").glob("*.json"))
@@ -340,7 +388,8 @@ def test_run_cli_control_image_without_preprocessor(tiny_workspace, adapters, tm
                      for n in ("canny", "map"))
     np.testing.assert_array_equal(canny, mapped)
     assert cli(tiny_workspace, *common, "--name", "none") == 2
-    assert "no input: give --image, --control-image, or both" in capsys.readouterr().err
+    assert "no input: give --image, --control-image, a --unit image, or --width and --height" in \
+        capsys.readouterr().err
 
 
 # -- one adapter set per image, under concurrent swaps ------------------------------------------
@@ -416,7 +465,7 @@ def test_a_swap_inside_a_generations_lease_is_refused(tiny_workspace, adapters):
     runner = _runner(tiny_workspace, ["rt_a:0.8"])
     with runner.hold() as held:
         assert held is runner.adapter_set
-        runner.predict_noise(**_feeds())  # graph calls re-enter the lease
+        _step(runner, _feeds())  # graph calls re-enter the lease
         with pytest.raises(LoramgrError, match="inside runner.hold"):
             runner.set_adapters(held)
     runner.set_adapters(held)  # outside the block it goes through
@@ -431,7 +480,8 @@ def test_every_backend_satisfies_the_runner_protocol(tiny_workspace):
     from loramgr.backends.tensorrt import TrtRunner
     from loramgr.backends.torch_runner import TorchRunner
 
-    methods = ("encode_text", "predict_noise", "vae_decode", "vae_encode", "set_adapters", "hold", "swappable",
+    methods = ("encode_text", "control_residuals", "predict_noise", "vae_decode", "vae_encode", "set_adapters", "hold",
+               "swappable",
                "release", "close", "__enter__", "__exit__")
     for cls in (OrtRunner, TrtRunner, TorchRunner):
         missing = [m for m in methods if not callable(getattr(cls, m, None))]

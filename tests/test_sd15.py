@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loramgr.convert import convert_adapter
-from loramgr.manifest import FUSED, TEXT_ENCODER, Manifest
+from loramgr.manifest import CONTROLNET, TEXT_ENCODER, UNET, Manifest
 
 pytestmark = pytest.mark.slow
 
@@ -23,10 +23,10 @@ def sd15_workspace(tmp_path_factory):
 
 def test_weight_map_covers_all_parameters(sd15_workspace, sd15_param_shapes):
     manifest = Manifest.load(sd15_workspace.base_dir("sd15"))
-    shapes = {p: e.torch_shape for g in (FUSED, TEXT_ENCODER) for p, e in manifest.graphs[g].weights.items()}
+    shapes = {p: e.torch_shape for g in (UNET, CONTROLNET, TEXT_ENCODER) for p, e in manifest.graphs[g].weights.items()}
     assert shapes == sd15_param_shapes
-    counts = {g: sum(int(np.prod(e.torch_shape)) for e in manifest.graphs[g].weights.values()) for g in (FUSED, TEXT_ENCODER)}
-    assert counts[FUSED] == 859_520_964 + 361_279_120
+    counts = {g: sum(int(np.prod(e.torch_shape)) for e in manifest.graphs[g].weights.values()) for g in (UNET, CONTROLNET, TEXT_ENCODER)}
+    assert counts[UNET] == 859_520_964 and counts[CONTROLNET] == 361_279_120
     assert counts[TEXT_ENCODER] == 123_060_480
 
 

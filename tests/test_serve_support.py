@@ -96,7 +96,7 @@ def cli_run(ws, out: Path, *, prompt: str, loras=(), control="canny", seed=0, **
         argv += [f"--{key.replace('_', '-')}", str(value)]
     assert main(argv) == 0
     sidecar = json.loads(next(Path(out).glob("*.json")).read_text())
-    return [(Path(out) / name).read_bytes() for name in [*sidecar["images"], sidecar["edge_map"]]]
+    return [(Path(out) / name).read_bytes() for name in [*sidecar["images"], *sidecar["control_maps"]]]
 
 
 def start_server(ws, port: int, *args: str, ready_s: float = 120, env: dict[str, str] | None = None,

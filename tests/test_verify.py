@@ -1,5 +1,6 @@
 """loramgr verify: every converter format against the independent reference, failures it must catch,
-and the real test files against SD1.5 shapes.
+several ControlNets as units and textual-inversion embeddings against diffusers' own pipeline, and the
+real test files against SD1.5 shapes.
 
 Tolerances are the ones ``verify`` states (loramgr.verify.TOLERANCES, docs/verify.md): fp32
 weights within 1e-6 of the weight's largest value, graph outputs within 1e-4, images
@@ -12,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -20,14 +22,16 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from cli_support import cli, one_error_line
 from format_writers import (
-    cloneofsimo_file, cloneofsimo_walk, kohya_name, lora_factors, lycoris_file, peft_layers, save,
+    a1111_embedding, bundle_embeddings, cloneofsimo_file, cloneofsimo_walk, kohya_name, lora_factors, lycoris_file,
+    peft_layers, save,
 )
-from loramgr.adapter_file import CHECKSUM_KEY, AdapterFile, content_sha256, load_adapter
+from loramgr.adapter_file import CHECKSUM_KEY, AdapterFile, content_sha256, load_adapter, save_adapter
 from loramgr.adapters import AdapterSet, load_adapter_set
 from loramgr.convert import convert_adapter
 from loramgr.errors import LoramgrError
-from loramgr.manifest import FUSED, TEXT_ENCODER, GraphInfo, Manifest, WeightEntry
+from loramgr.manifest import CONTROLNET, TEXT_ENCODER, UNET, GraphInfo, Manifest, WeightEntry
 from loramgr.merge import BaseWeights, merge_tensors
 from loramgr.samples import write_controlnet, write_kohya_lora
 from loramgr.verify import TOLERANCES, VerifySettings, render_report, verify
@@ -118,7 +122,8 @@ def test_stacked_lora_locon_controlnet_passes_every_check(ws, manifest, demo):
     assert min(d.change for d in report.tensors) > 100 * FP32.tensor_rtol  # every change is far above the tolerance
     total = sum(len(g.weights) for g in manifest.graphs.values())
     assert report.untouched == [] and report.untouched_total == total - len(report.tensors)
-    assert {o.name for o in report.outputs} == {"noise_pred", "noise_pred, guess mode", "text embeddings"}
+    assert {o.name for o in report.outputs} == {"controlnet residuals", "noise_pred", "noise_pred, no unit",
+                                                "text embeddings"}
     assert max(o.rel for o in report.outputs) <= 1e-5
     assert report.image.psnr_db >= 60 and report.image.max_pixel_diff <= 1
     assert sum(report.coverage["moxin"].values()) == adapters["moxin"].targets
@@ -237,6 +242,165 @@ def test_source_changed_or_missing_is_refused(ws, demo, files, tmp_path):
         verify(ws, ["blindbox"], sources={"blindbox": changed})
     with pytest.raises(LoramgrError, match=r"blindbox: source .*nope.safetensors does not exist: pass --source blindbox=PATH"):
         verify(ws, ["blindbox"], sources={"blindbox": tmp_path / "nope.safetensors"})
+
+
+# ---------------------------------------------------------------- several ControlNets: slots and units
+
+@pytest.fixture(scope="module")
+def depth(ws, manifest, files) -> str:
+    """A second ControlNet, ``depth`` (other random weights than ``hed``)."""
+    write_controlnet(files / "depth", manifest.configs["controlnet"], seed=4)
+    convert_adapter(ws, files / "depth", name="depth")
+    return "depth"
+
+
+def test_multi_unit_set_passes_every_check(ws, manifest, demo, depth):
+    """Three ControlNets (two converted, the base's own): the export holds ``hed``, ``depth`` is compared in
+    its slot against diffusers' module, and the units run against diffusers' MultiControlNetModel."""
+    report = verify(ws, demo, control=["hed", depth, "canny"])
+    assert report.passed, report.failures()
+    assert checks(report) == dict.fromkeys(
+        ("reference", "coverage", "tensors", "untouched", "outputs", "images", "units"), "passed")
+    assert [a.name for a in report.adapters] == ["hed", "depth", "blindbox", "moxin"]
+    adapters = by_name(report)
+    assert adapters["depth"].route == "diffusers ControlNetModel"
+    controlnet_weights = len(manifest.graphs["controlnet"].weights)
+    assert adapters["depth"].file_modules == adapters["depth"].applied == adapters["depth"].changed == \
+        adapters["depth"].targets == controlnet_weights
+    in_slot = [d for d in report.tensors if d.slot]
+    assert {d.slot for d in in_slot} == {"depth"} and len(in_slot) == controlnet_weights
+    assert max(d.rel for d in in_slot) == 0.0 and min(d.change for d in in_slot) > 0  # stored as converted, bit for bit
+    exported = [d for d in report.tensors if not d.slot]
+    total = sum(len(g.weights) for g in manifest.graphs.values())
+    assert report.untouched == [] and report.untouched_total == total - len(exported)
+    assert report.units.psnr_db >= 60 and report.units.max_pixel_diff <= 1
+    assert "64px, 4 steps" in {c.name: c.summary for c in report.checks}["units"]
+
+
+def test_wrong_controlnet_in_a_slot_fails_tensors_and_units(ws, demo, depth):
+    """A ControlNet .lora holding another ControlNet's weights (as a converter mixing up files would write
+    it): its slot's weights and the units' image fail; the export's ControlNet still passes."""
+    good, other = onnx.load(str(ws.adapter_path(depth))), onnx.load(str(ws.adapter_path("hed")))
+    props = {p.key: p.value for p in good.metadata_props}  # depth's source, sha256 and targets
+    del good.graph.initializer[:]
+    good.graph.initializer.extend(other.graph.initializer)
+    _save_as_converted(good, props, ws.adapter_path("depth-wrong"))
+    report = verify(ws, demo, control=["hed", "depth-wrong"], settings=VerifySettings(checks=("tensors", "units")))
+    assert not report.passed
+    assert checks(report) == {"reference": "passed", "coverage": "passed", "tensors": "failed", "untouched": "passed",
+                              "units": "failed"}
+    failed = [d for d in report.tensors if not d.passed]
+    assert failed and {d.slot for d in failed} == {"depth-wrong"}
+    assert "depth-wrong/controlnet." in report.failures()[0]
+    assert report.units.psnr_db < 20
+
+
+# ---------------------------------------------------------------- textual-inversion embeddings
+
+WIDTH = 32  # the tiny text encoder's
+
+
+def _vectors(n: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, WIDTH, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module")
+def embeddings(ws, manifest, tiny, files) -> dict[str, list[str]]:
+    """``easyneg`` (an A1111 file, 3 vectors); ``bundled``, a kohya LoRA bundling ``pivot-a`` (A1111 spelling,
+    2 vectors), ``pivot-k`` (kohya spelling) and ``q`` (a token of the tiny tokenizer: diffusers refuses it);
+    ``pivotal``, a cloneofsimo text-encoder LoRA with the token ``<s1>``. Adapter -> its triggers."""
+    from safetensors.torch import load_file
+
+    convert_adapter(ws, a1111_embedding(files / "easyneg.pt", _vectors(3, seed=30)))
+    lora = load_file(write_kohya_lora(files / "to-bundle.safetensors", manifest.param_shapes(), seed=31))
+    convert_adapter(ws, save(files / "bundled.safetensors", bundle_embeddings(
+        lora, a1111={"pivot-a": _vectors(2, seed=32)}, kohya={"pivot-k": _vectors(1, seed=33), "q": _vectors(1, 34)})))
+    modules = cloneofsimo_walk(tiny["text_encoder"], {"CLIPAttention"})
+    gen = torch.Generator().manual_seed(35)
+    factors = [lora_factors(gen, manifest.param_shapes()[f"text_model.{m}.weight"], 4) for m in modules]
+    convert_adapter(ws, cloneofsimo_file(files / "pivotal.safetensors", "text_encoder", ["CLIPAttention"], factors,
+                                         {"<s1>": _vectors(1, seed=36)[0]}))
+    return {"easyneg": ["easyneg"], "bundled": ["pivot-a", "pivot-k", "q"], "pivotal": ["<s1>"]}
+
+
+def test_embedding_alone_passes_against_diffusers(ws, embeddings):
+    report = verify(ws, ["easyneg"])
+    assert report.passed, report.failures()
+    assert checks(report) == dict.fromkeys(("reference", "coverage", "vectors", "conditioning", "units"), "passed")
+    assert report.merged_export is None and report.tensors == []  # nothing to export: the base's own weights
+    (record,) = report.adapters
+    assert (record.kind, record.route, record.applied, record.targets) == (
+        "embedding", "diffusers load_textual_inversion", 3, 3)
+    assert [(v.name, v.rel) for v in report.vectors] == [("easyneg", 0.0)]  # the rows diffusers put in, bit for bit
+    (conditioning,) = report.conditioning
+    assert "easyneg" in conditioning.name and conditioning.rel <= 1e-5
+    assert report.units.psnr_db >= 60
+
+
+def test_embeddings_with_loras_and_bundled_ones(ws, embeddings):
+    """An embedding with LoRAs that bundle embeddings: each bundled one diffusers loads is checked with its
+    LoRA; ``q``, which diffusers refuses, is reported as not checked."""
+    from rich.console import Console
+
+    from loramgr.verify.report import render_summary
+
+    report = verify(ws, ["bundled:0.6", "pivotal:0.9", "easyneg"], settings=VerifySettings(
+        checks=("tensors", "outputs", "units")))
+    assert report.passed, report.failures()
+    assert checks(report) == dict.fromkeys(
+        ("reference", "coverage", "tensors", "untouched", "vectors", "outputs", "conditioning", "units"), "passed")
+    adapters = by_name(report)
+    assert adapters["bundled"].route == "diffusers" and adapters["bundled"].ignored_keys == []  # embeddings apart
+    assert adapters["pivotal"].route == "formulas"  # cloneofsimo: diffusers does not read it
+    for trigger in ("pivot-a", "pivot-k", "<s1>"):
+        assert adapters[trigger].kind == "bundled embedding" and adapters[trigger].applied == adapters[trigger].targets
+    assert adapters["pivot-a"].spelling == "bundle_emb" and adapters["<s1>"].spelling == "cloneofsimo token"
+    assert sorted(v.name for v in report.vectors) == ["<s1>", "easyneg", "pivot-a", "pivot-k"]
+    assert max(v.rel for v in report.vectors) == 0.0
+    assert all(t in report.conditioning[0].name for t in ("easyneg", "pivot-a", "pivot-k", "<s1>"))
+    (unchecked,) = report.not_checked()
+    assert unchecked.startswith("q (bundled in bundled): diffusers could not load it (ValueError: Token q already")
+    assert "not checked: q" in next(c.summary for c in report.checks if c.name == "reference")
+    console = Console(record=True, width=200)
+    render_summary(report, console)
+    assert "! not checked: q (bundled in bundled)" in console.export_text()
+
+
+@pytest.mark.parametrize("how", ["scaled", "dropped"])
+def test_wrong_embedding_fails_vectors_and_conditioning(ws, embeddings, how):
+    """An embedding .lora whose vectors are not its source's: one vector 10% off, or the last one dropped."""
+    adapter = load_adapter(ws.adapter_path("easyneg"))
+    source = adapter.embeddings["easyneg"]
+    vectors = source.copy()
+    if how == "scaled":
+        vectors[0] *= 1.1
+    else:
+        vectors = vectors[:-1]
+    name = f"easyneg-{how}"
+    kept = {k: v for k, v in adapter.metadata.items() if k.startswith(("loramgr.source", "loramgr.embedding."))}
+    save_adapter(ws.adapter_path(name), "embedding", kept, [], {name: vectors})
+    report = verify(ws, [name], settings=FAST)
+    assert not report.passed
+    assert checks(report) == {"reference": "passed", "coverage": "passed" if how == "scaled" else "failed",
+                              "vectors": "failed", "conditioning": "failed"}
+    (vector,) = report.vectors
+    scaled = 0.1 * np.abs(source[0]).max() / np.abs(source).max()  # rel: against the whole embedding's largest value
+    assert vector.rel == (pytest.approx(scaled, rel=1e-5) if how == "scaled" else math.inf)
+    assert report.conditioning[0].rel > 100 * FP32.output_rtol
+    if how == "dropped":
+        assert f"{name}: loramgr's .lora holds 2 vectors, the reference loaded 3" in report.failures()[0]
+
+
+def test_cli_verifies_several_controlnets_and_embeddings(ws, demo, depth, embeddings, capsys):
+    assert cli(ws, "verify", *demo, "--control", "hed", "--control", depth, "--checks", "tensors") == 0
+    out = capsys.readouterr().out
+    assert "verify blindbox:0.8 + moxin:0.7 + hed + depth: PASSED, 4/4 checks" in out
+    assert re.search(r"worst: weight \S+ <= 1e-06\n", out), out
+    assert cli(ws, "verify", "easyneg", "--checks", "tensors", "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["passed"] and [c["name"] for c in data["checks"]] == ["reference", "coverage", "vectors"]
+    assert cli(ws, "verify", "easyneg:0.5") == 2
+    one_error_line(capsys, "easyneg:0.5: easyneg is a textual-inversion embedding, which takes no weight")
 
 
 # ---------------------------------------------------------------- every format the converter reads
@@ -454,7 +618,7 @@ def sd15(tmp_path_factory, sd15_param_shapes) -> tuple[Workspace, Manifest, Name
     ws = Workspace.resolve(tmp_path_factory.mktemp("sd15"))
     folder = ws.base_dir("sd15")
     graphs = {}
-    for graph, prefixes in ((FUSED, ("unet.", "controlnet.")), (TEXT_ENCODER, ("text_model.",))):
+    for graph, prefixes in ((UNET, ("unet.",)), (CONTROLNET, ("controlnet.",)), (TEXT_ENCODER, ("text_model.",))):
         weights, offset = {}, 0
         for param, shape in sd15_param_shapes.items():
             if param.startswith(prefixes):

@@ -22,26 +22,35 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, is_dataclass
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import torch
 
+from ..adapter_file import CHECKSUM_KEY
 from ..errors import LoramgrError
+from ..manifest import UNET, Manifest
 
 if TYPE_CHECKING:
+    from ..adapter_file import AdapterFile
     from ..adapters import AdapterSet, Names
 
 
 @runtime_checkable
 class Runner(Protocol):
-    """What the pipeline and the runtime need from a backend: the four graphs of a base, adapters, lifetime.
+    """What the pipeline and the runtime need from a backend: the graphs of a base, adapters, lifetime.
 
-    Graph calls (B = batch, h/w = latent size = image size / 8, D = text width):
-      - ``encode_text(input_ids [B,77] int64) -> [B,77,D] float32``
-      - ``predict_noise(sample [B,4,h,w], timestep [B], encoder_hidden_states [B,77,D],
-        controlnet_cond [B,3,8h,8w] in [0,1], control_scales [B,13]) -> [B,4,h,w]``
+    Graph calls (B = batch, h/w = latent size = image size / 8, T = tokens, 77 per prompt chunk,
+    D = text width, L = text encoder layers):
+      - ``encode_text(input_ids [B,77] int64, token_vectors [B,77,D] | None, token_mask [B,77] | None)
+        -> [L,B,77,D] float32``: index ``k - 1`` is CLIP skip ``k``; where ``token_mask`` is 1 the
+        token embedding is replaced by ``token_vectors`` (textual inversion);
+      - ``control_residuals(controlnet, sample [B,4,h,w], timestep [B], encoder_hidden_states [B,T,D],
+        controlnet_cond [B,3,8h,8w] in [0,1]) -> 13 residuals``, unscaled: ``controlnet`` names one
+        ControlNet of the current set (``None`` or ``"canny"``: the base's own);
+      - ``predict_noise(sample, timestep, encoder_hidden_states, residuals (13) | None) -> [B,4,h,w]``:
+        the UNet, with the summed residuals of the units acting at this step (``None``: none acts);
       - ``vae_decode(latent [B,4,h,w], already divided by the scaling factor) -> [B,3,8h,8w] in [-1,1]``
       - ``vae_encode(image [B,3,8h,8w] in [-1,1]) -> (mean, std) each [B,4,h,w]``
 
@@ -60,16 +69,14 @@ class Runner(Protocol):
     adapter_set: AdapterSet
     timings: Any
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor: ...
+    def encode_text(self, input_ids: torch.Tensor, token_vectors: torch.Tensor | None = None,
+                    token_mask: torch.Tensor | None = None) -> torch.Tensor: ...
 
-    def predict_noise(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
-        control_scales: torch.Tensor,
-    ) -> torch.Tensor: ...
+    def control_residuals(self, controlnet: str | None, sample: torch.Tensor, timestep: torch.Tensor,
+                          encoder_hidden_states: torch.Tensor, controlnet_cond: torch.Tensor) -> list[torch.Tensor]: ...
+
+    def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                      residuals: Sequence[torch.Tensor] | None = None) -> torch.Tensor: ...
 
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor: ...
 
@@ -88,6 +95,68 @@ class Runner(Protocol):
     def __enter__(self) -> "Runner": ...
 
     def __exit__(self, *exc) -> None: ...
+
+
+def text_feeds(input_ids: torch.Tensor, token_vectors: torch.Tensor | None, token_mask: torch.Tensor | None,
+               width: int) -> dict[str, torch.Tensor]:
+    """The text encoder's three inputs; no vectors means no token replaced."""
+    batch, tokens = input_ids.shape
+    if token_vectors is None:
+        token_vectors = torch.zeros(batch, tokens, width, device=input_ids.device)
+    if token_mask is None:
+        token_mask = torch.zeros(batch, tokens, device=input_ids.device)
+    return {"input_ids": input_ids.to(torch.int64), "token_vectors": token_vectors.float(),
+            "token_mask": token_mask.float()}
+
+
+def slot_key(controlnet: AdapterFile | None) -> tuple | None:
+    """What tells two ControlNets apart in a slot: name and content (a file converted again is another one)."""
+    return None if controlnet is None else (controlnet.name, controlnet.metadata.get(CHECKSUM_KEY, id(controlnet)))
+
+
+def slot_set(controlnet: AdapterFile | None) -> AdapterSet:
+    """The adapter set one ControlNet slot carries: that ControlNet, or nothing (the base's own)."""
+    from ..adapters import AdapterSet
+
+    return AdapterSet(((controlnet, 1.0),) if controlnet is not None else (), base_controlnet=controlnet is None)
+
+
+def plan_slots(held: Sequence[AdapterFile | None], wanted: Sequence[AdapterFile | None]
+               ) -> list[tuple[int | None, AdapterFile | None]]:
+    """Where each ControlNet of ``wanted`` that no slot holds goes: (slot index, or None for a new slot, ControlNet).
+
+    A ControlNet already in a slot stays there; a newcomer takes a slot whose ControlNet
+    ``wanted`` does not use, in slot order, else a new slot: a set of units that repeats
+    ControlNets moves no weights (docs/design.md, "ControlNet units").
+    """
+    held_keys = [slot_key(c) for c in held]
+    wanted_keys = {slot_key(c) for c in wanted}
+    free = [i for i, key in enumerate(held_keys) if key not in wanted_keys]
+    moves = []
+    for controlnet in wanted:
+        if slot_key(controlnet) not in held_keys:
+            moves.append((free.pop(0) if free else None, controlnet))
+    return moves
+
+
+def residual_shapes(manifest: Manifest, sample_shape: Sequence[int]) -> list[tuple[int, ...]]:
+    """The shapes of the 13 residuals the UNet of ``manifest`` takes for a ``sample`` of this shape.
+
+    Read from the UNet graph's inputs: ``batch``, fixed channels, and ``latent_height/k`` axes.
+    """
+    from ..models.graphs import RESIDUALS
+
+    batch, _, height, width = sample_shape
+    sizes = {"batch": batch, "latent_height": height, "latent_width": width}
+    inputs = {spec.name: spec.shape for spec in manifest.graphs[UNET].inputs}
+
+    def size(axis: int | str) -> int:
+        if isinstance(axis, int):
+            return axis
+        name, _, factor = axis.partition("/")
+        return sizes[name] // int(factor or 1)
+
+    return [tuple(size(a) for a in inputs[name]) for name in RESIDUALS]
 
 
 def seconds(timings: Any) -> dict[str, float]:

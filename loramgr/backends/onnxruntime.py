@@ -44,14 +44,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..adapter_file import AdapterFile
 from ..adapters import AdapterSet, Names, touched_names
 from ..bases import OpenBase, as_open_base
 from ..errors import LoramgrError
-from ..manifest import FUSED, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
+from ..manifest import CONTROLNET, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from ..merge import BaseWeights, Tensors, empty_like_entry, merge_into, merge_tensors
+from ..models.graphs import RESIDUALS
 from ..workspace import atomic_path
 from .attention_fusion import fuse_attention
-from .base import AdapterLease
+from .base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds
 from .options import OPTIMIZATION_LEVELS, PROVIDERS, OrtOptions
 
 __all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OrtOptions", "OrtRunner", "SessionTimings", "inference_session",
@@ -128,12 +130,35 @@ def plain_session(path: Path, options: OrtOptions):
     return inference_session(path, session_options(options, no_prepacking=False), options)
 
 
+@dataclass
+class _Session:
+    """One ONNX Runtime session of a graph, with the swappable buffers it reads."""
+
+    session: object
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)  # initializer -> owned tensor ORT reads
+    values: dict[str, object] = field(default_factory=dict)  # the OrtValues sharing those tensors' memory
+    base_values: dict[str, torch.Tensor] | None = None  # on CUDA: the base of every buffer, on the device
+
+
+@dataclass
+class _Slot:
+    """A ControlNet slot: one session of the ControlNet graph holding one ControlNet's weights."""
+
+    controlnet: AdapterFile | None  # None: the base's own
+    graph: _Session | None  # None while released
+
+
 class OrtRunner(AdapterLease):
-    """The four graphs of a base as ONNX Runtime sessions, with adapters applied.
+    """A base's graphs as ONNX Runtime sessions, with adapters applied.
+
+    The UNet and the text encoder carry the set's LoRAs. Each ControlNet of the set sits in
+    a slot, a session of the ControlNet graph of its own: a swap puts a new ControlNet in a
+    slot whose ControlNet no unit needs any more (in place where its weights are swappable),
+    so ControlNets used again stay where they are (docs/design.md, "ControlNet units").
 
     Example:
         >>> runner = OrtRunner.open(ws.base_dir("tiny"), AdapterSet(((load_adapter(p), 0.8),)))
-        >>> noise = runner.predict_noise(sample, t, ctx, cond, scales)
+        >>> noise = runner.predict_noise(sample, t, ctx, runner.control_residuals(None, sample, t, ctx, cond))
         >>> runner.set_adapters(AdapterSet())  # back to the plain base, same sessions
     """
 
@@ -145,11 +170,11 @@ class OrtRunner(AdapterLease):
         self.device = torch.device("cuda" if options.provider == "cuda" else "cpu")
         self.timings = SessionTimings()
         self.adapter_set = AdapterSet()
-        self._sessions: dict[str, object] = {}
-        self._buffers: Tensors = {}  # hot swap: graph -> initializer -> owned tensor ONNX Runtime reads
-        self._values: dict[str, dict[str, object]] = {}  # the OrtValues sharing those tensors' memory
-        self._base_values: Tensors | None = None  # on CUDA: the base of every buffer, resident on the device
-        self._released: Names = {}  # graph -> the swappable names it had, while released
+        self._graphs: dict[str, _Session] = {}  # UNet, text encoder (LoRAs), VAE halves (plain)
+        self._slots: list[_Slot] = []
+        self._declared: Names = {}  # graph -> weights kept swappable; "controlnet" applies to every slot
+        self._released: set[str] = set()  # adapter graphs released (they open again with the current set)
+        self._zeros: dict[tuple, list[torch.Tensor]] = {}  # UNet residual inputs of steps no unit acts at
         self._init_lease()
 
     @classmethod
@@ -160,161 +185,204 @@ class OrtRunner(AdapterLease):
         With hot swap, ``swappable`` (graph -> initializer names) declares which weights
         later swaps may change, besides those the first set touches. A later swap that
         needs a weight outside them re-creates the sessions (still correct, just slower).
+        ControlNet weights (graph ``controlnet``) are swappable in every slot.
         """
         runner = cls(as_open_base(base), options or OrtOptions())
-        runner._create(adapter_set or AdapterSet(), swappable)
+        adapter_set = adapter_set or AdapterSet()
+        runner._declared = touched_names(swappable, adapter_set) if runner.options.hot_swap else {}
+        start = time.perf_counter()
+        runner._graphs = {g: runner._open(g, adapter_set.loras()) for g in (UNET, TEXT_ENCODER)}
+        runner._slots = [_Slot(cn, runner._open(CONTROLNET, slot_set(cn))) for cn in adapter_set.controlnets()]
+        runner.timings.session_s = time.perf_counter() - start - runner.timings.merge_s
+        runner.adapter_set = adapter_set
         return runner
 
     # -- sessions ---------------------------------------------------------------------------
 
-    def _create(self, adapter_set: AdapterSet, swappable: Names | None) -> None:
-        """New sessions for ``adapter_set``; they replace the old ones in one step, under the lease."""
-        names = touched_names(swappable, adapter_set) if self.options.hot_swap else {}
-        sessions, buffers, values, base_values = self._open_graphs((FUSED, TEXT_ENCODER), adapter_set, names)
-        with self._lease:  # no graph call sees a mix of old and new sessions, or none at all
-            for graph in (VAE_DECODER, VAE_ENCODER):  # they carry no adapters: kept
-                if graph in self._sessions:
-                    sessions[graph] = self._sessions[graph]
-            self._sessions, self._buffers, self._values, self._base_values = sessions, buffers, values, base_values
-            self._released = {}
-            self.adapter_set = adapter_set
+    def _open(self, graph: str, adapter_set: AdapterSet) -> _Session:
+        """A session of ``graph`` with ``adapter_set`` merged in.
 
-    def _open_graphs(self, graphs: tuple[str, ...], adapter_set: AdapterSet, names: Names):
-        """Sessions of ``graphs`` with ``adapter_set`` merged: (sessions, buffers, OrtValues, CUDA base values).
-
-        With hot swap the weights of ``names`` become owned buffers; else every weight the
-        set touches is injected at creation.
+        With hot swap the declared weights of the graph (and those the set touches) become
+        owned buffers; else every weight the set touches is injected at creation.
         """
         ort = _ort()
         start = time.perf_counter()
-        names = {g: n for g, n in names.items() if g in graphs and n}
-        buffers: Tensors = {}
-        base_values: Tensors | None = None
-        tensors: dict[str, dict[str, np.ndarray]] = {}
+        names = touched_names(self._declared, adapter_set).get(graph, set()) if self.options.hot_swap else set()
+        opened = _Session(None)
+        tensors: dict[str, np.ndarray] = {}
         with BaseWeights(self.manifest, self.base_dir) as base:
-            if self.options.hot_swap:
-                buffers = self._allocate(base, names)
+            if names:
+                only = {graph: names}
+                buffers = self._allocate(base, only)
                 if self.device.type == "cuda":  # the base stays on the device: a swap then moves factors only
-                    base_values = self._allocate(base, names)
-                    merge_into(base, AdapterSet(), base_values, only=names, graphs=graphs)
-                merge_into(base, adapter_set, buffers, only=names, base_values=base_values, graphs=graphs)
+                    base_values = self._allocate(base, only)
+                    merge_into(base, AdapterSet(), base_values, only=only, graphs=(graph,))
+                    opened.base_values = base_values[graph]
+                merge_into(base, adapter_set, buffers, only=only, graphs=(graph,),
+                           base_values=None if opened.base_values is None else {graph: opened.base_values})
+                opened.buffers = buffers[graph]
             else:
-                tensors = merge_tensors(base, adapter_set, graphs=graphs)
-        self.timings.merge_s = time.perf_counter() - start
-        start = time.perf_counter()
-        sessions: dict[str, object] = {}
-        values: dict[str, dict[str, object]] = {}
-        for graph in graphs:
-            so = session_options(self.options, no_prepacking=bool(buffers.get(graph)))
-            if buffers.get(graph):
-                # ONNX Runtime reads these buffers (shared through DLPack, no copy) at every run;
-                # a swap rewrites them in place.
-                values[graph] = {n: _shared_value(ort, t) for n, t in buffers[graph].items()}
-                for name, value in values[graph].items():  # ORT keeps pointers to these: they live with the runner
-                    so.add_initializer(name, value)
-                _check_buffers_survive(self.base_dir, self.manifest.graphs[graph].path, self.options,
-                                       set(buffers[graph]))
-            elif tensors.get(graph):
-                so.add_external_initializers(
-                    list(tensors[graph]), [ort.OrtValue.ortvalue_from_numpy(a) for a in tensors[graph].values()]
-                )
-            sessions[graph] = inference_session(self.base.graph_path(graph), so, self.options)
-        self.timings.session_s = time.perf_counter() - start
-        return sessions, buffers, values, base_values
+                tensors = merge_tensors(base, adapter_set, graphs=(graph,)).get(graph, {})
+        self.timings.merge_s += time.perf_counter() - start
+        so = session_options(self.options, no_prepacking=bool(opened.buffers))
+        if opened.buffers:
+            # ONNX Runtime reads these buffers (shared through DLPack, no copy) at every run;
+            # a swap rewrites them in place.
+            opened.values = {n: _shared_value(ort, t) for n, t in opened.buffers.items()}
+            for name, value in opened.values.items():  # ORT keeps pointers to these: they live with the runner
+                so.add_initializer(name, value)
+            _check_buffers_survive(self.base_dir, self.manifest.graphs[graph].path, self.options,
+                                   set(opened.buffers))
+        elif tensors:
+            so.add_external_initializers(list(tensors), [ort.OrtValue.ortvalue_from_numpy(a) for a in tensors.values()])
+        opened.session = inference_session(self.base.graph_path(graph), so, self.options)
+        return opened
 
     def _allocate(self, base: BaseWeights, names: Names) -> Tensors:
         """Uninitialized tensors on the runner's device, one per initializer of ``names``."""
         return {graph: {n: empty_like_entry(base.entry(graph, n), self.device) for n in sorted(named)}
                 for graph, named in names.items() if named}
 
-    def _session(self, graph: str):
-        """The session of ``graph``, opened now if it was released (or is a VAE); call with the lease held."""
-        if graph not in self._sessions:
-            if graph in (FUSED, TEXT_ENCODER):  # released: opened again with the current set
-                sessions, buffers, values, base_values = self._open_graphs(
-                    (graph,), self.adapter_set, {graph: self._released.pop(graph, set())})
-                self._buffers.update(buffers)
-                self._values.update(values)
-                if base_values:
-                    self._base_values = {**(self._base_values or {}), **base_values}
-                self._sessions.update(sessions)
-            else:  # the VAE graphs carry no adapters: created on first use
-                self._sessions[graph] = plain_session(self.base.graph_path(graph), self.options)
-        return self._sessions[graph]
+    def _graph(self, graph: str) -> _Session:
+        """The session of ``graph``, opened now if it was released (or is a VAE half); call with the lease held."""
+        if graph not in self._graphs:
+            carries = AdapterSet() if graph in (VAE_DECODER, VAE_ENCODER) else self.adapter_set.loras()
+            self._graphs[graph] = self._open(graph, carries)
+            self._released.discard(graph)
+        return self._graphs[graph]
+
+    def _slot(self, controlnet: str | None) -> _Session:
+        """The session of the slot holding ``controlnet`` (opened again if released); call with the lease held."""
+        key = slot_key(self.adapter_set.controlnet(controlnet))
+        slot = next(s for s in self._slots if slot_key(s.controlnet) == key)
+        if slot.graph is None:
+            slot.graph = self._open(CONTROLNET, slot_set(slot.controlnet))
+        return slot.graph
 
     def release(self, graph: str) -> None:
-        """Free ``graph``'s session and its swappable buffers until its next call, which opens them again.
+        """Free ``graph``'s sessions (every ControlNet slot for ``controlnet``) until their next call.
 
         A one-shot run releases each graph once it is done with it (the text encoder after
-        the prompt, the UNet+ControlNet after the last step), so the weights of a graph
-        in use are the only ones resident: docs/benchmarks.md, "Memory".
+        the prompt, the UNet and the ControlNets after the last step), so the weights of a
+        graph in use are the only ones resident: docs/benchmarks.md, "Memory". A released
+        graph opens again with the set current then.
         """
         with self._lease:
-            self._sessions.pop(graph, None)
-            self._values.pop(graph, None)
-            if graph in (FUSED, TEXT_ENCODER):
-                self._released[graph] = self._released.get(graph, set()) | set(self._buffers.pop(graph, {}))
-            if self._base_values:
-                self._base_values.pop(graph, None)
+            if graph == CONTROLNET:
+                for slot in self._slots:
+                    slot.graph = None
+            elif self._graphs.pop(graph, None) is not None and graph in (UNET, TEXT_ENCODER):
+                self._released.add(graph)
 
     def swappable(self) -> Names:
-        return touched_names({g: set(b) for g, b in self._buffers.items()}, self._released)
+        out = {g: set(s.buffers) for g, s in self._graphs.items() if s.buffers}
+        slots = {n for s in self._slots if s.graph is not None for n in s.graph.buffers}
+        declared = {g: self._declared[g] for g in self._released | {CONTROLNET} if self._declared.get(g)}
+        return touched_names(out, {CONTROLNET: slots} if slots else {}, declared)
+
+    def controlnet_slots(self) -> list[str | None]:
+        """The ControlNet in each slot (``None``: the base's own); its weights are resident while open."""
+        return [None if s.controlnet is None else s.controlnet.name for s in self._slots]
 
     def set_adapters(self, adapter_set: AdapterSet) -> float:
         """Switch to ``adapter_set``; returns the seconds it took.
 
-        In place when every weight the old and the new set touch is a swappable buffer,
-        else by re-creating the sessions. Waits for the generation (or graph call) holding
-        the current set; no graph call starts while buffers are half written.
+        UNet and text encoder: in place when every weight the old and the new set touch is a
+        swappable buffer, else by re-creating their sessions. ControlNets: each one the new
+        set uses and no slot holds goes into a slot whose ControlNet is not needed (in place
+        where that slot's weights are swappable), or a new slot. Waits for the generation (or
+        graph call) holding the current set; no graph call starts while buffers are half written.
         """
         start = time.perf_counter()
         with self._swapping():
-            needed = touched_names(adapter_set, self.adapter_set)
+            old, new = self.adapter_set.loras(), adapter_set.loras()
+            needed = touched_names(new, old)
             # a released graph holds nothing to rewrite: it opens with the new set on its next call
-            live = {graph: names for graph, names in needed.items() if graph not in self._released}
-            in_place = self.options.hot_swap and all(
-                names <= set(self._buffers.get(graph, {})) for graph, names in live.items())
-            if in_place:
-                # Only the weights the old or the new set touch can differ from what the buffers
-                # hold; everything else already holds its base value. The merge writes into the
-                # buffers ONNX Runtime reads, so it runs under the lease: a generation holding
-                # the old set finishes first, and none starts until every buffer is written.
-                with self._lease, BaseWeights(self.manifest, self.base_dir) as base:
-                    try:
-                        merge_into(base, adapter_set, self._buffers, only=live, base_values=self._base_values,
-                                   graphs=self._buffers)
-                    except BaseException:  # nothing half-written: the buffers go back to the set they held
-                        merge_into(base, self.adapter_set, self._buffers, only=live, base_values=self._base_values,
-                                   graphs=self._buffers)
-                        raise
-                    self.adapter_set = adapter_set
-            else:
-                with self._lease:  # re-created while no generation runs: sessions are GBs
-                    self._create(adapter_set, touched_names(needed, self.swappable()))
+            live = {g: names for g, names in needed.items() if g in self._graphs}
+            in_place = self.options.hot_swap and all(names <= set(self._graphs[g].buffers) for g, names in live.items())
+            with self._lease:  # every buffer is written, or session replaced, while no generation runs
+                if in_place:
+                    self._merge_in_place(live, new, old)
+                elif live:
+                    self._declared = touched_names(self._declared, needed) if self.options.hot_swap else {}
+                    for graph in live:
+                        self._graphs[graph] = self._open(graph, new)
+                self._fill_slots(adapter_set.controlnets())
+                self.adapter_set = adapter_set
         elapsed = time.perf_counter() - start
         self.timings.swaps.append(elapsed)
         return elapsed
 
+    def _merge_in_place(self, live: Names, new: AdapterSet, old: AdapterSet) -> None:
+        """Merge ``new`` into the buffers of ``live``; on failure write ``old`` back (nothing half-written)."""
+        buffers = {g: self._graphs[g].buffers for g in live}
+        base_values = {g: self._graphs[g].base_values for g in live if self._graphs[g].base_values is not None}
+        with BaseWeights(self.manifest, self.base_dir) as base:
+            try:
+                merge_into(base, new, buffers, only=live, base_values=base_values or None, graphs=live)
+            except BaseException:
+                merge_into(base, old, buffers, only=live, base_values=base_values or None, graphs=live)
+                raise
+
+    def _fill_slots(self, wanted: tuple[AdapterFile | None, ...]) -> None:
+        """Put every ControlNet of ``wanted`` in a slot, moving as few weights as possible (:func:`plan_slots`)."""
+        for index, controlnet in plan_slots([s.controlnet for s in self._slots], wanted):
+            if index is None:
+                self._slots.append(_Slot(controlnet, self._open(CONTROLNET, slot_set(controlnet))))
+                continue
+            slot = self._slots[index]
+            old, slot.controlnet = slot.controlnet, controlnet
+            if slot.graph is None:
+                continue  # released: opens with its new ControlNet on its next call
+            names = touched_names(slot_set(old), slot_set(controlnet)).get(CONTROLNET, set())
+            if self.options.hot_swap and names <= set(slot.graph.buffers):
+                buffers, base_values = {CONTROLNET: slot.graph.buffers}, slot.graph.base_values
+                base_values = None if base_values is None else {CONTROLNET: base_values}
+                with BaseWeights(self.manifest, self.base_dir) as base:
+                    try:
+                        merge_into(base, slot_set(controlnet), buffers, only={CONTROLNET: names}, graphs=buffers,
+                                   base_values=base_values)
+                    except BaseException:
+                        slot.controlnet = old
+                        merge_into(base, slot_set(old), buffers, only={CONTROLNET: names}, graphs=buffers,
+                                   base_values=base_values)
+                        raise
+            else:
+                self._declared = touched_names(self._declared, {CONTROLNET: names}) if self.options.hot_swap else {}
+                slot.graph = self._open(CONTROLNET, slot_set(controlnet))
+
     # -- graph calls ---------------------------------------------------------------------------
 
-    def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def _run(self, graph: str | None, feeds: dict[str, torch.Tensor], controlnet: str | None = None
+             ) -> list[torch.Tensor]:
         with self.hold():  # re-entrant: inside a generation's lease this takes it again
-            session = self._session(graph)
+            session = (self._slot(controlnet) if graph == CONTROLNET else self._graph(graph)).session
             if self.device.type == "cuda":
                 return _run_io_binding(session, feeds, self.device)
             outputs = session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
         return [torch.from_numpy(o) for o in outputs]
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._run(TEXT_ENCODER, {"input_ids": input_ids.to(torch.int64)})[0]
+    def encode_text(self, input_ids: torch.Tensor, token_vectors: torch.Tensor | None = None,
+                    token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        width = self.manifest.configs["text_encoder"]["hidden_size"]
+        return self._run(TEXT_ENCODER, text_feeds(input_ids, token_vectors, token_mask, width))[0]
 
-    def predict_noise(self, sample, timestep, encoder_hidden_states, controlnet_cond, control_scales):
-        feeds = {
-            "sample": sample.float(), "timestep": timestep.float().reshape(-1).expand(sample.shape[0]).contiguous(),
-            "encoder_hidden_states": encoder_hidden_states.float(), "controlnet_cond": controlnet_cond.float(),
-            "control_scales": control_scales.float(),
-        }
-        return self._run(FUSED, feeds)[0]
+    def control_residuals(self, controlnet, sample, timestep, encoder_hidden_states, controlnet_cond):
+        feeds = {"sample": sample.float(), "timestep": _timesteps(timestep, sample),
+                 "encoder_hidden_states": encoder_hidden_states.float(), "controlnet_cond": controlnet_cond.float()}
+        return self._run(CONTROLNET, feeds, controlnet)
+
+    def predict_noise(self, sample, timestep, encoder_hidden_states, residuals=None):
+        if residuals is None:  # no unit acts: the UNet alone (its residual inputs are zeros)
+            shape = (tuple(sample.shape), sample.device)
+            if shape not in self._zeros:
+                self._zeros = {shape: [torch.zeros(s, device=sample.device)
+                                       for s in residual_shapes(self.manifest, sample.shape)]}
+            residuals = self._zeros[shape]
+        feeds = {"sample": sample.float(), "timestep": _timesteps(timestep, sample),
+                 "encoder_hidden_states": encoder_hidden_states.float(),
+                 **{name: r.float() for name, r in zip(RESIDUALS, residuals)}}
+        return self._run(UNET, feeds)[0]
 
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self._run(VAE_DECODER, {"latent": latent.float()})[0]
@@ -325,8 +393,12 @@ class OrtRunner(AdapterLease):
 
     def close(self) -> None:
         with self._lease:
-            self._sessions.clear()
-            self._buffers, self._values, self._base_values, self._released = {}, {}, None, {}
+            self._graphs, self._slots, self._released, self._zeros = {}, [], set(), {}
+
+
+def _timesteps(timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """One float32 timestep per sample."""
+    return timestep.float().reshape(-1).expand(sample.shape[0]).contiguous()
 
 
 def _shared_value(ort, tensor: torch.Tensor):

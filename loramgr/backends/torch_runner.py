@@ -1,20 +1,21 @@
-"""The reference runner: a base's four graphs as the torch modules they are exported from.
+"""The reference runner: a base's graphs as the torch modules they are exported from.
 
-It runs the very wrappers of :mod:`loramgr.models.fused` that the ONNX export traces,
+It runs the very wrappers of :mod:`loramgr.models.graphs` that the ONNX export traces,
 on diffusers / transformers modules, so "pipeline over TorchRunner" equals diffusers'
 own pipeline and is the "diffusers torch" side of every comparison and benchmark.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from ..adapters import AdapterSet, Names
+from ..adapters import BASE_CONTROLNET, AdapterSet, Names
 from ..errors import LoramgrError
-from ..models.fused import TextEncoder, UNetControlNet, VaeDecoder, VaeEncoder
-from .base import AdapterLease
+from ..models.graphs import ControlNetResiduals, TextEncoder, UNetWithResiduals, VaeDecoder, VaeEncoder
+from .base import AdapterLease, text_feeds
 
 COMPONENTS = ("unet", "controlnet", "vae", "text_encoder")
 
@@ -31,16 +32,18 @@ class TorchRunner(AdapterLease):
     (fp16 modules work); outputs are float32, as the interface promises. Adapters are
     merged into the modules before they come here (diffusers / PEFT, by the caller), so
     the runner's own adapter set is always the empty one and ``set_adapters`` accepts
-    only that.
+    only that. ControlNets are named: ``None`` is the base's own, others are the
+    ``controlnets`` given to :meth:`from_components`.
     """
 
-    def __init__(self, unet_controlnet: UNetControlNet, text_encoder: TextEncoder,
-                 vae_decoder: VaeDecoder, vae_encoder: VaeEncoder):
-        self.unet_controlnet = unet_controlnet
+    def __init__(self, unet: UNetWithResiduals, controlnets: Mapping[str | None, ControlNetResiduals],
+                 text_encoder: TextEncoder, vae_decoder: VaeDecoder, vae_encoder: VaeEncoder):
+        self.unet = unet
+        self.controlnets = dict(controlnets)
         self.text_encoder = text_encoder
         self.vae_decoder = vae_decoder
         self.vae_encoder = vae_encoder
-        weight = next(unet_controlnet.parameters())
+        weight = next(unet.parameters())
         self.device: torch.device = weight.device
         self.dtype: torch.dtype = weight.dtype
         self.adapter_set = AdapterSet()
@@ -48,24 +51,24 @@ class TorchRunner(AdapterLease):
         self._init_lease()
 
     @classmethod
-    def from_components(cls, components: dict) -> TorchRunner:
+    def from_components(cls, components: dict, controlnets: Mapping[str, torch.nn.Module] | None = None) -> TorchRunner:
         """Wrap diffusers components (``unet``, ``controlnet``, ``vae``, ``text_encoder``).
+
+        ``controlnets``: more ControlNet modules, by the name units give them.
 
         Example::
 
             pipe = StableDiffusionControlNetPipeline.from_pretrained(folder)
-            runner = TorchRunner.from_components(pipe.components)
+            runner = TorchRunner.from_components(pipe.components, {"hed": hed_controlnet})
         """
         missing = [name for name in COMPONENTS if components.get(name) is None]
         if missing:
             raise ValueError(f"components lack {', '.join(missing)}; need {', '.join(COMPONENTS)}")
         vae = components["vae"]
-        return cls(
-            UNetControlNet(components["unet"], components["controlnet"]).eval(),
-            TextEncoder(components["text_encoder"]).eval(),
-            VaeDecoder(vae).eval(),
-            VaeEncoder(vae).eval(),
-        )
+        wrapped = {None: ControlNetResiduals(components["controlnet"]).eval()}
+        wrapped.update({name: ControlNetResiduals(m).eval() for name, m in (controlnets or {}).items()})
+        return cls(UNetWithResiduals(components["unet"]).eval(), wrapped,
+                   TextEncoder(components["text_encoder"]).eval(), VaeDecoder(vae).eval(), VaeEncoder(vae).eval())
 
     def set_adapters(self, adapter_set: AdapterSet) -> float:
         if adapter_set.adapters:
@@ -83,22 +86,31 @@ class TorchRunner(AdapterLease):
         """The modules belong to the caller; nothing to release here."""
 
     @torch.inference_mode()
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.text_encoder(input_ids.to(self.device)).float()
+    def encode_text(self, input_ids: torch.Tensor, token_vectors: torch.Tensor | None = None,
+                    token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        width = self.text_encoder.text_model.config.hidden_size
+        feeds = text_feeds(input_ids.to(self.device), token_vectors, token_mask, width)
+        return self.text_encoder(*(t.to(self.device) for t in feeds.values())).float()
 
     @torch.inference_mode()
-    def predict_noise(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        encoder_hidden_states: torch.Tensor,
-        controlnet_cond: torch.Tensor,
-        control_scales: torch.Tensor,
-    ) -> torch.Tensor:
-        noise = self.unet_controlnet(
-            self._cast(sample), timestep.to(self.device), self._cast(encoder_hidden_states),
-            self._cast(controlnet_cond), self._cast(control_scales),
-        )
+    def control_residuals(self, controlnet: str | None, sample: torch.Tensor, timestep: torch.Tensor,
+                          encoder_hidden_states: torch.Tensor, controlnet_cond: torch.Tensor) -> list[torch.Tensor]:
+        key = None if controlnet == BASE_CONTROLNET else controlnet
+        if key not in self.controlnets:
+            raise LoramgrError(f"ControlNet {controlnet!r} was not given to this TorchRunner")
+        out = self.controlnets[key](self._cast(sample), timestep.to(self.device),
+                                    self._cast(encoder_hidden_states), self._cast(controlnet_cond))
+        return [r.float() for r in out]
+
+    @torch.inference_mode()
+    def predict_noise(self, sample: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                      residuals: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+        unet = self.unet.unet
+        args = {} if residuals is None else {
+            "down_block_additional_residuals": [self._cast(r) for r in residuals[:-1]],
+            "mid_block_additional_residual": self._cast(residuals[-1])}
+        noise = unet(self._cast(sample), timestep.to(self.device), encoder_hidden_states=self._cast(encoder_hidden_states),
+                     return_dict=False, **args)[0]
         return noise.float()
 
     @torch.inference_mode()

@@ -14,9 +14,9 @@ import torch
 
 from ..adapters import AdapterSet
 from ..export import export_base
-from ..manifest import FUSED, TEXT_ENCODER, Manifest
+from ..manifest import CONTROLNET, TEXT_ENCODER, UNET, Manifest
 from ..merge import BaseWeights, merge_tensors
-from ..pipeline.control import control_scales
+from ..models.graphs import RESIDUALS
 from ..workspace import Workspace, atomic_dir
 from .harness import Step
 
@@ -36,18 +36,17 @@ MEMORY_RUN_STEPS = 3
 
 CHECK_IMAGE = 64  # image side of the outputs compared across the swap routes
 
-MERGED_VERSION = 2  # bump when the merged copy's recipe changes: old caches no longer apply (2: the in-place merge)
+MERGED_VERSION = 3  # bump when the merged copy's recipe changes: old caches no longer apply (3: graphs apart)
 
 
 @dataclass(frozen=True)
 class StepInputs:
-    """One UNet+ControlNet call: a CFG batch of 2 (uncond + cond) at ``image`` pixels a side."""
+    """One denoising step's inputs: a CFG batch of 2 (uncond + cond) at ``image`` pixels a side."""
 
     sample: torch.Tensor
     timestep: torch.Tensor
     encoder_hidden_states: torch.Tensor
     controlnet_cond: torch.Tensor
-    control_scales: torch.Tensor
 
     @classmethod
     def random(cls, manifest: Manifest, image: int, seed: int = 0) -> StepInputs:
@@ -55,23 +54,27 @@ class StepInputs:
         width = manifest.configs["text_encoder"]["hidden_size"]
         gen = torch.Generator().manual_seed(seed)
         return cls(torch.randn(2, 4, latent, latent, generator=gen), torch.tensor([500.0, 500.0]),
-                   torch.randn(2, 77, width, generator=gen), torch.rand(2, 3, image, image, generator=gen),
-                   control_scales(1, 1.0, False, "controlnet"))
+                   torch.randn(2, 77, width, generator=gen), torch.rand(2, 3, image, image, generator=gen))
 
-    def args(self) -> tuple[torch.Tensor, ...]:
-        return (self.sample, self.timestep, self.encoder_hidden_states, self.controlnet_cond, self.control_scales)
+    def step(self, runner, units: int = 1) -> torch.Tensor:
+        """One step as the pipeline makes it: ``units`` ControlNet calls, residuals summed, then the UNet."""
+        context = (self.sample, self.timestep, self.encoder_hidden_states)
+        residuals = None
+        for _ in range(units):
+            out = runner.control_residuals(None, *context, self.controlnet_cond)
+            residuals = out if residuals is None else [a + b for a, b in zip(residuals, out)]
+        return runner.predict_noise(*context, residuals)
 
     def describe(self) -> dict:
         return {"image": self.controlnet_cond.shape[-1], "latent": list(self.sample.shape)}
 
-    def feeds(self) -> dict[str, np.ndarray]:
-        """The fused graph's inputs by name (for a plain InferenceSession)."""
-        return fused_feeds(*self.args())
+    def run_sessions(self, controlnet, unet) -> np.ndarray:
+        """The same step on plain InferenceSessions of the ControlNet and the UNet graphs."""
+        context = {"sample": self.sample.numpy(), "timestep": self.timestep.numpy(),
+                   "encoder_hidden_states": self.encoder_hidden_states.numpy()}
+        residuals = controlnet.run(None, {**context, "controlnet_cond": self.controlnet_cond.numpy()})
+        return unet.run(None, {**context, **dict(zip(RESIDUALS, residuals))})[0]
 
-def fused_feeds(*args: torch.Tensor) -> dict[str, np.ndarray]:
-    """``predict_noise``'s arguments as the fused graph's named inputs."""
-    names = ("sample", "timestep", "encoder_hidden_states", "controlnet_cond", "control_scales")
-    return {name: tensor.numpy() for name, tensor in zip(names, args)}
 
 def _ensure_base(workspace: Workspace, arch: str, step: Step) -> tuple[str, float | None]:
     """``bench-<arch>`` with random weights, exported once per workspace; (name, export seconds or None)."""
@@ -100,7 +103,7 @@ def _adapter_name(base: str, rank: int) -> str:
 
 def merged_base(workspace: Workspace, base_dir: Path, manifest: Manifest, adapter_set: AdapterSet,
                 step: Step) -> Path:
-    """The fused and text encoder graphs with ``adapter_set`` merged into copies of their data files.
+    """The adapter graphs (UNet, ControlNet, text encoder) with ``adapter_set`` merged into copies of their data files.
 
     The graphs are the base's own (the exporter would trace the merged model to the same
     nodes); only weight bytes differ, so creating sessions on this copy costs what it
@@ -117,7 +120,7 @@ def merged_base(workspace: Workspace, base_dir: Path, manifest: Manifest, adapte
     weights = BaseWeights(manifest, base_dir)
     tensors = merge_tensors(weights, adapter_set)
     with atomic_dir(folder) as tmp:
-        for graph in (FUSED, TEXT_ENCODER):
+        for graph in (UNET, CONTROLNET, TEXT_ENCODER):
             info = manifest.graphs[graph]
             (tmp / info.path).parent.mkdir(parents=True)
             shutil.copyfile(base_dir / info.path, tmp / info.path)

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 
 from ..adapters import AdapterSet, touched_names, union_touched
+from ..backends.base import text_feeds
 from ..backends.onnxruntime import PROVIDERS, OrtOptions, OrtRunner, plain_session
 from ..convert import convert_adapter
-from ..manifest import FUSED, TEXT_ENCODER, Manifest
+from ..manifest import CONTROLNET, TEXT_ENCODER, UNET, Manifest
 from ..merge import BaseWeights, one_torch_thread
 from ..workspace import Workspace
 from .fixtures import CHECK_IMAGE, LARGE, LORA_WEIGHT, RANKS, SMALL, StepInputs, _adapter_name, merged_base
@@ -37,7 +38,7 @@ def _sessions(paths: list[Path], level: str, provider: str) -> list:
 
 
 def _graph_paths(folder: Path, manifest: Manifest) -> list[Path]:
-    return [folder / manifest.graphs[g].path for g in (FUSED, TEXT_ENCODER)]
+    return [folder / manifest.graphs[g].path for g in (CONTROLNET, UNET, TEXT_ENCODER)]
 
 def bench_convert(workspace: Workspace, base: str, sources: Mapping[int, Path], repeats: int) -> dict:
     """Seconds of ``convert_adapter`` per rank (each repeat writes the same ``.lora`` again)."""
@@ -69,13 +70,15 @@ def _agreement(hot: OrtRunner, merged: Path, base_dir: Path, manifest: Manifest,
     ids = torch.arange(77, dtype=torch.int64).reshape(1, 77) % 3
 
     def outputs(runner) -> tuple[np.ndarray, np.ndarray]:
-        return runner.predict_noise(*inputs.args()).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
+        return inputs.step(runner).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
 
     hot_out = outputs(hot)
     with _open_injected(base_dir, adapter_set, provider) as injected:
         injected_out = outputs(injected)
-    fused, text = _sessions(_graph_paths(merged, manifest), "basic", provider)
-    merged_out = (fused.run(None, inputs.feeds())[0], text.run(None, {"input_ids": ids.numpy()})[0])
+    controlnet, unet, text = _sessions(_graph_paths(merged, manifest), "basic", provider)
+    width = manifest.configs["text_encoder"]["hidden_size"]
+    merged_out = (inputs.run_sessions(controlnet, unet),
+                  text.run(None, {k: v.numpy() for k, v in text_feeds(ids, None, None, width).items()})[0])
     return {
         "hot_swap_vs_injection": max(_max_diff(x, y) for x, y in zip(hot_out, injected_out)),
         "merged_export_vs_injection": max(_max_diff(x, y) for x, y in zip(merged_out, injected_out)),
@@ -111,7 +114,7 @@ def bench_swap(workspace: Workspace, base_dir: Path, manifest: Manifest, sets: M
         rewritten = touched_names(sets[SMALL], sets[LARGE])
         swaps = {f"hot_swap_r{LARGE}": partial(hot.set_adapters, sets[LARGE]),  # in pairs, each from the other
                  f"hot_swap_r{SMALL}": partial(hot.set_adapters, lora),  # LoRA; the runner ends holding `lora`
-                 "copy_floor": _copy_floor(hot._buffers, rewritten)}
+                 "copy_floor": _copy_floor({g: s.buffers for g, s in hot._graphs.items()}, rewritten)}
         variants = {
             "merged_export_all": partial(_sessions, _graph_paths(merged, manifest), "all", provider),
             "merged_export_basic": partial(_sessions, _graph_paths(merged, manifest), "basic", provider),
@@ -173,7 +176,7 @@ def _setting_row(open_variant: Callable, default_step: Callable[[], None], input
                  torch_speedup: float) -> dict:
     variant = open_variant()
     try:
-        variant_step = partial(variant.predict_noise, *inputs.args())
+        variant_step = partial(inputs.step, variant)
         variant_step()  # warm-up
         times = interleaved({"default": default_step, "variant": variant_step}, repeats)
     finally:
@@ -193,9 +196,8 @@ def bench_step(base_dir: Path, manifest: Manifest, inputs: StepInputs, repeats: 
     """
     step(f"step ({provider}): opening ORT and loading the torch model")
     with OrtRunner.open(base_dir, options=OrtOptions(provider=provider)) as default:
-        ort_step = _synced(partial(default.predict_noise, *inputs.args()), provider)
-        torch_step = _synced(partial(_torch_runner(base_dir, manifest, provider).predict_noise, *inputs.args()),
-                             provider)
+        ort_step = _synced(partial(inputs.step, default), provider)
+        torch_step = _synced(partial(inputs.step, _torch_runner(base_dir, manifest, provider)), provider)
         torch_step(), ort_step()
         step(f"step ({provider}): torch and ORT, {repeats}x")
         times = interleaved({"torch": torch_step, "ort": ort_step}, repeats)

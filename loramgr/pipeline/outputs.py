@@ -1,4 +1,4 @@
-"""Writing a generation's files: the images, the edge map and a JSON sidecar.
+"""Writing a generation's files: the images, each ControlNet unit's map and a JSON sidecar.
 
 Each file is written under a temporary name and renamed into place
 (:func:`loramgr.workspace.atomic_path`); the sidecar comes last, so a sidecar on disk
@@ -23,11 +23,13 @@ from ..workspace import atomic_path, check_name
 from .controlnet import GenerationResult
 
 
-def output_paths(out_dir: Path, stem: str, num_samples: int) -> dict[str, list[Path]]:
-    """``{stem}-{i}.png`` per image, ``{stem}-edges.png`` and ``{stem}.json``."""
+def output_paths(out_dir: Path, stem: str, num_samples: int, num_maps: int = 1) -> dict[str, list[Path]]:
+    """``{stem}-{i}.png`` per image, ``{stem}-edges.png`` (the first unit's map), ``{stem}-control-{k}.png``
+    (unit k's, k >= 1) and ``{stem}.json``."""
     return {
         "images": [out_dir / f"{stem}-{i}.png" for i in range(num_samples)],
-        "edge_map": [out_dir / f"{stem}-edges.png"],
+        "control_maps": [out_dir / (f"{stem}-edges.png" if k == 0 else f"{stem}-control-{k}.png")
+                         for k in range(num_maps)],
         "sidecar": [out_dir / f"{stem}.json"],
     }
 
@@ -74,7 +76,7 @@ def claim_stems(out_dir: str | Path, stem: str | None, labels: Sequence[str], nu
 def save_result(
     result: GenerationResult, out_dir: str | Path, stem: str, metadata: dict | None = None, overwrite: bool = False
 ) -> list[Path]:
-    """Write ``result`` to ``out_dir`` and return the paths written (images, edge map, sidecar).
+    """Write ``result`` to ``out_dir`` and return the paths written (images, control maps, sidecar).
 
     ``metadata`` (backend, base, adapters, ...) is stored in the sidecar as given.
     Existing files are refused unless ``overwrite``.
@@ -84,17 +86,17 @@ def save_result(
         save_result(pipe(image, settings), "outputs", "bird-0001", {"backend": "torch"})
     """
     out_dir = Path(out_dir)
-    paths = output_paths(out_dir, stem, len(result.images))
+    paths = output_paths(out_dir, stem, len(result.images), len(result.control_maps))
     every = [p for group in paths.values() for p in group]
     existing = [p for p in every if p.exists()]
     if existing and not overwrite:
         raise LoramgrError(f"{existing[0]} already exists: choose another --name or pass --overwrite")
-    for image, path in zip([*result.images, result.edge_map], [*paths["images"], *paths["edge_map"]]):
+    for image, path in zip([*result.images, *result.control_maps], [*paths["images"], *paths["control_maps"]]):
         _write_png(image, path)
-    height, width = result.edge_map.shape[:2]
+    height, width = result.images[0].shape[:2]
     sidecar = {
         "images": [p.name for p in paths["images"]],
-        "edge_map": paths["edge_map"][0].name,
+        "control_maps": [p.name for p in paths["control_maps"]],
         "height": height,
         "width": width,
         "settings": asdict(result.settings),

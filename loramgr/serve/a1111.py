@@ -26,37 +26,29 @@ from typing import Annotated, Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from ..adapters import BASE_CONTROLNET
+from ..pipeline.inpaint import INPAINT_FILLS, Inpaint, prepare_mask
+from ..pipeline.passes import UPSCALERS
 from ..pipeline.settings import DEFAULT_MAX_PIXELS, output_size
+from .a1111_samplers import SCHEDULES, resolve_sampler
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
 from .config import MAX_JSON_DEPTH, ServeConfig
-from .schemas import GenerateRequest, LoraSpec
+from .schemas import ControlSpec, GenerateRequest, HiresSpec, InpaintSpec, LoraSpec
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
-# A1111 sampler name -> (loramgr scheduler, aliases). "DPM++ 2M" is DPMSolverMultistep's
-# default (dpmsolver++, order 2); its Karras variant sets use_karras_sigmas.
-SAMPLERS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "DPM++ 2M": ("dpm++", ("k_dpmpp_2m",)),
-    "DPM++ 2M Karras": ("dpm++_karras", ("k_dpmpp_2m_ka",)),
-    "Euler a": ("euler_a", ("k_euler_a",)),
-    "Euler": ("euler", ("k_euler",)),
-    "LMS": ("lms", ("k_lms",)),
-    "Heun": ("heun", ("k_heun",)),
-    "DDIM": ("ddim", ()),
-    "PNDM": ("pndm", ()),
-    "UniPC": ("unipc", ()),
-}
-# A1111 >= 1.9 names the noise schedule apart: "automatic" keeps the sampler's own.
-SCHEDULES = {"automatic": "Automatic", "karras": "Karras"}
-CONTROL_MODULES = ("none", "canny")
+CONTROL_MODULES = ("none", "canny", "inpaint", "inpaint_global_harmonious", "inpaint_only")
+# The ControlNet extension's inpaint modules: with an img2img mask, "inpaint_only" acts as "inpaint" (the
+# extension switches it, "A1111 inpaint and ControlNet inpaint duplicated"); the map is the image, masked at -1.
+INPAINT_MODULES = CONTROL_MODULES[2:]
 CONTROL_MODES = ("Balanced", "My prompt is more important", "ControlNet is more important")
+NATIVE_MODES = ("balanced", "prompt", "control")  # the same, as the native API's ``controls[].mode``
 UNIT_RESIZE_MODES = {"just resize": "resize", "crop and resize": "crop", "resize and fill": "fill",
                      "inner fit (scale to fit)": "crop", "outer fit (shrink to fit)": "fill",
                      "envelope (outer fit)": "fill", "scale to fit (inner fit)": "crop"}
 UNIT_RESIZE_BY_INDEX = ("resize", "crop", "fill")
 IMG2IMG_RESIZE_MODES = ("resize", "crop", "fill", "resize")  # 3: "Just resize (latent upscale)"
-BASE_CONTROLNET = "canny"  # the base's own ControlNet, as `control` of the native API
 LORA_TAG = re.compile(r"<(lora|lyco):([^>]*)>")
 
 
@@ -81,15 +73,28 @@ class A1111Request(BaseModel):
     override_settings: dict[str, Any] | None = None
     script_name: str | None = None
     alwayson_scripts: dict[str, Any] = Field(default_factory=dict)
-    enable_hr: bool = False
     subseed_strength: FiniteFloat = 0.0
+    denoising_strength: FiniteFloat = 0.75
+    enable_hr: bool = False
+    hr_scale: FiniteFloat = 2.0
+    hr_upscaler: str | None = None
+    hr_second_pass_steps: int = Field(0, ge=0)
+    hr_resize_x: int = Field(0, ge=0)
+    hr_resize_y: int = Field(0, ge=0)
+    hr_prompt: str = Field("", max_length=10_000)
+    hr_negative_prompt: str = Field("", max_length=10_000)
+    hr_sampler_name: str | None = None
 
 
 class Img2ImgRequest(A1111Request):
     init_images: list[str] = Field(min_length=1, max_length=1)
-    denoising_strength: FiniteFloat = 0.75
     resize_mode: int = Field(0, ge=0, le=3)
     mask: str | None = None
+    mask_blur: int = Field(4, ge=0, le=256)
+    inpainting_fill: int = Field(0, ge=0, le=3)
+    inpaint_full_res: bool = True
+    inpaint_full_res_padding: int = Field(0, ge=0)
+    inpainting_mask_invert: int = Field(0, ge=0, le=1)
     include_init_images: bool = False
 
 
@@ -131,9 +136,10 @@ class Plan:
     seeds: list[int]
     sampler_name: str
     schedule: str
-    control: dict | None
+    controls: list[dict]  # each enabled unit: model, module, weight, control_mode, window, its A1111 path
     ignored: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # A1111's extra_generation_params of hires / inpainting
 
 
 # -- prompt ------------------------------------------------------------------------------------
@@ -163,27 +169,6 @@ def parse_lora_tags(prompt: str, field_: str = "prompt") -> tuple[str, list[tupl
                 raise CatalogError(422, field_, f"{tag}: weight must be a finite number, got {rest[0]!r}")
         loras.append((name.strip(), weight))
     return LORA_TAG.sub("", prompt), loras
-
-
-# -- samplers ----------------------------------------------------------------------------------
-
-def resolve_sampler(name: str | None, schedule: str | None) -> tuple[str, str, str]:
-    """(A1111 sampler name, schedule, loramgr scheduler) for a request's ``sampler_name`` and ``scheduler``."""
-    wanted = (name or "Euler").strip()
-    for canonical, (_, aliases) in SAMPLERS.items():
-        if wanted.lower() in (canonical.lower(), *aliases):
-            break
-    else:
-        raise CatalogError(422, "sampler_name", f"unknown sampler {wanted!r}; choose one of {', '.join(SAMPLERS)}")
-    schedule = (schedule or "automatic").strip().lower()
-    if schedule not in SCHEDULES:
-        raise CatalogError(422, "scheduler", f"unknown scheduler {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if schedule == "karras":
-        if canonical not in ("DPM++ 2M", "DPM++ 2M Karras"):
-            raise CatalogError(422, "scheduler", f"scheduler 'karras' is supported with DPM++ 2M only, "
-                                                 f"not with {canonical!r}; use 'automatic'")
-        canonical = "DPM++ 2M Karras"
-    return canonical, schedule, SAMPLERS[canonical][0]
 
 
 # -- images ------------------------------------------------------------------------------------
@@ -251,9 +236,9 @@ def rgb(image: np.ndarray) -> np.ndarray:
 
 # -- ControlNet --------------------------------------------------------------------------------
 
-def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, ControlNetUnit] | None:
-    """The one enabled ControlNet unit of ``alwayson_scripts`` (key matched case-insensitively), or None."""
-    unit = None
+def find_units(scripts: dict[str, Any], ignored: list[str], limit: int) -> list[tuple[str, ControlNetUnit]]:
+    """The enabled ControlNet units of ``alwayson_scripts`` (key matched case-insensitively), at most ``limit``."""
+    units = []
     for key, value in scripts.items():
         path = f"alwayson_scripts.{key}"
         if key.lower() != "controlnet":
@@ -272,12 +257,12 @@ def find_unit(scripts: dict[str, Any], ignored: list[str]) -> tuple[str, Control
                 raise CatalogError(422, f"{path}.args.{i}.{where}", first["msg"]) from None
             if not parsed.enabled:
                 continue
-            if unit is not None:
-                raise CatalogError(422, f"{path}.args.{i}", "more than one enabled ControlNet unit; this server "
-                                                            "fuses one ControlNet with the base per generation")
-            unit = (f"{path}.args.{i}", parsed)
+            if len(units) == limit:
+                raise CatalogError(422, f"{path}.args.{i}", f"more than {limit} enabled ControlNet units; this "
+                                                            "server's limit is --max-controlnets")
+            units.append((f"{path}.args.{i}", parsed))
             ignored += [f"{path}.args.{i}.{k}" for k in raw if k not in UNIT_USED]
-    return unit
+    return units
 
 
 def nested_deeper(value: Any, limit: int) -> bool:
@@ -292,8 +277,8 @@ def nested_deeper(value: Any, limit: int) -> bool:
     return False
 
 
-def control_mode(unit: ControlNetUnit, path: str) -> bool:
-    """Guess mode for the unit's ``control_mode`` ("ControlNet is more important" is ControlNet's guess mode)."""
+def control_mode(unit: ControlNetUnit, path: str) -> str:
+    """The native mode of the unit's ``control_mode`` (``balanced``, ``prompt``, ``control``)."""
     mode = unit.control_mode
     if isinstance(mode, int):
         if not 0 <= mode < len(CONTROL_MODES):
@@ -303,11 +288,7 @@ def control_mode(unit: ControlNetUnit, path: str) -> bool:
     if matched is None:
         raise CatalogError(422, f"{path}.control_mode", f"unknown control mode {mode!r}; choose one of "
                                                         f"{', '.join(CONTROL_MODES)} (or 0, 1, 2)")
-    if matched == CONTROL_MODES[1]:
-        raise CatalogError(422, f"{path}.control_mode", "'My prompt is more important' (soft weights on both "
-                                                        "guidance halves) is not supported; use 'Balanced' or "
-                                                        "'ControlNet is more important' (ControlNet's guess mode)")
-    return matched == CONTROL_MODES[2]
+    return NATIVE_MODES[CONTROL_MODES.index(matched)]
 
 
 def unit_resize_mode(unit: ControlNetUnit, path: str) -> str:
@@ -336,7 +317,7 @@ def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, 
         raise CatalogError(422, f"{path}.module", f"unknown module {unit.module!r}; choose one of "
                                                   f"{', '.join(CONTROL_MODULES)} (none: the image is the map)")
     mode = unit_resize_mode(unit, path)
-    if module == "none":
+    if module == "none" or module in INPAINT_MODULES:
         check_size(scaled_size(*image.shape[:2], width, height, mode), max_pixels, f"{path}.image",
                    f"the image scaled to {width}x{height} ({unit.resize_mode})")
         return fit(image, width, height, mode, fill="median")
@@ -370,14 +351,17 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         if nested_deeper(value, MAX_JSON_DEPTH):  # would run, then fail to be echoed in `parameters`
             raise CatalogError(422, name, f"nested deeper than {MAX_JSON_DEPTH} levels")
     warnings: list[str] = []
-    if request.enable_hr:
-        raise CatalogError(422, "enable_hr", "hires fix is not supported; send enable_hr=false and the final size")
     if request.script_name not in (None, "", "None"):
         raise CatalogError(422, "script_name", f"script {request.script_name!r} is not available on this server")
     if request.subseed_strength:
         warnings.append(f"subseed_strength={request.subseed_strength} ignored (no variation seeds)")
-    if request.override_settings:
-        warnings.append(f"override_settings ignored: {', '.join(sorted(request.override_settings))}")
+    overrides = dict(request.override_settings or {})
+    clip_skip = overrides.pop("CLIP_stop_at_last_layers", 1)
+    if isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or not 1 <= clip_skip <= 12:
+        raise CatalogError(422, "override_settings.CLIP_stop_at_last_layers",
+                           f"must be an integer from 1 to 12 (A1111's CLIP skip), got {clip_skip!r}")
+    if overrides:
+        warnings.append(f"override_settings ignored: {', '.join(sorted(overrides))}")
     for name in ("width", "height"):
         value = getattr(request, name)
         if value < 64 or value % 64:
@@ -395,43 +379,39 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
         field_ = "batch_size" if request.batch_size > config.max_num_samples else "n_iter"
         raise CatalogError(422, field_, f"batch_size x n_iter = {total} images exceeds this server's limit of "
                                         f"{config.max_num_samples} (--max-num-samples)")
-    sampler_name, schedule, scheduler = resolve_sampler(request.sampler_name or request.sampler_index,
-                                                        request.scheduler)
+    sampler = resolve_sampler(request.sampler_name or request.sampler_index, request.scheduler, request.steps)
+    warnings += sampler.warnings
     eta = 0.0
-    if scheduler == "ddim":
+    if sampler.scheduler == "ddim":
         eta = 0.0 if request.eta is None else request.eta
-    elif request.eta is not None and not (scheduler == "euler_a" and request.eta == 1.0):
-        warnings.append(f"eta={request.eta} ignored: it applies to DDIM only here "
-                        "(Euler a always uses eta 1, as diffusers' scheduler does)")
+    elif request.eta is not None and not (sampler.eta_one and request.eta == 1.0):
+        warnings.append(f"eta={request.eta} ignored: it applies to DDIM only here (the ancestral and SDE "
+                        "samplers always use eta 1, as diffusers' schedulers do)")
     prompt, loras = parse_lora_tags(request.prompt)
     negative, negative_loras = parse_lora_tags(request.negative_prompt, "negative_prompt")
     if negative_loras:
         warnings.append("LoRA tags in negative_prompt removed and not applied (put them in prompt)")
     width, height = request.width, request.height
     limits = (config.max_image_bytes, config.max_image_pixels)
+    extra: dict[str, Any] = {}
+    hires = hires_spec(request, loras, warnings, extra) if request.enable_hr and not img2img else None
 
-    init = None
+    init, mask, inpaint = None, None, InpaintSpec()
+    map_size = (width, height)  # the size unit maps are made at: the output's, or with full_res the input's
     if img2img:
-        if request.mask:  # decoded first, as A1111 does: a broken mask is named as such
-            decode_image(request.mask, "mask", *limits)
-            raise CatalogError(422, "mask", "inpainting is not supported; send img2img without a mask")
-        init = rgb(decode_image(request.init_images[0], "init_images.0", *limits, exif_orientation=True))
+        decoded = rgb(decode_image(request.init_images[0], "init_images.0", *limits, exif_orientation=True))
         mode = IMG2IMG_RESIZE_MODES[request.resize_mode]
-        check_size(scaled_size(*init.shape[:2], width, height, mode), config.max_image_pixels, "init_images.0",
+        check_size(scaled_size(*decoded.shape[:2], width, height, mode), config.max_image_pixels, "init_images.0",
                    f"the image scaled to {width}x{height}")
-        init = fit(init, width, height, mode)
+        init = fit(decoded, width, height, mode)
+        if request.mask:
+            init, mask, inpaint = inpainting(request, decoded, init, decode_image(request.mask, "mask", *limits),
+                                             extra)
+            map_size = (init.shape[1], init.shape[0])
 
-    control, guess_mode, strength, model = None, False, 0.0, BASE_CONTROLNET
-    found = find_unit(request.alwayson_scripts, ignored)
-    if found is None:  # no unit: the ControlNet runs at weight 0 on an empty map (no effect)
-        the_map = np.zeros((height, width, 3), np.uint8)
-    else:
-        path, unit = found
-        if (unit.guidance_start, unit.guidance_end) != (0.0, 1.0):
-            raise CatalogError(422, f"{path}.guidance_start", "only the full range (guidance_start 0, guidance_end "
-                                                              f"1) is supported, got {unit.guidance_start}-"
-                                                              f"{unit.guidance_end}")
-        guess_mode = control_mode(unit, path)
+    controls, specs = [], []
+    for path, unit in find_units(request.alwayson_scripts, ignored, config.max_controlnets):
+        mode = control_mode(unit, path)
         model = resolve_model(unit.model)
         source = unit.image if not isinstance(unit.image, dict) else unit.image.get("image")
         field_ = f"{path}.image"
@@ -445,20 +425,28 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             image = init
         else:
             raise CatalogError(422, field_, "required: the unit's image (base64 PNG, JPEG, WebP, ...)")
-        the_map = control_map(unit, path, image, width, height, config.max_image_pixels)
-        strength = unit.weight
-        control = {"model": model, "module": unit.module.strip().lower(), "weight": unit.weight,
-                   "control_mode": CONTROL_MODES[2] if guess_mode else CONTROL_MODES[0], "unit": path}
+        the_map = control_map(unit, path, image, *map_size, config.max_image_pixels)
+        inpaint_unit = unit.module.strip().lower() in INPAINT_MODULES
+        if inpaint_unit and mask is None:
+            raise CatalogError(422, f"{path}.module", f"module {unit.module!r} needs img2img with a mask")
+        specs.append(ControlSpec(name=model, control_map=encode_png(the_map), strength=unit.weight,
+                                 start=unit.guidance_start, end=unit.guidance_end, mode=mode,
+                                 preprocessor="inpaint" if inpaint_unit else None))
+        controls.append({"model": model, "module": unit.module.strip().lower(), "weight": unit.weight,
+                         "control_mode": CONTROL_MODES[NATIVE_MODES.index(mode)],
+                         "guidance_start": unit.guidance_start, "guidance_end": unit.guidance_end, "unit": path})
 
     seed = random.randrange(2**32 - 1) if request.seed == -1 else request.seed
     seeds = [seed + i for i in range(total)]
     common = {
         "prompt": prompt, "a_prompt": "", "n_prompt": negative, "image": None if init is None else encode_png(init),
-        "control_map": encode_png(the_map), "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
-        "control": model, "steps": request.steps, "scale": request.cfg_scale, "scheduler": scheduler,
-        "resolution": min(width, height), "num_samples": 1, "guess_mode": guess_mode, "strength": strength,
-        "control_schedule": "controlnet", "eta": eta,
-        "img2img_strength": request.denoising_strength if img2img else None,
+        "controls": specs, "loras": [LoraSpec(name=n, weight=w) for n, w in loras],
+        "steps": request.steps, "scale": request.cfg_scale, "scheduler": sampler.scheduler,
+        "schedule": sampler.native_schedule,
+        "resolution": min(width, height), "width": width, "height": height, "num_samples": 1,
+        "control_schedule": "controlnet", "control_window": "a1111", "eta": eta, "clip_skip": clip_skip,
+        "img2img_strength": request.denoising_strength if img2img else None, "hires": hires,
+        "mask": None if mask is None else encode_png(mask), "inpaint": inpaint,
     }
     requests = []
     for s in seeds:
@@ -468,7 +456,64 @@ def plan(request: A1111Request, config: ServeConfig, *, img2img: bool) -> Plan:
             first = exc.errors()[0]
             native = str(first["loc"][0]) if first["loc"] else "body"
             raise CatalogError(422, a1111_field(native, request), first["msg"]) from None
-    return Plan(requests, seeds, sampler_name, schedule, control, ignored, warnings)
+    return Plan(requests, seeds, sampler.sampler_name, sampler.schedule, controls, ignored, warnings, extra)
+
+
+def hires_spec(request: A1111Request, loras: list, warnings: list[str], extra: dict[str, Any]) -> HiresSpec:
+    """The native ``hires`` of ``enable_hr`` and the ``hr_*`` fields.
+
+    A1111 samples exactly ``N = hr_second_pass_steps or steps`` steps of a schedule of
+    ``int(N / min(denoising_strength, 0.999))`` (``sd_samplers_common.setup_img2img_steps`` with
+    its steps given); the native second pass runs the last ``int(steps * strength)`` of its
+    schedule, so that schedule with ``strength = (N + 0.5) / schedule`` runs N.
+    """
+    wanted = request.hr_upscaler or "Latent"  # A1111's latent_upscale_default_mode
+    upscaler = next((u for u in UPSCALERS if u.lower() == wanted.strip().lower()), None)
+    if upscaler is None:
+        raise CatalogError(422, "hr_upscaler", f"unknown upscaler {wanted!r}; choose one of {', '.join(UPSCALERS)}")
+    if not 0 < request.denoising_strength <= 1:
+        raise CatalogError(422, "denoising_strength", f"must be in (0, 1] with enable_hr, "
+                                                      f"got {request.denoising_strength}")
+    steps = request.hr_second_pass_steps or request.steps
+    schedule = max(1, int(steps / min(request.denoising_strength, 0.999)))
+    prompt, hr_loras = parse_lora_tags(request.hr_prompt, "hr_prompt")
+    negative, _ = parse_lora_tags(request.hr_negative_prompt, "hr_negative_prompt")
+    if request.hr_prompt and hr_loras != loras:
+        warnings.append("LoRA tags of hr_prompt are not applied on their own: the prompt's LoRAs act in both passes")
+    scheduler = None
+    if request.hr_sampler_name and request.hr_sampler_name != "Use same sampler":
+        scheduler = resolve_sampler(request.hr_sampler_name, request.scheduler, steps).scheduler
+    extra.update({"Denoising strength": request.denoising_strength, "Hires upscaler": upscaler,
+                  **({"Hires resize": f"{request.hr_resize_x}x{request.hr_resize_y}"}
+                     if request.hr_resize_x or request.hr_resize_y else {"Hires upscale": request.hr_scale}),
+                  **({"Hires steps": request.hr_second_pass_steps} if request.hr_second_pass_steps else {})})
+    return HiresSpec(scale=request.hr_scale, resize_x=request.hr_resize_x, resize_y=request.hr_resize_y,
+                     upscaler=upscaler, steps=schedule, strength=min(1.0, (steps + 0.5) / schedule),
+                     prompt=prompt if request.hr_prompt else None,
+                     n_prompt=negative if request.hr_negative_prompt else None, scheduler=scheduler)
+
+
+def inpainting(request: Img2ImgRequest, decoded: np.ndarray, fitted: np.ndarray, mask: np.ndarray,
+               extra: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, InpaintSpec]:
+    """The image, mask and native ``inpaint`` of an img2img request with a mask (A1111's rules).
+
+    The mask is made binary, inverted and blurred at its own size first, as A1111 does before
+    any resize. ``inpaint_full_res``: the whole input image and the mask at its size (the
+    pipeline crops the region and fits it to ``width`` x ``height``); else both fitted to
+    ``width`` x ``height`` with ``resize_mode``.
+    """
+    processed = prepare_mask(mask, Inpaint(blur=request.mask_blur, invert=bool(request.inpainting_mask_invert)))
+    fill = INPAINT_FILLS[request.inpainting_fill]
+    extra.update({"Mask blur": request.mask_blur, "Masked content": fill.replace("_", " "),
+                  **({"Mask mode": "Inpaint not masked"} if request.inpainting_mask_invert else {}),
+                  **({"Inpaint area": "Only masked", "Masked area padding": request.inpaint_full_res_padding}
+                     if request.inpaint_full_res else {})})
+    if request.inpaint_full_res:
+        height, width = decoded.shape[:2]
+        return decoded, fit(processed, width, height, "resize"), InpaintSpec(
+            fill=fill, full_res=True, padding=request.inpaint_full_res_padding, rule="a1111")
+    fitted_mask = fit(processed, request.width, request.height, IMG2IMG_RESIZE_MODES[request.resize_mode])
+    return fitted, fitted_mask, InpaintSpec(fill=fill, rule="a1111")
 
 
 def resolve_model(model: str) -> str:
@@ -481,18 +526,26 @@ def resolve_model(model: str) -> str:
     return BASE_CONTROLNET if name.lower() in ("", "none", BASE_CONTROLNET) else name
 
 
-def a1111_field(native: str | None, request: A1111Request, unit_path: str | None = None) -> str | None:
-    """The A1111 field behind a native field named in an error (``loras.0.name`` -> ``prompt``)."""
+UNIT_FIELDS = {"name": "model", "control_map": "image", "image": "image", "strength": "weight",
+               "start": "guidance_start", "end": "guidance_end", "mode": "control_mode"}
+
+
+def a1111_field(native: str | None, request: A1111Request, unit_paths: list[str] = ()) -> str | None:
+    """The A1111 field behind a native field named in an error (``loras.0.name`` -> ``prompt``,
+    ``controls.1.strength`` -> the second enabled unit's ``weight``)."""
     if native is None:
         return None
-    head = native.split(".")[0]
+    parts = native.split(".")
+    if parts[0] == "controls" and len(parts) >= 2 and parts[1].isdigit() and int(parts[1]) < len(unit_paths):
+        path = unit_paths[int(parts[1])]
+        return f"{path}.{UNIT_FIELDS.get(parts[2], parts[2])}" if len(parts) > 2 else path
     mapping = {"loras": "prompt", "scale": "cfg_scale", "img2img_strength": "denoising_strength",
-               "scheduler": "sampler_name", "n_prompt": "negative_prompt", "num_samples": "batch_size",
+               "scheduler": "sampler_name", "schedule": "scheduler", "n_prompt": "negative_prompt",
+               "num_samples": "batch_size",
                "resolution": "width" if request.width <= request.height else "height",
-               "image": "init_images.0", "control": f"{unit_path}.model" if unit_path else "alwayson_scripts",
-               "control_map": f"{unit_path}.image" if unit_path else "alwayson_scripts",
-               "strength": f"{unit_path}.weight" if unit_path else "alwayson_scripts"}
-    return mapping.get(head, native)
+               "image": "init_images.0", "controls": "alwayson_scripts", "hires": "hr_scale",
+               "inpaint": "mask"}
+    return mapping.get(parts[0], native)
 
 
 # -- the response ------------------------------------------------------------------------------
@@ -569,10 +622,12 @@ def response_info(request: A1111Request, the_plan: Plan, results: list[dict], se
     first = results[0]
     seeds = the_plan.seeds[:n]
     width, height = first["width"], first["height"]
-    denoising = request.denoising_strength if img2img else None
+    denoising = request.denoising_strength if img2img or request.enable_hr else None
     hashes = ", ".join(f"{a['name']}: {a['sha256'][:12]}" for a in first["adapters"] if a["kind"] == "lora")
-    extra = {"Lora hashes": hashes} if hashes else {}
-    params = {"Steps": request.steps, "Sampler": the_plan.sampler_name, "Schedule type": SCHEDULES[the_plan.schedule],
+    extra = {**the_plan.extra, **({"Lora hashes": hashes} if hashes else {})}
+    if first["settings"]["clip_skip"] > 1:
+        extra["Clip skip"] = first["settings"]["clip_skip"]
+    params = {"Steps": request.steps, "Sampler": the_plan.sampler_name, "Schedule type": SCHEDULES[the_plan.schedule].label,
               "CFG scale": request.cfg_scale, "Seed": None, "Size": f"{width}x{height}",
               "Model hash": served.model_hash, "Model": served.model_name, "Denoising strength": denoising, **extra,
               "Version": served.version}
@@ -593,12 +648,12 @@ def response_info(request: A1111Request, the_plan: Plan, results: list[dict], se
         "sd_vae_name": None, "sd_vae_hash": None, "seed_resize_from_w": -1, "seed_resize_from_h": -1,
         "denoising_strength": denoising, "extra_generation_params": extra, "index_of_first_image": 0,
         "infotexts": [infotext(s) for s in seeds], "styles": _styles(request),
-        "job_timestamp": started.strftime("%Y%m%d%H%M%S"), "clip_skip": 1,
+        "job_timestamp": started.strftime("%Y%m%d%H%M%S"), "clip_skip": first["settings"]["clip_skip"],
         "is_using_inpainting_conditioning": False, "version": served.version,
         "scheduler": the_plan.schedule, "n_iter": request.n_iter, "eta": first["settings"]["eta"],
         "loramgr": {
             "base": first["base"], "backend": first["backend"], "adapters": first["adapters"],
-            "control": the_plan.control, "seeds": seeds, "swapped": [r["swapped"] for r in results],
+            "controls": the_plan.controls, "seeds": seeds, "swapped": [r["swapped"] for r in results],
             "timings": [r["timings"] for r in results], "ignored_fields": the_plan.ignored,
             "warnings": the_plan.warnings, "interrupted": interrupted,
         },

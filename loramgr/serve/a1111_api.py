@@ -23,9 +23,9 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..errors import LoramgrError
-from .a1111 import (BASE_CONTROLNET, CONTROL_MODULES, SAMPLERS, SCHEDULES, A1111Request, A1111Response,
-                    ControlNetUnit, Img2ImgRequest, Served, a1111_field, control_map, echo_parameters, plan,
-                    response_info, rgb)
+from .a1111 import (BASE_CONTROLNET, CONTROL_MODULES, A1111Request, A1111Response, ControlNetUnit, Img2ImgRequest,
+                    Served, a1111_field, control_map, echo_parameters, plan, response_info, rgb)
+from .a1111_samplers import SAMPLERS, SCHEDULES
 from .catalog import CatalogError
 from .codec import decode_image, encode_png
 from .config import is_loopback
@@ -127,7 +127,7 @@ def router(service) -> APIRouter:
             raise CatalogError(503, None, "the runner is not open")
         started = datetime.now()
         the_plan = await run_in_threadpool(plan, request, service.config, img2img=img2img)
-        unit = the_plan.control["unit"] if the_plan.control else None
+        units = [c["unit"] for c in the_plan.controls]
         results, interrupted = [], False
         for native in the_plan.requests:
             try:
@@ -138,19 +138,18 @@ def router(service) -> APIRouter:
                 interrupted = True
                 break
             except CatalogError as exc:
-                raise CatalogError(exc.status, a1111_field(exc.field, request, unit), exc.reason) from None
+                raise CatalogError(exc.status, a1111_field(exc.field, request, units), exc.reason) from None
             except LoramgrError as exc:  # found late, in the pipeline
-                raise CatalogError(422, a1111_field(field_of(str(exc)), request, unit), str(exc)) from None
+                raise CatalogError(422, a1111_field(field_of(str(exc)), request, units), str(exc)) from None
         images = [r["images"][0] for r in results]
-        if the_plan.control is not None:  # the detected map after the images, as the ControlNet extension
-            images.append(results[0]["control_map"])
+        images += results[0]["control_maps"]  # the detected maps after the images, as the ControlNet extension
         info = response_info(request, the_plan, results, served(), img2img=img2img, started=started,
                              interrupted=interrupted)
         return {"images": images, "parameters": echo_parameters(request, img2img=img2img), "info": json.dumps(info)}
 
     @api.post("/sdapi/v1/txt2img", response_model=A1111Response, responses=ERRORS)
     async def txt2img(request: A1111Request):
-        """A1111 text-to-image; `<lora:NAME:WEIGHT>` tags and one ControlNet unit in `alwayson_scripts`."""
+        """A1111 text-to-image; `<lora:NAME:WEIGHT>` tags and ControlNet units in `alwayson_scripts`."""
         return await generate(request, img2img=False)
 
     @api.post("/sdapi/v1/img2img", response_model=A1111Response, responses=ERRORS)
@@ -174,20 +173,22 @@ def router(service) -> APIRouter:
 
     @api.get("/sdapi/v1/samplers")
     async def samplers():
-        return [{"name": name, "aliases": list(aliases), "options": {"loramgr_scheduler": native}}
-                for name, (native, aliases) in SAMPLERS.items()]
+        return [{"name": name, "aliases": list(s.aliases),
+                 "options": {**({"scheduler": s.automatic} if s.automatic in ("karras", "exponential") else {}),
+                             "loramgr_scheduler": s.scheduler}}
+                for name, s in SAMPLERS.items()]
 
     @api.get("/sdapi/v1/schedulers")
     async def schedulers():
-        return [{"name": name, "label": label, "aliases": None, "default_rho": -1, "need_inner_model": False}
-                for name, label in SCHEDULES.items()]
+        return [{"name": name, "label": s.label, "aliases": list(s.aliases) or None, "default_rho": s.default_rho,
+                 "need_inner_model": s.need_inner_model} for name, s in SCHEDULES.items()]
 
     @api.get("/sdapi/v1/options")
     async def get_options():
         title, fingerprint = base_title()
         return {"sd_model_checkpoint": title, "sd_checkpoint_hash": fingerprint, "samples_format": "png",
                 "eta_ddim": 0.0, "eta_ancestral": 1.0, "CLIP_stop_at_last_layers": 1,
-                "control_net_unit_count": 1}
+                "control_net_unit_count": service.config.max_controlnets}
 
     @api.post("/sdapi/v1/options", responses=ERRORS)
     async def set_options(options: dict[str, Any] = Body(...)):
@@ -235,8 +236,8 @@ def router(service) -> APIRouter:
 
     @api.get("/controlnet/settings")
     async def controlnet_settings():
-        """One unit: one ControlNet is fused with the base per generation."""
-        return {"control_net_unit_count": 1}
+        """Units per request: ``--max-controlnets``."""
+        return {"control_net_unit_count": service.config.max_controlnets}
 
     @api.post("/controlnet/detect", responses=ERRORS)
     async def controlnet_detect(request: DetectRequest):
@@ -264,10 +265,10 @@ def router(service) -> APIRouter:
 
     @api.get("/sdapi/v1/script-info")
     async def script_info():
-        """The ControlNet script's arguments (one unit each), for txt2img and img2img."""
-        unit = {"label": "ControlNet Unit 0", "value": None, "minimum": None, "maximum": None, "step": None,
-                "choices": None}
-        return [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": [unit]}
+        """The ControlNet script's arguments (one per unit, up to ``--max-controlnets``), for txt2img and img2img."""
+        units = [{"label": f"ControlNet Unit {i}", "value": None, "minimum": None, "maximum": None, "step": None,
+                  "choices": None} for i in range(service.config.max_controlnets)]
+        return [{"name": "controlnet", "is_alwayson": True, "is_img2img": img2img, "args": units}
                 for img2img in (False, True)]
 
     @api.get("/sdapi/v1/extensions")

@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import LoramgrError
-from ..pipeline.schedulers import SCHEDULERS
+from ..pipeline.schedulers import SCHEDULERS, SCHEDULES
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
@@ -138,13 +138,15 @@ class Service:
         generation, wait = await self._outcome(job, future)
         self.metrics.queue_seconds.observe(wait)
         images = await run_in_threadpool(lambda: [encode_png(i) for i in generation.images])
-        control_map = await run_in_threadpool(encode_png, generation.control_map)
+        control_maps = await run_in_threadpool(lambda: [encode_png(m) for m in generation.control_maps])
         t = generation.timings
-        height, width = generation.control_map.shape[:2]
+        height, width = generation.images[0].shape[:2]
         total = time.perf_counter() - start
         self.metrics.total_seconds.observe(total)
         return {
-            "images": images, "control_map": control_map, "adapters": job.applied, "control": job.control,
+            "images": images, "control_map": control_maps[0] if control_maps else None, "control_maps": control_maps,
+            "adapters": job.applied, "control": job.controls[0] if job.controls else "none",
+            "controls": job.controls,
             "seed": generation.settings.seed, "base": self.engine.base, "backend": self.config.backend,
             "width": width, "height": height, "swapped": generation.swapped,
             "timings": {"queue_wait": wait, "swap": t["swap"], "encode": t.get("encode_prompt", 0.0),
@@ -187,9 +189,11 @@ class Service:
                            "max_num_samples": c.max_num_samples, "max_image_bytes": c.max_image_bytes,
                            "max_image_pixels": c.max_image_pixels, "max_upload_bytes": c.max_upload_bytes,
                            "max_queue": c.max_queue, "max_overtake": c.max_overtake,
+                           "max_controlnets": c.max_controlnets,
                            "max_lora_weight": MAX_LORA_WEIGHT, "max_strength": MAX_STRENGTH,
                            "max_scale": MAX_SCALE, "max_eta": MAX_ETA, "max_json_depth": MAX_JSON_DEPTH},
-                "schedulers": sorted(SCHEDULERS), "control_schedules": list(CONTROL_SCHEDULES)}
+                "schedulers": sorted(SCHEDULERS), "schedules": list(SCHEDULES),
+                "control_schedules": list(CONTROL_SCHEDULES)}
 
 
 def _error(status: int, field: str | None, reason: str, headers: dict | None = None) -> JSONResponse:

@@ -60,6 +60,8 @@ class ServeConfig:
     max_image_pixels: int = 4096 * 4096
     max_upload_bytes: int = 2048 * 1024 * 1024  # an sd15 ControlNet is 1.4 GB
     swap_budget_mb: int = 4096
+    max_controlnets: int = 3  # ControlNet units per request; each distinct ControlNet holds a slot's weights
+    max_prompt_tokens: int = 225  # prompt and negative prompt each (3 chunks of 75)
     # Browser safety (docs/serving.md, "Security"): Host names answered besides the bound address,
     # and origins allowed to send state-changing requests (CORS); "*" allows any.
     allowed_hosts: tuple[str, ...] = ()
@@ -69,9 +71,11 @@ class ServeConfig:
         if self.scheduling not in SCHEDULING:
             raise ValueError(f"scheduling {self.scheduling!r}: choose one of {', '.join(SCHEDULING)}")
         for name in ("max_queue", "max_resolution", "max_steps", "max_num_samples", "max_image_bytes",
-                     "max_image_pixels", "max_upload_bytes"):
+                     "max_image_pixels", "max_upload_bytes", "max_controlnets"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.max_prompt_tokens < 75:
+            raise ValueError(f"max_prompt_tokens must be at least 75 (one chunk), got {self.max_prompt_tokens}")
         if self.max_steps > STEPS_CEILING:
             raise ValueError(f"max_steps {self.max_steps}: at most {STEPS_CEILING} (the schedulers' 1000 training "
                              "timesteps)")
@@ -87,8 +91,8 @@ class ServeConfig:
 
     @property
     def max_body_bytes(self) -> int:
-        """A generate request: two base64 images (image + control map) and some JSON."""
-        return 2 * (self.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
+        """A generate request: base64 images (the image, the mask, one per ControlNet unit) and some JSON."""
+        return (2 + self.max_controlnets) * (self.max_image_bytes * 4 // 3 + 4) + 1024 * 1024
 
     @staticmethod
     def api_key_from_env() -> str | None:

@@ -31,13 +31,16 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from ..adapters import AdapterSet, touched_names
+from ..adapters import BASE_CONTROLNET, AdapterSet, is_controlnet, touched_names
 from ..backends.options import OrtOptions
 from ..bases import OpenBase
 from ..defaults import base_defaults
 from ..errors import LoramgrError
+from ..pipeline.control import ControlUnit
+from ..pipeline.inpaint import Inpaint
+from ..pipeline.passes import HiresFix, hires_size
 from ..pipeline.schedulers import SCHEDULERS, scheduler_class
-from ..pipeline.settings import GenerationSettings, check_inputs
+from ..pipeline.settings import GenerationSettings, check_inputs, check_mask, output_size
 from ..runtime import Generator
 from ..workspace import Workspace
 from .catalog import AdapterCatalog, CatalogError
@@ -65,20 +68,21 @@ class Job:
     """A checked request, ready for the worker: no further validation can fail on input."""
 
     settings: GenerationSettings
-    image: np.ndarray
-    control_map: np.ndarray | None
+    image: np.ndarray | None
+    control_images: list[np.ndarray | None]  # one per unit (None: the unit uses ``image``)
     adapter_set: AdapterSet
     applied: list[dict]
-    control: str
+    controls: list[str]  # each unit's ControlNet
     key: tuple = field(default_factory=tuple)  # identical keys need no swap between them
     cancel: threading.Event = field(default_factory=threading.Event)  # set: stop at the next step
     steps: tuple[int, int] = (0, 0)  # (completed, total) denoising steps, while it runs
+    mask: np.ndarray | None = None  # inpaint ``image`` where it is white
 
 
 @dataclass
 class Generation:
     images: list[np.ndarray]
-    control_map: np.ndarray
+    control_maps: list[np.ndarray]
     settings: GenerationSettings
     swapped: bool
     reopened: bool
@@ -176,44 +180,113 @@ class Engine:
     def prepare(self, request: GenerateRequest) -> Job:
         """Check everything about ``request`` that can be checked without the runner."""
         c = self.config
-        settings = self.defaults.settings(**{k: getattr(request, k) for k in SETTING_FIELDS},
-                                          preprocessor="canny" if request.control_map is None else "none")
+        fields_ = {k: getattr(request, k) for k in SETTING_FIELDS}
+        fields_["max_prompt_tokens"] = c.max_prompt_tokens
         for name, limit, flag in (("resolution", c.max_resolution, "--max-resolution"),
                                   ("steps", c.max_steps, "--max-steps"),
                                   ("num_samples", c.max_num_samples, "--max-num-samples")):
-            value = getattr(settings, name)
+            value = getattr(request, name)
+            value = getattr(self.defaults, name) if value is None else value
             if value > limit:
                 raise CatalogError(422, name, f"{name}={value} exceeds this server's limit of {limit} ({flag})")
         for name, low, high in (("scale", 0.0, MAX_SCALE), ("strength", 0.0, MAX_STRENGTH), ("eta", 0.0, MAX_ETA)):
             check_range(getattr(request, name), name, low, high)
-        image = control_map = None
-        if request.image is not None:
-            image = decode_image(request.image, "image", c.max_image_bytes, c.max_image_pixels)
-        if request.control_map is not None:
-            control_map = decode_image(request.control_map, "control_map", c.max_image_bytes, c.max_image_pixels)
-        if image is None and control_map is None:
-            raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
+        limits = (c.max_image_bytes, c.max_image_pixels)
+        image = None if request.image is None else decode_image(request.image, "image", *limits)
+        mask = None if request.mask is None else decode_image(request.mask, "mask", *limits)
+        fields_["hires"] = None if request.hires is None else HiresFix(**request.hires.model_dump())
+        fields_["inpaint"] = Inpaint(**request.inpaint.model_dump())
+        if request.controls is None:  # the one-unit form
+            control_map = None if request.control_map is None else decode_image(request.control_map, "control_map",
+                                                                                 *limits)
+            if image is None and control_map is None:
+                raise CatalogError(422, "image", "required: give image (base64 PNG/JPEG) or control_map")
+            settings = self.defaults.settings(**fields_, preprocessor="canny" if control_map is None else "none")
+            control_images, controls = [control_map], [request.control]
+        else:
+            settings, control_images = self._units(request, image, fields_)
+            controls = [spec.name for spec in request.controls]
         if image is None and request.img2img_strength is not None:
-            raise CatalogError(422, "img2img_strength", "img2img needs an image, not only a control_map")
+            raise CatalogError(422, "img2img_strength", "img2img needs an image, not only control maps")
         try:
-            for given in (image, control_map):
-                if given is not None:
-                    check_inputs(given, settings)
+            given = [i for i in (image, *control_images) if i is not None]
+            for each in given or [None]:
+                check_inputs(each, settings)
         except LoramgrError as exc:
-            raise CatalogError(422, field_of(str(exc)), str(exc)) from None
-        adapter_set, applied, key = self.adapter_set(request)
-        return Job(settings, image, control_map, adapter_set, applied, request.control, key)
+            message = str(exc).replace("units.", "controls.")  # the request's name for the units
+            unit_field = re.match(r"controls\.\d+\.\w+", message)
+            raise CatalogError(422, unit_field.group(0) if unit_field else field_of(message), message) from None
+        try:
+            check_mask(mask, image, settings.control_units(), settings)
+        except LoramgrError as exc:
+            raise CatalogError(422, "mask", str(exc)) from None
+        if settings.hires is not None:
+            self._check_hires(settings, image, control_images)
+        adapter_set, applied, key = self.adapter_set(request, controls)
+        return Job(settings, image, control_images, adapter_set, applied, controls, key, mask=mask)
 
-    def adapter_set(self, request: GenerateRequest) -> tuple[AdapterSet, list[dict], tuple]:
-        """The request's adapters, loaded and checked against the base (ControlNet first, as ``loramgr run``)."""
-        chosen, key = [], []
-        if request.control != "canny":
-            field_ = "control"
-            adapter, sha = self.catalog.load(request.control, field_)
-            if adapter.kind != "controlnet":
-                raise CatalogError(422, field_, f"{request.control!r} is a {adapter.kind} adapter, not a ControlNet; "
+    def _check_hires(self, settings: GenerationSettings, image: np.ndarray | None,
+                     control_images: list[np.ndarray | None]) -> None:
+        """The second pass within ``--max-resolution`` (short side) and ``--max-steps`` (its schedule)."""
+        c, hires = self.config, settings.hires
+        if (hires.steps or settings.steps) > c.max_steps:
+            raise CatalogError(422, "hires", f"hires.steps={hires.steps or settings.steps} exceeds this server's "
+                                             f"limit of {c.max_steps} (--max-steps)")
+        first = next((i for i in (image, *control_images) if i is not None), None)
+        size = (output_size(*first.shape[:2], settings.resolution) if first is not None
+                else (settings.height, settings.width))
+        height, width = hires_size(*size, hires).target
+        if min(height, width) > c.max_resolution:
+            raise CatalogError(422, "hires", f"hires: the second pass of {width}x{height} has a shorter side over "
+                                             f"this server's limit of {c.max_resolution} (--max-resolution)")
+
+    def _units(self, request: GenerateRequest, image: np.ndarray | None, fields_: dict
+               ) -> tuple[GenerationSettings, list[np.ndarray | None]]:
+        """The settings and images of ``controls`` (several units, or none)."""
+        c = self.config
+        if len(request.controls) > c.max_controlnets:
+            raise CatalogError(422, "controls", f"{len(request.controls)} ControlNet units exceed this server's "
+                                                f"limit of {c.max_controlnets} (--max-controlnets)")
+        units, images = [], []
+        for i, spec in enumerate(request.controls):
+            check_range(spec.strength, f"controls.{i}.strength", 0.0, MAX_STRENGTH)
+            if spec.image is not None and spec.control_map is not None:
+                raise CatalogError(422, f"controls.{i}.control_map", "give image or control_map, not both")
+            source, what = (spec.control_map, "control_map") if spec.control_map is not None else (spec.image, "image")
+            pixels = None if source is None else decode_image(source, f"controls.{i}.{what}", c.max_image_bytes,
+                                                              c.max_image_pixels)
+            if pixels is None and image is None:
+                raise CatalogError(422, f"controls.{i}.image", "required: the unit's image or control_map, "
+                                                                "or the request's image")
+            preprocessor = spec.preprocessor or ("none" if spec.control_map is not None else "canny")
+            units.append(ControlUnit(spec.name, preprocessor, spec.strength, spec.start, spec.end, spec.mode,
+                                     spec.low_threshold, spec.high_threshold))
+            images.append(pixels)
+        if image is None and not any(i is not None for i in images) and (request.width is None or request.height is None):
+            raise CatalogError(422, "image", "required without ControlNet units: an image, or width and height")
+        try:
+            return self.defaults.settings(**fields_, units=tuple(units)), images
+        except TypeError as exc:  # pragma: no cover - the schema and the dataclass agree
+            raise CatalogError(422, "controls", str(exc)) from None
+
+    def adapter_set(self, request: GenerateRequest, controls: list[str] | None = None
+                    ) -> tuple[AdapterSet, list[dict], tuple]:
+        """The request's adapters, loaded and checked against the base (ControlNets first, as ``loramgr run``).
+
+        ``controls``: the ControlNet of each unit (default: the one-unit ``control``).
+        """
+        controls = [request.control] if controls is None else controls
+        chosen, fields_ = [], []
+        for name in dict.fromkeys(controls):
+            if name == BASE_CONTROLNET:
+                continue
+            field_ = "control" if request.controls is None else f"controls.{controls.index(name)}.name"
+            adapter, sha = self.catalog.load(name, field_)
+            if not is_controlnet(adapter):
+                raise CatalogError(422, field_, f"{name!r} is a {adapter.kind} adapter, not a ControlNet; "
                                                 "pass LoRAs in loras")
             chosen.append((adapter, 1.0, sha))
+            fields_.append(field_)
         for i, spec in enumerate(request.loras):
             field_ = f"loras.{i}.name"
             adapter, sha = self.catalog.load(spec.name, field_)
@@ -227,19 +300,20 @@ class Engine:
             check_range(weight, f"loras.{i}.weight", -MAX_LORA_WEIGHT, MAX_LORA_WEIGHT,
                         "" if spec.weight is not None else f" ({spec.name!r}'s default weight)")
             chosen.append((adapter, weight, sha))
-        for i, (adapter, _, _) in enumerate(chosen):
+            fields_.append(field_)
+        for (adapter, _, _), field_ in zip(chosen, fields_):
             try:
                 adapter.check_base(self.manifest)
             except LoramgrError as exc:
-                field_ = "control" if adapter.kind == "controlnet" else f"loras.{i - (request.control != 'canny')}.name"
                 raise CatalogError(422, field_, str(exc).replace(str(adapter.path), adapter.name)) from None
+        base_controlnet = BASE_CONTROLNET in controls
         try:
-            adapter_set = AdapterSet(tuple((a, w) for a, w, _ in chosen))
+            adapter_set = AdapterSet(tuple((a, w) for a, w, _ in chosen), base_controlnet=base_controlnet)
         except LoramgrError as exc:
             raise CatalogError(422, "loras", str(exc)) from None
         applied = [{"name": a.name, "kind": a.kind, "weight": w, "sha256": sha,
                     "source_sha256": a.metadata.get("loramgr.source_sha256", "")} for a, w, sha in chosen]
-        key = tuple((a.kind, a.name, w, sha) for a, w, sha in chosen)
+        key = (*((a.kind, a.name, w, sha) for a, w, sha in chosen), ("base_controlnet", base_controlnet))
         return adapter_set, applied, key
 
     # -- job -> images (worker thread) --------------------------------------------------------
@@ -271,10 +345,13 @@ class Engine:
                     self._recover(swappable)
                     raise
                 self._swapped(job.key, swap_s, reopened)
-            made = self.generator.generate(adapter_set, job.settings, job.image, control_image=job.control_map,
-                                           progress=self._step_hook(job))
+            one_unit = job.settings.units is None
+            made = self.generator.generate(
+                adapter_set, job.settings, job.image, control_image=job.control_images[0] if one_unit else None,
+                control_images=None if one_unit else job.control_images, progress=self._step_hook(job),
+                mask=job.mask)
         timings = {"swap": swap_s, **made.result.timings}
-        return Generation(made.images, made.control_map, replace(job.settings), swapped, reopened, timings)
+        return Generation(made.images, made.control_maps, replace(job.settings), swapped, reopened, timings)
 
     def _step_hook(self, job: Job) -> Callable[[int, int], None]:
         """After each denoising step: record it, stop if the job was cancelled, then the engine's ``progress``."""

@@ -22,17 +22,20 @@ DEFAULT_SETS_PER_REPLICA = 3  # Ray's own default for max_num_models_per_replica
 
 
 def set_id(request) -> str:
-    """The multiplexed id of a request's adapter set: ``CONTROL|NAME:WEIGHT,...``, LoRAs sorted.
+    """The multiplexed id of a request's adapter set: ``CONTROLNETS|NAME:WEIGHT,...``, both sorted.
 
     The same set written in another order gets the same id, so it is routed to the same
     replica (its image may differ in the last bits: the weights are summed in request
     order). A weight left out is written ``default``; the ingress never opens adapter files.
-    Examples: ``canny``, ``canny|sv_a:0.8``, ``sv_hed|sv_a:0.5,sv_b:default``.
+    The ControlNets are those the units use (``none`` without units).
+    Examples: ``canny``, ``canny|sv_a:0.8``, ``sv_hed|sv_a:0.5,sv_b:default``, ``canny+sv_hed``.
     """
     loras = sorted((spec.name, "default" if spec.weight is None else repr(float(spec.weight)))
                    for spec in request.loras)
     items = ",".join(f"{name}:{weight}" for name, weight in loras)
-    return f"{request.control}|{items}" if items else request.control
+    names = [request.control] if request.controls is None else [unit.name for unit in request.controls]
+    controls = "+".join(sorted(set(names))) or "none"
+    return f"{controls}|{items}" if items else controls
 
 
 def parse_autoscale(text: str) -> tuple[int, int]:

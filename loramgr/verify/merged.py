@@ -24,7 +24,7 @@ from ..adapters import AdapterSet
 from ..workspace import Workspace, atomic_dir
 from .reference import AdapterReference, Step, build_reference, load_source_model
 
-REFERENCE_VERSION = 1  # bump when the reference's reading or merging changes: old caches no longer apply
+REFERENCE_VERSION = 2  # bump when the reference's reading or merging changes: old caches no longer apply
 RECORDS = "reference.json"
 
 
@@ -55,7 +55,7 @@ def merged_export(workspace: Workspace, base_dir: Path, manifest: Manifest, adap
     if on_step:
         on_step("loading the base's source model")
     components = load_source_model(base_dir, manifest)
-    records = build_reference(components, adapter_set, sources, route, on_step)
+    records, _ = build_reference(components, adapter_set, sources, route, on_step)
     if any(r.problem for r in records):
         return None, records, False
     with atomic_dir(folder) as tmp:

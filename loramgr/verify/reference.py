@@ -2,9 +2,11 @@
 
 LoRAs are merged by diffusers (``load_lora_weights`` + ``fuse_lora(lora_scale=weight)``,
 which runs PEFT's merge) where diffusers reads the file's spelling correctly, else by
-:mod:`.formulas` over :mod:`.sources`' own reading of the file; a ControlNet is loaded by
-diffusers. Adapters are applied one at a time in the set's order (the ControlNet first),
-as loramgr merges them, so order-dependent DoRA rescales compare like with like.
+:mod:`.formulas` over :mod:`.sources`' own reading of the file; each ControlNet is loaded by
+diffusers, and the first converted one replaces the model's own (the export holds one
+ControlNet; docs/verify.md, "Several ControlNets"). Adapters are applied one at a time in the
+set's order (the ControlNets first), as loramgr merges them, so order-dependent DoRA rescales
+compare like with like.
 
 Libraries can silently do nothing (docs/verify.md, "Counting": diffusers registers 0 modules for the
 old processor format without ``unet.``), so every step is counted: the modules the
@@ -23,13 +25,13 @@ from pathlib import Path
 import torch
 
 from ..adapter_file import AdapterFile
+from ..adapters import BASE_CONTROLNET, AdapterSet
 from ..errors import LoramgrError
 from ..manifest import Manifest
-from ..adapters import AdapterSet
 from ..workspace import sha256_tree
 from . import formulas
 from .names import TEXT, UNET, Namespace
-from .sources import SourceAdapter, SourceError, read_source
+from .sources import SourceAdapter, SourceError, read_source, read_tensors, without_embeddings
 
 COMPONENT_PREFIXES = {"unet": UNET, "text_encoder": TEXT, "controlnet": "controlnet."}
 # Spellings diffusers' ``load_lora_weights`` reads into the right modules (measured with diffusers
@@ -43,19 +45,20 @@ class AdapterReference:
     """How the reference applied one adapter, with the counts that prove it did."""
 
     name: str
-    kind: str  # "lora" | "controlnet"
+    kind: str  # "lora" | "controlnet" | "embedding" | "bundled embedding"
     weight: float
     source: str
     sha256: str  # of the source file (a folder: of its files); checked against the .lora's record
-    route: str = ""  # "diffusers" | "formulas" | "diffusers ControlNetModel"
+    route: str = ""  # "diffusers" | "formulas" | "diffusers ControlNetModel" | "diffusers load_textual_inversion"
     spelling: str = ""  # the file's key spelling, as the reference read it
     note: str = ""  # why the route differs from the one asked for
-    file_modules: int = 0  # modules the reference's reading of the file found
-    applied: int = 0  # modules (ControlNet: weights) the reference merged
-    changed: int = 0  # weights of the model that differ afterwards
-    targets: int = 0  # weights loramgr's .lora changes
+    file_modules: int = 0  # modules the reference's reading of the file found (embeddings: vectors)
+    applied: int = 0  # modules (ControlNet: weights; embedding: token rows) the reference merged
+    changed: int = 0  # weights of the model that differ afterwards (ControlNet: from the base's own)
+    targets: int = 0  # weights loramgr's .lora changes (embedding: its vectors)
     ignored_keys: list[str] = field(default_factory=list)
     problem: str = ""  # why this reference cannot be trusted ("" when complete)
+    unchecked: str = ""  # why a bundled embedding could not be checked ("" when it was)
 
 
 def source_of(adapter: AdapterFile, sources: Mapping[str, str | Path]) -> tuple[Path, str]:
@@ -98,15 +101,21 @@ def load_source_model(base_dir: Path, manifest: Manifest) -> dict:
 
 
 def build_reference(components: dict, adapter_set: AdapterSet, sources: Mapping[str, tuple[Path, str]],
-                    route: str = "auto", on_step: Step | None = None) -> list[AdapterReference]:
-    """Merge every adapter of ``adapter_set`` into ``components`` (in place); one record per adapter.
+                    route: str = "auto", on_step: Step | None = None
+                    ) -> tuple[list[AdapterReference], dict[str, torch.nn.Module]]:
+    """Merge every adapter of ``adapter_set`` into ``components`` (in place); one record per adapter,
+    and every ControlNet by the name units give it (``canny``: the base's own).
 
-    ``sources`` maps adapter name -> (source path, digest) from :func:`source_of`.
+    ``sources`` maps adapter name -> (source path, digest) from :func:`source_of`. The first
+    converted ControlNet replaces ``components["controlnet"]``; a ControlNet's changed weights
+    are counted against the base's own.
     """
     namespace = Namespace.of(components["unet"], components["text_encoder"])
+    controlnets = {BASE_CONTROLNET: components["controlnet"]}
+    base_controlnet = _digests({"controlnet": components["controlnet"]})
     records = []
     before = _digests(components)
-    with _quiet_libraries():
+    with quiet_libraries():
         for index, (adapter, weight) in enumerate(adapter_set.adapters):
             path, digest = sources[adapter.name]
             record = AdapterReference(adapter.name, adapter.kind, weight, str(path), digest, targets=len(adapter.targets))
@@ -114,17 +123,25 @@ def build_reference(components: dict, adapter_set: AdapterSet, sources: Mapping[
                 on_step(f"reference: {adapter.name}")
             try:
                 if adapter.kind == "controlnet":
-                    _apply_controlnet(components, path, record)
+                    controlnets[adapter.name] = _load_controlnet(components, path, record)
+                    if len(controlnets) == 2:  # the first converted one: the model's (the export's)
+                        components["controlnet"] = controlnets[adapter.name]
+                    record.changed = _count_changed(base_controlnet, _digests({"controlnet": controlnets[adapter.name]}))
                 else:
                     _apply_lora(components, namespace, path, weight, route, f"verify_{index}", record)
             except SourceError as exc:
                 record.problem = str(exc)
             after = _digests(components)
-            record.changed = sum(1 for name, value in after.items() if before.get(name) != value)
+            if adapter.kind != "controlnet":
+                record.changed = _count_changed(before, after)
             before = after
             _check_counts(record)
             records.append(record)
-    return records
+    return records, controlnets
+
+
+def _count_changed(before: Mapping[str, str], after: Mapping[str, str]) -> int:
+    return sum(1 for name, value in after.items() if before.get(name) != value)
 
 
 def _check_counts(record: AdapterReference) -> None:
@@ -140,14 +157,15 @@ def _check_counts(record: AdapterReference) -> None:
         record.problem = f"{record.route} changed {record.changed} weights for {record.applied} modules"
 
 
-def _apply_controlnet(components: dict, path: Path, record: AdapterReference) -> None:
+def _load_controlnet(components: dict, path: Path, record: AdapterReference) -> torch.nn.Module:
+    """The ControlNet at ``path`` loaded by diffusers, in the architecture of the model's own."""
     from ..models.loading import load_controlnet
 
     config = dict(components["controlnet"].config)
     controlnet = load_controlnet(path, {k: v for k, v in config.items() if not k.startswith("_")})
     record.route, record.spelling = "diffusers ControlNetModel", "controlnet"
     record.file_modules = record.applied = sum(1 for _ in controlnet.parameters())
-    components["controlnet"] = controlnet
+    return controlnet
 
 
 def _apply_lora(components: dict, namespace: Namespace, path: Path, weight: float, route: str,
@@ -157,16 +175,23 @@ def _apply_lora(components: dict, namespace: Namespace, path: Path, weight: floa
     chosen, record.note = _route(source, route)
     if chosen == "diffusers":
         try:
-            record.applied = _apply_with_diffusers(components, path, weight, adapter_name)
+            # a file that bundles embeddings goes without their keys: diffusers' LoRA loader
+            # refuses them (they are loaded as embeddings, docs/verify.md "Embeddings")
+            lora = without_embeddings(read_tensors(path)[0], source.embeddings) if source.embeddings else path
+            record.applied = _apply_with_diffusers(components, lora, weight, adapter_name)
             record.route = "diffusers"
             return
         except Exception as exc:  # noqa: BLE001 - any loader failure: fall back only when the route was chosen for us
             if route == "diffusers":
                 raise SourceError(f"diffusers could not load {path.name}: {type(exc).__name__}: {exc}") from None
-            first_line = (str(exc).strip().splitlines() or [""])[0][:120]
-            record.note = f"diffusers could not load it ({type(exc).__name__}: {first_line})"
+            record.note = f"diffusers could not load it ({type(exc).__name__}: {first_line(exc)})"
     record.route = "formulas"
     record.applied = _apply_with_formulas(components, source, weight)
+
+
+def first_line(exc: Exception, limit: int = 120) -> str:
+    """The first line of an exception's message, cut at ``limit`` characters: a report line."""
+    return (str(exc).strip().splitlines() or [""])[0][:limit]
 
 
 def _route(source: SourceAdapter, route: str) -> tuple[str, str]:
@@ -185,18 +210,32 @@ def _route(source: SourceAdapter, route: str) -> tuple[str, str]:
     return "diffusers", ""
 
 
-def _apply_with_diffusers(components: dict, path: Path, weight: float, adapter_name: str) -> int:
-    """Load, fuse at ``weight`` and unload one LoRA with diffusers; returns the modules it registered."""
+def diffusers_pipeline(components: dict, controlnet=None, scheduler=None):
+    """diffusers' ``StableDiffusionControlNetPipeline`` over ``components`` (shared, not copied).
+
+    ``controlnet``: a ControlNet or ``MultiControlNetModel`` (default: the components' own);
+    ``scheduler``: default the components' own.
+    """
     from diffusers import StableDiffusionControlNetPipeline
-    from peft.tuners.tuners_utils import BaseTunerLayer
 
     pipe = StableDiffusionControlNetPipeline(
         vae=components["vae"], text_encoder=components["text_encoder"], tokenizer=components["tokenizer"],
-        unet=components["unet"], controlnet=components["controlnet"], scheduler=components["scheduler"],
+        unet=components["unet"], controlnet=components["controlnet"] if controlnet is None else controlnet,
+        scheduler=components["scheduler"] if scheduler is None else scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def _apply_with_diffusers(components: dict, lora: Path | dict, weight: float, adapter_name: str) -> int:
+    """Load (a file, or its state dict), fuse at ``weight`` and unload one LoRA with diffusers;
+    returns the modules it registered."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    pipe = diffusers_pipeline(components)
     try:
-        pipe.load_lora_weights(str(path), adapter_name=adapter_name)
+        pipe.load_lora_weights(lora if isinstance(lora, dict) else str(lora), adapter_name=adapter_name)
         layers = {name: [m for m in components[name].modules()
                          if isinstance(m, BaseTunerLayer) and adapter_name in getattr(m, "lora_A", {})]
                   for name in ("unet", "text_encoder")}
@@ -223,10 +262,12 @@ def _parameter(components: dict, name: str) -> torch.nn.Parameter:
     raise KeyError(name)
 
 
-def _digests(components: dict) -> dict[str, str]:
+def _digests(components: Mapping[str, torch.nn.Module]) -> dict[str, str]:
     """Base-namespace parameter name -> sha1 of its bytes: which weights a step changed, without a copy."""
     digests = {}
     for component, prefix in COMPONENT_PREFIXES.items():
+        if component not in components:
+            continue
         for name, param in components[component].named_parameters():
             data = param.detach().contiguous().view(-1).view(torch.uint8).numpy()
             digests[prefix + name] = hashlib.sha1(data).hexdigest()
@@ -234,7 +275,7 @@ def _digests(components: dict) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """diffusers and transformers log load reports while loading LoRAs; verify prints its own counts."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging

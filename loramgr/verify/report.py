@@ -14,7 +14,7 @@ PASSED, FAILED, SKIPPED = "passed", "failed", "skipped"
 
 @dataclass
 class CheckResult:
-    name: str  # reference | coverage | tensors | untouched | outputs | images
+    name: str  # reference | coverage | tensors | untouched | vectors | outputs | conditioning | images | units
     status: str  # passed | failed | skipped
     summary: str
 
@@ -35,6 +35,9 @@ class VerifyReport:
     untouched_total: int = 0
     outputs: list[OutputDiff] = field(default_factory=list)
     image: ImageDiff | None = None
+    vectors: list[OutputDiff] = field(default_factory=list)  # embeddings: the .lora's vectors vs diffusers' rows
+    conditioning: list[OutputDiff] = field(default_factory=list)  # the triggers' prompt vs diffusers' encode_prompt
+    units: ImageDiff | None = None  # loramgr's pipeline with units vs diffusers' (Multi)ControlNet pipeline
     coverage: dict[str, dict[str, int]] = field(default_factory=dict)  # adapter -> block -> weights changed
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -46,6 +49,10 @@ class VerifyReport:
 
     def failures(self) -> list[str]:
         return [f"{c.name}: {c.summary}" for c in self.checks if c.status == FAILED]
+
+    def not_checked(self) -> list[str]:
+        """Bundled embeddings the reference could not load, with the reason: ``"NAME (bundled in X): why"``."""
+        return [f"{a.name} ({a.note}): {a.unchecked}" for a in self.adapters if a.unchecked]
 
     def largest_errors(self, n: int) -> list[TensorDiff]:
         return sorted(self.tensors, key=lambda d: -d.rel)[:n]
@@ -68,14 +75,22 @@ def _plain(value):
     return value
 
 
+def weight_label(diff: TensorDiff) -> str:
+    """A weight as the report names it: ``SLOT/param`` where a ControlNet was compared in its slot
+    (no brackets: rich would read them as markup)."""
+    return f"{diff.slot}/{diff.param}" if diff.slot else diff.param
+
+
 def _e(value: float) -> str:
     return f"{value:.2e}" if math.isfinite(value) else str(value)
 
 
 def adapters_label(report: VerifyReport) -> str:
-    """The set as ``verify`` was given it: ``blindbox:0.8 + moxin:0.5 + hed`` (LoRAs, then the ControlNet)."""
-    loras = [f"{a.name}:{a.weight:g}" for a in report.adapters if a.kind != "controlnet"]
-    return " + ".join([*loras, *(a.name for a in report.adapters if a.kind == "controlnet")])
+    """The set as ``verify`` was given it: ``blindbox:0.8 + moxin:0.5 + easyneg + hed`` (LoRAs, embeddings,
+    then the ControlNets)."""
+    loras = [f"{a.name}:{a.weight:g}" for a in report.adapters if a.kind == "lora"]
+    named = [a.name for kind in ("embedding", "controlnet") for a in report.adapters if a.kind == kind]
+    return " + ".join([*loras, *named])
 
 
 def worst_figures(report: VerifyReport) -> str:
@@ -86,9 +101,14 @@ def worst_figures(report: VerifyReport) -> str:
         parts.append(f"weight {report.largest_errors(1)[0].rel:.1e} <= {t.tensor_rtol:.0e}")
     if report.outputs:
         parts.append(f"output {max(o.rel for o in report.outputs):.1e} <= {t.output_rtol:.0e}")
-    if report.image is not None:
-        psnr = report.image.psnr_db
-        parts.append(f"image {'identical' if math.isinf(psnr) else f'{psnr:.1f} dB'} >= {t.min_psnr_db:g}")
+    if report.vectors:
+        parts.append(f"vector {max(v.rel for v in report.vectors):.1e} <= {t.tensor_rtol:.0e}")
+    if report.conditioning:
+        parts.append(f"conditioning {max(c.rel for c in report.conditioning):.1e} <= {t.output_rtol:.0e}")
+    for label, image in (("image", report.image), ("units", report.units)):
+        if image is not None:
+            psnr = image.psnr_db
+            parts.append(f"{label} {'identical' if math.isinf(psnr) else f'{psnr:.1f} dB'} >= {t.min_psnr_db:g}")
     return "worst: " + ", ".join(parts) if parts else "no comparison ran"
 
 
@@ -101,6 +121,8 @@ def render_summary(report: VerifyReport, console) -> None:
     console.print(f"  {worst_figures(report)}", highlight=False)
     for failure in report.failures():
         console.print(f"  [red]x[/] {failure}", highlight=False)
+    for unchecked in report.not_checked():
+        console.print(f"  [yellow]![/] not checked: {unchecked}", highlight=False)
 
 
 def _reference_tables(report: VerifyReport, width: int = 3) -> list:
@@ -115,8 +137,9 @@ def _reference_tables(report: VerifyReport, width: int = 3) -> list:
         chunk = report.adapters[start: start + width]
         rows = [(label, *(getattr(a, name) for a in chunk)) for label, name in fields]
         rows.append(("ignored keys", *(len(a.ignored_keys) for a in chunk)))
-        if any(a.problem or a.note for a in chunk):
-            rows.append(("note", *(a.problem or a.note for a in chunk)))
+        if any(a.problem or a.note or a.unchecked for a in chunk):
+            rows.append(("note", *("; ".join(filter(None, (a.problem, a.note, a.unchecked and f"not checked: {a.unchecked}")))
+                                   for a in chunk)))
         tables.append(table("reference: how diffusers / PEFT / the formulas applied each adapter",
                             ("", *(a.name for a in chunk)), rows))
     return tables
@@ -144,13 +167,15 @@ def render_report(report: VerifyReport, console, top: int = 10) -> None:
     if report.tensors:
         console.print(table("largest errors (relative to the weight's largest value)",
                             ("weight", "max abs", "rel", "change", ""),
-                            [(d.param, _e(d.max_abs), _e(d.rel), _e(d.change), "" if d.passed else "[red]x[/]")
+                            [(weight_label(d), _e(d.max_abs), _e(d.rel), _e(d.change), "" if d.passed else "[red]x[/]")
                              for d in report.largest_errors(top)]))
         console.print(table("largest changes made by the adapters", ("weight", "change", "rel error"),
-                            [(d.param, _e(d.change), _e(d.rel)) for d in report.largest_changes(top)]))
-    if report.outputs:
-        console.print(table("graph outputs", ("output", "max abs", "rel", ""),
-                            [(o.name, _e(o.max_abs), _e(o.rel), "" if o.passed else "[red]x[/]") for o in report.outputs]))
+                            [(weight_label(d), _e(d.change), _e(d.rel)) for d in report.largest_changes(top)]))
+    for title, diffs in (("graph outputs", report.outputs), ("embeddings' vectors (trigger)", report.vectors),
+                         ("text conditioning against diffusers' encode_prompt", report.conditioning)):
+        if diffs:
+            console.print(table(title, ("compared", "max abs", "rel", ""),
+                                [(o.name, _e(o.max_abs), _e(o.rel), "" if o.passed else "[red]x[/]") for o in diffs]))
     coverage = [(adapter, block, n) for adapter, blocks in report.coverage.items()
                 for block, n in sorted(blocks.items(), key=lambda item: natural_key(item[0]))]
     console.print(table("weights changed per block", ("adapter", "block", "weights"), coverage))

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from ..errors import LoramgrError
 
-CHECKS = ("tensors", "outputs", "images")
+CHECKS = ("tensors", "outputs", "images", "units")  # docs/verify.md, "The checks"
 ROUTES = ("auto", "diffusers", "formulas")  # who merges LoRAs for the reference
 
 

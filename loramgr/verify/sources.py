@@ -37,6 +37,11 @@ SUFFIXES: tuple[tuple[str, str | None, str], ...] = (
     (".alpha", None, "alpha"), (".dora_scale", None, "dora_scale"), (".lora_magnitude_vector", None, "magnitude"),
 )
 # diffusers' attention-processor LoRA (before PEFT): ``<attention>.processor.to_q_lora.down.weight``.
+# Textual-inversion embeddings a LoRA file bundles (docs/verify.md, "Embeddings"): kohya / A1111
+# ``bundle_emb.<NAME>.<part>`` (A1111 cuts the name at the first dot), cloneofsimo's ``<token>`` keys
+# that the metadata marks ``<embed>``.
+BUNDLED_KEY = re.compile(r"^bundle_emb\.(?P<name>[^.]+)\.(?P<part>.+)$")
+CLONEOFSIMO_EMBED = "<embed>"
 OLD_PROCESSOR = re.compile(r"^(?P<attention>.+?)\.(?:processor\.)?to_(?P<proj>q|k|v|out)_lora\.(?P<part>up|down)\.weight$")
 CLONEOFSIMO_KEY = re.compile(r"^(?P<component>unet|text_encoder):(?P<index>\d+):(?P<part>up|down)$")
 
@@ -63,11 +68,22 @@ class SourceModule:
 
 
 @dataclass
+class BundledEmbedding:
+    """A textual-inversion embedding a LoRA file bundles, as the state dict diffusers' loader takes."""
+
+    trigger: str
+    spelling: str  # "bundle_emb" (kohya / A1111) | "cloneofsimo token"
+    state_dict: dict  # A1111 ``{"string_to_param": {"*": v}, "name"}`` or one tensor ``{key: v}``
+    keys: list[str]  # the file's keys it is made of
+
+
+@dataclass
 class SourceAdapter:
     path: Path
     spelling: str  # kohya | kohya-ldm | peft | diffusers | old-processor | old-processor-bare | cloneofsimo
     modules: dict[str, SourceModule]  # by namespace module path
     ignored: list[str] = field(default_factory=list)  # keys no module's change uses
+    embeddings: dict[str, BundledEmbedding] = field(default_factory=dict)  # by trigger
 
 
 def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], dict | None]:
@@ -98,8 +114,10 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str], d
 def read_source(path: str | Path, namespace: Namespace) -> SourceAdapter:
     """Every module the file changes, resolved in ``namespace``; a key naming no module is an error."""
     tensors, metadata, config = read_tensors(Path(path))
+    embeddings = bundled_embeddings(tensors, metadata)
+    tensors = without_embeddings(tensors, embeddings)
     if tensors and all(CLONEOFSIMO_KEY.match(k) for k in tensors):
-        return _cloneofsimo(Path(path), tensors, metadata, namespace)
+        return _cloneofsimo(Path(path), tensors, metadata, namespace, embeddings)
     groups: dict[str, dict[str, tuple[str | None, str, torch.Tensor]]] = {}
     spellings, ignored = set(), []
     resolver = Resolver(namespace)
@@ -125,7 +143,39 @@ def read_source(path: str | Path, namespace: Namespace) -> SourceAdapter:
             modules[module] = built
     if not modules:
         raise SourceError(f"{path}: the reference found no LoRA, LoHa or LoKr module in the file")
-    return SourceAdapter(Path(path), _spelling(spellings), modules, sorted(ignored))
+    return SourceAdapter(Path(path), _spelling(spellings), modules, sorted(ignored), embeddings)
+
+
+def bundled_embeddings(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, BundledEmbedding]:
+    """The embeddings a LoRA file bundles, by trigger, each as the state dict of the file layout it stands for.
+
+    kohya / A1111 ``bundle_emb.NAME.string_to_param.<term>`` is A1111's ``.pt`` layout, any other
+    ``bundle_emb.NAME.<part>`` (kohya's ``emb_params``) a file of that one tensor; a NAME of other
+    tensors goes to diffusers as it is (it refuses it, and the report says so).
+    """
+    groups: dict[str, dict[str, str]] = {}
+    for key in tensors:
+        if match := BUNDLED_KEY.match(key):
+            groups.setdefault(match["name"], {})[match["part"]] = key
+    found = {}
+    for name, parts in groups.items():
+        terms = [key for part, key in parts.items() if part.startswith("string_to_param.")]
+        if len(terms) == 1:  # A1111's create_embedding_from_data takes string_to_param's one term
+            state = {"string_to_param": {"*": tensors[terms[0]]}, "name": name}
+        else:
+            state = {part: tensors[key] for part, key in parts.items()}
+        found[name] = BundledEmbedding(name, "bundle_emb", state, sorted(parts.values()))
+    for key, value in metadata.items():
+        if value == CLONEOFSIMO_EMBED and key in tensors:
+            found[key] = BundledEmbedding(key, "cloneofsimo token", {key: tensors[key]}, [key])
+    return found
+
+
+def without_embeddings(tensors: Mapping[str, torch.Tensor], embeddings: Mapping[str, BundledEmbedding]
+                       ) -> dict[str, torch.Tensor]:
+    """``tensors`` less the keys of bundled ``embeddings``: what the LoRA's modules are made of."""
+    taken = {key for e in embeddings.values() for key in e.keys}
+    return {k: v for k, v in tensors.items() if k not in taken}
 
 
 def _split(key: str) -> tuple[str, str | None, str, str] | None:
@@ -227,7 +277,7 @@ def _spelling(spellings: set[str]) -> str:
 
 
 def _cloneofsimo(path: Path, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str],
-                 namespace: Namespace) -> SourceAdapter:
+                 namespace: Namespace, embeddings: dict[str, BundledEmbedding]) -> SourceAdapter:
     """cloneofsimo/lora (``unet:<n>:up``): modules by position; exactly one candidate order must fit every shape."""
     modules = {}
     for component, prefix in (("unet", UNET), ("text_encoder", TEXT)):
@@ -246,7 +296,7 @@ def _cloneofsimo(path: Path, tensors: dict[str, torch.Tensor], metadata: Mapping
         for i, module in enumerate(fitting[0]):
             factors = {"up": tensors[f"{component}:{i}:up"], "down": tensors[f"{component}:{i}:down"]}
             modules[module] = SourceModule(module, "lora", factors, 1.0)
-    return SourceAdapter(path, "cloneofsimo", modules)
+    return SourceAdapter(path, "cloneofsimo", modules, embeddings=embeddings)
 
 
 def _fits(tensors: Mapping[str, torch.Tensor], component: str, index: int, shape: tuple[int, ...]) -> bool:

@@ -8,7 +8,7 @@ Build (docs/tensorrt.md has the design and the sources):
 * ``trt.OnnxParser.parse_from_file`` on the base's ``model.onnx``, so TensorRT finds the
   external data file itself; the parser names every weight after its ONNX initializer,
   which is the name the refitter later accepts.
-* The fused UNet+ControlNet and the text encoder are built with ``BuilderFlag.REFIT``
+* The UNet, the ControlNet and the text encoder are built with ``BuilderFlag.REFIT``
   (adapters arrive by refit; ``REFIT_IDENTICAL`` would forbid other weights); the VAE
   graphs carry no adapters and are built without it, keeping every fusion.
 * One optimization profile from a :class:`ShapeProfile` (batch, latent height/width).
@@ -37,13 +37,13 @@ import torch
 
 from ...bases import OpenBase, as_open_base
 from ...errors import LoramgrError
-from ...manifest import FUSED, GRAPHS, TEXT_ENCODER, Manifest
+from ...manifest import ADAPTER_GRAPHS, GRAPHS, Manifest
 from ...workspace import atomic_path
 from .profiles import DEFAULT_PROFILE, ShapeProfile, input_shapes
 
 TRT_MODULES = ("tensorrt", "tensorrt_rtx")
-REFITTABLE = (FUSED, TEXT_ENCODER)
-ENGINE_FORMAT = 1  # bump when the way engines are built changes
+REFITTABLE = ADAPTER_GRAPHS  # the UNet, the ControlNet (one engine per slot) and the text encoder
+ENGINE_FORMAT = 2  # bump when the way engines are built changes (2: UNet and ControlNet apart)
 ENGINES_DIR = "engines"
 BuildStep = Callable[[str], None]
 
@@ -166,7 +166,8 @@ def resolve_options(folder: Path, options: TrtOptions | None = None) -> TrtOptio
     if path.is_file():
         try:
             data = json.loads(path.read_text())
-            recorded = TrtOptions(data["precision"], ShapeProfile.parse(*data["profile"]))
+            recorded = TrtOptions(data["precision"], ShapeProfile.parse(*data["profile"],
+                                                                       max_tokens=data.get("max_tokens", 3 * 77)))
         except (ValueError, KeyError, TypeError, LoramgrError):
             pass
     return TrtOptions(options.precision or recorded.precision, options.profile or recorded.profile)
@@ -175,7 +176,8 @@ def resolve_options(folder: Path, options: TrtOptions | None = None) -> TrtOptio
 def record_options(folder: Path, options: TrtOptions) -> None:
     """Write the (resolved) options the engines in ``folder`` are now current for."""
     profile = options.profile
-    data = {"precision": options.precision, "profile": [str(profile.min), str(profile.opt), str(profile.max)]}
+    data = {"precision": options.precision, "profile": [str(profile.min), str(profile.opt), str(profile.max)],
+            "max_tokens": profile.max_tokens}
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_path(options_path(folder)) as tmp:
         tmp.write_text(json.dumps(data, indent=1))
@@ -305,7 +307,7 @@ def build_engines(base: OpenBase | Path, options: TrtOptions | None = None, *, o
     Example:
         >>> paths = build_engines(ws.base_dir("sd15"), TrtOptions("fp16", DEFAULT_PROFILE), on_step=print)
         >>> sorted(paths)
-        ['text_encoder', 'unet_controlnet', 'vae_decoder', 'vae_encoder']
+        ['controlnet', 'text_encoder', 'unet', 'vae_decoder', 'vae_encoder']
     """
     step = on_step or (lambda _: None)
     base = as_open_base(base)

@@ -1,7 +1,9 @@
 """Shape profiles of TensorRT engines: the min / opt / max input shapes an engine accepts.
 
-Shapes are written ``BATCHxLATENT_HxLATENT_W`` (the CLI's ``--min/--opt/--max``); the
-manifest's named dynamic axes turn a profile into per-input dims (:func:`input_shapes`).
+Shapes are written ``BATCHxLATENT_HxLATENT_W`` (the CLI's ``--min/--opt/--max``), plus the
+longest prompt (``--max-tokens``: 77 per 75-token chunk); the manifest's named dynamic axes
+(``batch``, ``latent_height``, ``latent_height/4`` for a ControlNet residual, ``tokens``...)
+turn a profile into per-input dims (:func:`input_shapes`).
 """
 
 from __future__ import annotations
@@ -34,11 +36,12 @@ class ShapeProfile:
     min: Shape
     opt: Shape
     max: Shape
+    max_tokens: int = 3 * 77  # the text context of the UNet and ControlNet: 77 per prompt chunk, 3 chunks
 
     @classmethod
-    def parse(cls, min: str, opt: str, max: str) -> "ShapeProfile":
+    def parse(cls, min: str, opt: str, max: str, max_tokens: int = 3 * 77) -> "ShapeProfile":
         """From ``BATCHxLATENT_HxLATENT_W`` strings (``--min 1x32x32``), validated."""
-        profile = cls(_parse_shape(min, "--min"), _parse_shape(opt, "--opt"), _parse_shape(max, "--max"))
+        profile = cls(_parse_shape(min, "--min"), _parse_shape(opt, "--opt"), _parse_shape(max, "--max"), max_tokens)
         profile.check()
         return profile
 
@@ -57,9 +60,11 @@ class ShapeProfile:
             if not low <= mid <= high:
                 raise LoramgrError(f"{what} must grow from --min to --opt to --max, got {low}, {mid}, {high} "
                                    f"(--min {self.min} --opt {self.opt} --max {self.max})")
+        if self.max_tokens < 77 or self.max_tokens % 77:
+            raise LoramgrError(f"--max-tokens {self.max_tokens}: a multiple of 77 (one per 75-token prompt chunk)")
 
     def __str__(self) -> str:
-        return f"min {self.min}, opt {self.opt}, max {self.max}"
+        return f"min {self.min}, opt {self.opt}, max {self.max}, up to {self.max_tokens} tokens"
 
 
 def _parse_shape(text: str, option: str) -> Shape:
@@ -74,20 +79,21 @@ def _parse_shape(text: str, option: str) -> Shape:
 DEFAULT_PROFILE = ShapeProfile(Shape(1, 32, 32), Shape(2, 64, 64), Shape(4, 96, 96))
 
 
-def _axis_size(axis: int | str, shape: Shape) -> int:
-    sizes = {"batch": shape.batch, "latent_height": shape.height, "latent_width": shape.width,
-             "height": 8 * shape.height, "width": 8 * shape.width}
+def _axis_size(axis: int | str, shape: Shape, tokens: int) -> int:
     if isinstance(axis, int):
         return axis
-    if axis not in sizes:
+    name, _, factor = axis.partition("/")
+    sizes = {"batch": shape.batch, "latent_height": shape.height, "latent_width": shape.width,
+             "height": 8 * shape.height, "width": 8 * shape.width, "tokens": tokens}
+    if name not in sizes or (factor and not factor.isdigit()):
         raise LoramgrError(f"the base has a dynamic axis {axis!r} loramgr does not know: re-export the base")
-    return sizes[axis]
+    return sizes[name] // int(factor or 1)
 
 
 def input_shapes(inputs: list[IOSpec], profile: ShapeProfile) -> dict[str, list[list[int]]]:
     """Input name -> [min, opt, max] dims, from the manifest's named dynamic axes."""
-    return {spec.name: [[_axis_size(a, s) for a in spec.shape] for s in (profile.min, profile.opt, profile.max)]
-            for spec in inputs}
+    sizes = ((profile.min, 77), (profile.opt, 77), (profile.max, profile.max_tokens))
+    return {spec.name: [[_axis_size(a, s, tokens) for a in spec.shape] for s, tokens in sizes] for spec in inputs}
 
 
 def check_input_shapes(graph: str, shapes: dict[str, list[list[int]]], actual: dict[str, tuple[int, ...]]) -> None:

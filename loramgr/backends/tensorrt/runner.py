@@ -16,6 +16,10 @@ place, without a rebuild. What makes a switch exact:
 * **Only refittable weights are promised.** At open, every initializer of the weight
   map is looked up in ``get_all_weights()``; those TensorRT folded away are listed in
   :attr:`TrtRunner.unrefittable`, and a set touching one is refused before any refit.
+
+ControlNets: the ControlNet engine is deserialized once per slot (each slot an engine of its
+own, refit with its ControlNet); slots are filled as the ONNX Runtime runner fills them
+(:func:`~loramgr.backends.base.plan_slots`), so units repeating ControlNets refit nothing.
 """
 
 from __future__ import annotations
@@ -28,12 +32,14 @@ from types import ModuleType
 import numpy as np
 import torch
 
+from ...adapter_file import AdapterFile
 from ...adapters import AdapterSet, Names, touched_names
 from ...bases import OpenBase, as_open_base
 from ...errors import LoramgrError
-from ...manifest import FUSED, GRAPHS, TEXT_ENCODER, VAE_DECODER, VAE_ENCODER
+from ...manifest import CONTROLNET, GRAPHS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from ...merge import BaseWeights
-from ..base import AdapterLease
+from ...models.graphs import RESIDUALS
+from ..base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds
 from .engines import (
     REFITTABLE, TORCH_DTYPES, BuildStep, TrtOptions, build_engines, engines_dir, import_tensorrt, resolve_options,
     trt_logger,
@@ -113,13 +119,22 @@ class EngineSession:
 # -- the runner ---------------------------------------------------------------------------
 
 
+@dataclass
+class _Slot:
+    """A ControlNet slot: one ControlNet engine, refit with one ControlNet's weights."""
+
+    controlnet: AdapterFile | None  # None: the base's own
+    session: EngineSession
+    applied: set[str] = field(default_factory=set)  # ControlNet weights that may differ from the base
+
+
 class TrtRunner(AdapterLease):
-    """The four graphs of a base as TensorRT engines, with adapters applied by refit.
+    """A base's graphs as TensorRT engines, with adapters applied by refit.
 
     Example:
         >>> runner = TrtRunner.open(ws.base_dir("sd15"), AdapterSet(((load_adapter(p), 0.8),)),
         ...                         TrtOptions(precision="fp16"))
-        >>> noise = runner.predict_noise(sample, t, ctx, cond, scales)  # CUDA tensors in, CUDA out
+        >>> noise = runner.predict_noise(sample, t, ctx)  # CUDA tensors in, CUDA out
         >>> runner.set_adapters(AdapterSet())  # back to the plain base, same engines
     """
 
@@ -132,15 +147,16 @@ class TrtRunner(AdapterLease):
         self.device = torch.device("cuda", torch.cuda.current_device())
         self.weights = BaseWeights(manifest, self.base_dir)
         self.timings = RefitTimings()
-        self.adapter_set = AdapterSet()
+        self.adapter_set = AdapterSet(base_controlnet=False)
         self.unrefittable: Names = {}  # graph -> weight-map initializers TensorRT folded away
         self._trt = trt
         self._runtime = trt.Runtime(trt_logger(trt))
         self._paths: dict[str, Path] = {}
-        self._sessions: dict[str, EngineSession] = {}
+        self._sessions: dict[str, EngineSession] = {}  # UNet, text encoder, VAE halves
+        self._slots: list[_Slot] = []
         self._refittable: Names = {}
-        self._applied: Names = {}  # weights that may differ from the base in the engines now
-        self._validated: set[str] = set()
+        self._applied: Names = {}  # UNet / text encoder weights that may differ from the base now
+        self._validated: set[int] = set()  # engines (by id) whose weights a refit has validated
         self._shapes = {g: input_shapes(manifest.graphs[g].inputs, options.profile) for g in GRAPHS}
         self._init_lease()  # a refit waits for the generation holding the set, and the reverse
 
@@ -164,24 +180,34 @@ class TrtRunner(AdapterLease):
         runner.set_adapters(adapter_set or AdapterSet())
         return runner
 
+    def _load(self, graph: str) -> EngineSession:
+        engine = load_engine(self._runtime, self._paths[graph])
+        if graph in REFITTABLE and not engine.refittable:
+            raise LoramgrError(f"{self._paths[graph]}: engine is not refittable: delete it and build again")
+        return EngineSession(self._trt, engine, self.device)
+
     def _load_refittable(self) -> None:
         start = time.perf_counter()
         for graph in REFITTABLE:
-            engine = load_engine(self._runtime, self._paths[graph])
-            if not engine.refittable:
-                raise LoramgrError(f"{self._paths[graph]}: engine is not refittable: delete it and build again")
-            self._sessions[graph] = EngineSession(self._trt, engine, self.device)
-            names = set(self._trt.Refitter(engine, trt_logger(self._trt)).get_all_weights())
+            session = self._load(graph)
+            names = set(self._trt.Refitter(session.engine, trt_logger(self._trt)).get_all_weights())
             self._refittable[graph] = names
             self.unrefittable[graph] = {e.initializer for e in self.manifest.graphs[graph].weights.values()} - names
+            if graph == CONTROLNET:
+                self._slots.append(_Slot(None, session))  # slot 0 holds the base's own ControlNet
+            else:
+                self._sessions[graph] = session
         self.timings.load_s = time.perf_counter() - start
 
     def _session(self, graph: str) -> EngineSession:
         """The engine of ``graph``; call with the lease held."""
         if graph not in self._sessions:  # the VAE engines carry no adapters: loaded on first use
-            engine = load_engine(self._runtime, self._paths[graph])
-            self._sessions[graph] = EngineSession(self._trt, engine, self.device)
+            self._sessions[graph] = self._load(graph)
         return self._sessions[graph]
+
+    def _slot(self, controlnet: str | None) -> EngineSession:
+        key = slot_key(self.adapter_set.controlnet(controlnet))
+        return next(s for s in self._slots if slot_key(s.controlnet) == key).session
 
     def release(self, graph: str) -> None:
         """Engines stay loaded: they live in device memory, and a reload would refit them again."""
@@ -190,25 +216,47 @@ class TrtRunner(AdapterLease):
         """Every weight TensorRT can refit: any of them changes in place."""
         return {g: set(n) for g, n in self._refittable.items()}
 
+    def controlnet_slots(self) -> list[str | None]:
+        """The ControlNet in each slot (``None``: the base's own)."""
+        return [None if s.controlnet is None else s.controlnet.name for s in self._slots]
+
     def set_adapters(self, adapter_set: AdapterSet) -> float:
         """Switch to ``adapter_set`` by refit; returns the seconds it took.
 
         Refits every weight the engines may hold from earlier sets plus every weight the new
-        set touches. If a refit fails halfway, those weights stay marked, so the next switch
-        rewrites them too.
+        set touches; each ControlNet the set uses and no slot holds is refit into a slot whose
+        ControlNet is not needed, or into a new slot. If a refit fails halfway, those weights
+        stay marked, so the next switch rewrites them too.
         """
         start = time.perf_counter()
         with self._swapping():  # swaps one at a time: self._applied changes only here
-            plan = touched_names(self._applied, adapter_set)
+            loras = adapter_set.loras()
+            plan = touched_names(self._applied, loras)
             check_refittable(plan, self._refittable)
-            tensors = refit_tensors(self.weights, plan, adapter_set)  # while a generation may still run
+            tensors = refit_tensors(self.weights, plan, loras)  # while a generation may still run
+            moves = plan_slots([s.controlnet for s in self._slots], adapter_set.controlnets())
+            slot_plans = []
+            for index, controlnet in moves:
+                applied = set() if index is None else self._slots[index].applied
+                names = touched_names({CONTROLNET: applied}, slot_set(controlnet)).get(CONTROLNET, set())
+                check_refittable({CONTROLNET: names}, self._refittable)
+                slot_plans.append((index, controlnet, names, refit_tensors(self.weights, {CONTROLNET: names},
+                                                                           slot_set(controlnet)).get(CONTROLNET, {})))
             merged = time.perf_counter()
             with self._lease:  # no generation holds the old set any more
                 self._applied = plan
                 torch.cuda.synchronize(self.device)  # runs enqueued on any stream end before weights change
                 for graph, named in tensors.items():
-                    self._refit(graph, named)
-                self._applied = {g: set(n) for g, n in adapter_set.touched().items()}
+                    self._refit(graph, self._sessions[graph], named)
+                self._applied = {g: set(n) for g, n in loras.touched().items()}
+                for index, controlnet, names, named in slot_plans:
+                    if index is None:
+                        self._slots.append(_Slot(None, self._load(CONTROLNET)))
+                        index = len(self._slots) - 1
+                    slot = self._slots[index]
+                    slot.controlnet, slot.applied = controlnet, names
+                    self._refit(CONTROLNET, slot.session, named)
+                    slot.applied = set(slot_set(controlnet).touched().get(CONTROLNET, set()))
                 self.adapter_set = adapter_set
         self.timings.merge_s = merged - start
         self.timings.refit_s = time.perf_counter() - merged
@@ -216,30 +264,40 @@ class TrtRunner(AdapterLease):
         self.timings.swaps.append(elapsed)
         return elapsed
 
-    def _refit(self, graph: str, tensors: dict[str, np.ndarray]) -> None:
-        refitter = self._trt.Refitter(self._sessions[graph].engine, trt_logger(self._trt))
+    def _refit(self, graph: str, session: EngineSession, tensors: dict[str, np.ndarray]) -> None:
+        if not tensors:
+            return
+        refitter = self._trt.Refitter(session.engine, trt_logger(self._trt))
         onnx_path = self.base.graph_path(graph)
-        refit_weights(self._trt, refitter, tensors, device=self.device, validate=graph not in self._validated,
+        refit_weights(self._trt, refitter, tensors, device=self.device, validate=id(session) not in self._validated,
                       fill_missing=lambda names: missing_values(self.weights, graph, onnx_path, names))
-        self._validated.add(graph)  # the first refit validated the weights; later ones skip it
+        self._validated.add(id(session))  # the first refit validated the weights; later ones skip it
 
     # -- Runner interface --------------------------------------------------------------------
 
-    def _run(self, graph: str, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _run(self, graph: str, feeds: dict[str, torch.Tensor], controlnet: str | None = None) -> dict[str, torch.Tensor]:
         check_input_shapes(graph, self._shapes[graph], {n: tuple(t.shape) for n, t in feeds.items()})
         with self.hold():  # re-entrant: inside a generation's lease this takes it again
-            return self._session(graph).run(feeds)
+            session = self._slot(controlnet) if graph == CONTROLNET else self._session(graph)
+            return session.run(feeds)
 
-    def encode_text(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self._run(TEXT_ENCODER, {"input_ids": input_ids})["last_hidden_state"]
+    def encode_text(self, input_ids: torch.Tensor, token_vectors: torch.Tensor | None = None,
+                    token_mask: torch.Tensor | None = None) -> torch.Tensor:
+        width = self.manifest.configs["text_encoder"]["hidden_size"]
+        return self._run(TEXT_ENCODER, text_feeds(input_ids, token_vectors, token_mask, width))["hidden_states"]
 
-    def predict_noise(self, sample, timestep, encoder_hidden_states, controlnet_cond, control_scales):
-        feeds = {
-            "sample": sample, "timestep": timestep.float().reshape(-1).expand(sample.shape[0]).contiguous(),
-            "encoder_hidden_states": encoder_hidden_states, "controlnet_cond": controlnet_cond,
-            "control_scales": control_scales,
-        }
-        return self._run(FUSED, feeds)["noise_pred"]
+    def control_residuals(self, controlnet, sample, timestep, encoder_hidden_states, controlnet_cond):
+        feeds = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(sample.shape[0]).contiguous(),
+                 "encoder_hidden_states": encoder_hidden_states, "controlnet_cond": controlnet_cond}
+        out = self._run(CONTROLNET, feeds, controlnet)
+        return [out[name] for name in RESIDUALS]
+
+    def predict_noise(self, sample, timestep, encoder_hidden_states, residuals=None):
+        if residuals is None:  # no unit acts: zero residuals (device memory, made per call)
+            residuals = [torch.zeros(s, device=self.device) for s in residual_shapes(self.manifest, sample.shape)]
+        feeds = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(sample.shape[0]).contiguous(),
+                 "encoder_hidden_states": encoder_hidden_states, **dict(zip(RESIDUALS, residuals))}
+        return self._run(UNET, feeds)["noise_pred"]
 
     def vae_decode(self, latent: torch.Tensor) -> torch.Tensor:
         return self._run(VAE_DECODER, {"latent": latent})["image"]
@@ -250,6 +308,7 @@ class TrtRunner(AdapterLease):
 
     def close(self) -> None:
         with self._lease:
-            if self._sessions:
+            if self._sessions or self._slots:
                 torch.cuda.synchronize(self.device)
             self._sessions.clear()
+            self._slots.clear()
