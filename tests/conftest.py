@@ -68,3 +68,26 @@ def input_png(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "in.png"
     Image.fromarray(sample_image(64)).save(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_folder):
+    """diffusers' own ControlNet pipeline on the tiny folder (one per test module: modules may change it;
+    a module needing another reference defines its own ``reference``)."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="module")
+def pipe(reference):
+    """loramgr's pipeline over diffusers' own modules (the torch reference runner): the same weights as
+    ``reference``, so a difference between the two is the pipeline's."""
+    from loramgr.backends.torch_runner import TorchRunner
+    from loramgr.pipeline.controlnet import ControlNetPipeline
+
+    ref = reference
+    return ControlNetPipeline(TorchRunner.from_components(ref.components), ref.tokenizer, ref.scheduler.config,
+                              ref.vae.config.scaling_factor)

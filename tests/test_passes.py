@@ -27,7 +27,7 @@ from loramgr.pipeline.inpaint import Inpaint, crop_region, fill, latent_mask, ov
 from loramgr.pipeline.passes import HiresFix, hires_size, upscale_image
 from loramgr.pipeline.settings import GenerationSettings
 from reference_passes import apply_overlay, diffusers_hires, diffusers_inpaint, make_inpaint_condition
-from test_pipeline import _recording, assert_same_images, image, pipe, reference, synthetic_image  # noqa: F401
+from test_pipeline import _recording, assert_same_images, image, synthetic_image  # noqa: F401 (image: a fixture)
 from test_serve_support import decode, free_port, reaped, start_server
 
 pytestmark = [

@@ -137,22 +137,6 @@ def test_unit_windows(start, end, steps):
 # --- the pipeline over the torch runner vs diffusers' pipelines --------------------------
 
 @pytest.fixture(scope="module")
-def reference(tiny_folder):
-    """diffusers' pipeline on the tiny folder; its modules are shared with the runner."""
-    from diffusers import StableDiffusionControlNetPipeline
-
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def pipe(reference) -> ControlNetPipeline:
-    runner = TorchRunner.from_components(reference.components)
-    return ControlNetPipeline(runner, reference.tokenizer, reference.scheduler.config, reference.vae.config.scaling_factor)
-
-
-@pytest.fixture(scope="module")
 def image() -> np.ndarray:
     return synthetic_image(96, 80)
 

@@ -26,11 +26,9 @@ from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSDES
 from PIL import Image
 from scipy import stats
 
-from loramgr.backends.torch_runner import TorchRunner
 from loramgr.cli import _parser, _settings
 from loramgr.errors import LoramgrError
 from loramgr.pipeline.canny import detect_edges
-from loramgr.pipeline.controlnet import ControlNetPipeline
 from loramgr.pipeline.schedulers import SCHEDULERS, SCHEDULES, make_scheduler, schedule_error
 from loramgr.pipeline.settings import GenerationSettings
 from loramgr.serve.a1111_samplers import REFUSED, SAMPLERS
@@ -109,20 +107,6 @@ A1111 = {
     ("DPM++ 2M", "kl_optimal"): by_hand(DPMSolverMultistepScheduler, **KARRAS),  # no equivalent: Automatic
     ("DDIM", "karras"): by_hand(DDIMScheduler, timestep_spacing="leading"),  # A1111 ignores it for DDIM
 }
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_folder):
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-@pytest.fixture(scope="module")
-def pipe(reference) -> ControlNetPipeline:
-    runner = TorchRunner.from_components(reference.components)
-    return ControlNetPipeline(runner, reference.tokenizer, reference.scheduler.config,
-                              reference.vae.config.scaling_factor)
 
 
 @pytest.fixture(scope="module")
