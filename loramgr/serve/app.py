@@ -23,6 +23,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..errors import LoramgrError
+from ..manifest import CONTROLNET
 from ..pipeline.schedulers import SCHEDULERS
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
@@ -60,7 +61,12 @@ class Service:
             self.engine.start()
         self.scheduler = Scheduler(self._execute, lambda: self.engine.current_key, policy=self.config.scheduling,
                                    max_queue=self.config.max_queue, max_overtake=self.config.max_overtake)
+        self._record_slots()
         self.metrics.ready.set(1)
+
+    def _record_slots(self) -> None:
+        if self.engine.runner is not None:
+            self.metrics.record_slots(len(self.engine.runner.controlnet_slots()), self.engine.manifest.graphs[CONTROLNET])
 
     def _execute(self, job):
         self.metrics.in_flight.set(1)
@@ -74,6 +80,7 @@ class Service:
             raise
         finally:
             self.metrics.in_flight.set(0)
+            self._record_slots()  # a swap fills slots, failed or not
         self.metrics.generations.labels("ok").inc()
         self.metrics.reopens.inc(self.engine.reopens - reopens)
         if generation.swapped:
