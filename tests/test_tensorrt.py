@@ -652,7 +652,7 @@ def test_run_after_build_engine_asks_the_cache_for_the_same_keys(tiny, tmp_path)
     the run resolves its options from the cache's record and wants exactly the keys just built."""
     folder = tmp_path / "engines"
     two_chunks = ShapeProfile(TINY_PROFILE.min, TINY_PROFILE.opt, TINY_PROFILE.max, max_tokens=2 * 77)
-    built = TrtOptions("fp16", two_chunks)  # what cmd_build_engine makes of --fp16, a profile and --max-tokens 154
+    built = TrtOptions("fp16", two_chunks)  # fp16, a custom profile, 2 prompt chunks
     for key in engine_keys(tiny.manifest, built, RUNTIME, has_fp16_flag=True).values():
         save_engine(folder, key, b"serialized engine")
     record_options(folder, built)  # build_engines' last step
