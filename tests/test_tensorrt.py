@@ -407,6 +407,10 @@ def test_runner_refits_exactly_the_slots_whose_controlnet_changed(fake_runner, t
     runner.set_adapters(AdapterSet(((cn["hed"], 1.0), (cn["depth"], 1.0), (cn["pose"], 1.0))))  # a third slot
     assert _slot_refits(runner) == [[names], [names, names], [names]] and len(runner.loaded) == 5
     _assert_slots(runner, tiny, adapters, ["depth", "pose", "hed"])
+
+    runner.set_adapters(AdapterSet(((cn["hed"], 1.0),), base_controlnet=True))  # back to canny + hed
+    assert _slot_refits(runner) == [[names, names], [names, names], [names]]  # depth's weights back to the base's
+    _assert_slots(runner, tiny, adapters, [None, "pose", "hed"])
     assert {g: len(e.refits) for g, e in runner.loaded if g != CONTROLNET} == {UNET: 0, TEXT_ENCODER: 0}
 
 
