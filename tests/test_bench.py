@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import operator
 import os
 import shutil
 import subprocess
@@ -26,7 +27,7 @@ from loramgr import bench
 from loramgr.backends.onnxruntime import OrtOptions, OrtRunner, plain_session
 from loramgr.bench import LARGE, RANKS, SMALL, StepInputs, interleaved, render_bench, run_bench
 from loramgr.bench.fused import fused_feeds, fused_graph
-from loramgr.bench.harness import competing_process
+from loramgr.bench.harness import competing_process, paired
 from loramgr.errors import LoramgrError
 from loramgr.manifest import Manifest
 from loramgr.models.loading import load_components
@@ -133,12 +134,12 @@ def test_units_rows_come_from_one_interleaving(result):
     assert set(times) == {"units_0", "units_1", "units_2", "units_3", "cfg_1", "fused"}
     for timing in times.values():
         _positive_timing(timing)
-    median = {name: t["median_s"] for name, t in times.items()}
-    assert units["no_unit_vs_one"] == pytest.approx(median["units_0"] / median["units_1"])
+    run = {name: t["runs_s"][0] for name, t in times.items()}  # one repeat: each ratio is that repeat's
+    assert units["no_unit_vs_one"] == pytest.approx(run["units_0"] / run["units_1"])
     assert units["added_unit_vs_one"] == pytest.approx(
-        {str(k): (median[f"units_{k}"] - median[f"units_{k - 1}"]) / median["units_1"] for k in (2, 3)})
-    assert units["cfg_1_vs_cfg_7"] == pytest.approx(median["cfg_1"] / median["units_1"])
-    assert units["one_unit_vs_fused"] == pytest.approx(median["units_1"] / median["fused"])
+        {str(k): (run[f"units_{k}"] - run[f"units_{k - 1}"]) / run["units_1"] for k in (2, 3)})
+    assert units["cfg_1_vs_cfg_7"] == pytest.approx(run["cfg_1"] / run["units_1"])
+    assert units["one_unit_vs_fused"] == pytest.approx(run["units_1"] / run["fused"])
     # The fused graph holds the same weights and nodes: the same noise (tests below check it against torch).
     assert units["max_abs_diff_vs_fused"] < 1e-5
 
@@ -260,6 +261,15 @@ def test_interleaved_runs_variants_in_turn():
     times = interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, 3)
     assert calls == ["a", "b"] * 3
     assert all(len(t["runs_s"]) == 3 for t in times.values())
+
+
+def test_paired_ratios_are_taken_within_each_repeat():
+    """The load starting halfway through a repeat: the ratio of medians is off, the median of the repeats' is not."""
+    a = {"runs_s": [1.0, 1.0, 1.0, 3.0, 3.0]}  # A: 1 s quiet, 3 s under load
+    b = {"runs_s": [2.0, 2.0, 6.0, 6.0, 6.0]}  # B takes twice A; in repeat 3 the load starts between A and B
+    assert statistics.median(a["runs_s"]) / statistics.median(b["runs_s"]) == pytest.approx(1 / 6)
+    assert paired(operator.truediv, a, b) == 0.5
+    assert paired(lambda x, y, z: (x - y) / z, b, a, b) == 0.5
 
 
 def test_competing_process_spins_and_is_gone_after():

@@ -12,6 +12,7 @@ graph). What distinct ControlNets cost in memory is :func:`loramgr.bench.memory.
 
 from __future__ import annotations
 
+from operator import truediv
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from ..manifest import Manifest
 from ..workspace import Workspace
 from .fixtures import GUIDED_SCALE, StepInputs
 from .fused import fused_feeds, fused_graph, fused_stepper
-from .harness import Step, _ratio, _synced, interleaved
+from .harness import Step, _synced, interleaved, paired
 
 UNIT_COUNTS = (0, 1, 2, 3)
 
@@ -31,6 +32,9 @@ NO_GUIDANCE_SCALE = 1.0
 def bench_units(workspace: Workspace, base_dir: Path, manifest: Manifest, inputs: StepInputs, repeats: int,
                 provider: str, step: Step) -> dict:
     """Seconds per step by units (0-3), CFG 1 against 7, and one unit against the fused graph; their ratios.
+
+    Ratios are taken within each repeat and their median reported (:func:`~.harness.paired`):
+    a step takes seconds to tens of seconds, long enough for the load to change within a run.
 
     ``max_abs_diff_vs_fused``: the split graphs' and the fused graph's noise on one input (same
     weights, same nodes: they agree to rounding, or the two routes timed hold different models).
@@ -51,12 +55,16 @@ def bench_units(workspace: Workspace, base_dir: Path, manifest: Manifest, inputs
         times = interleaved(timed, repeats)
         del fused
     one = times["units_1"]
+
+    def added(more: float, fewer: float, one_unit: float) -> float:
+        return (more - fewer) / one_unit
+
     return {
         **inputs.describe(), "guidance_scale": GUIDED_SCALE, "times": times,
-        "no_unit_vs_one": _ratio(times["units_0"], one),
-        "added_unit_vs_one": {str(k): (times[f"units_{k}"]["median_s"] - times[f"units_{k - 1}"]["median_s"])
-                              / one["median_s"] for k in UNIT_COUNTS[2:]},  # unit k: what it adds
-        "cfg_1_vs_cfg_7": _ratio(times["cfg_1"], one),
-        "one_unit_vs_fused": _ratio(one, times["fused"]),
+        "no_unit_vs_one": paired(truediv, times["units_0"], one),
+        "added_unit_vs_one": {str(k): paired(added, times[f"units_{k}"], times[f"units_{k - 1}"], one)
+                              for k in UNIT_COUNTS[2:]},  # unit k: what it adds
+        "cfg_1_vs_cfg_7": paired(truediv, times["cfg_1"], one),
+        "one_unit_vs_fused": paired(truediv, one, times["fused"]),
         "max_abs_diff_vs_fused": diff,
     }
