@@ -17,8 +17,11 @@ It exports a random sd15 base once (cached in ``--home``), converts kohya LoRAs 
 3. compares noise_pred and text embeddings after each swap with fresh sessions: a fresh
    hot-swap runner (same device merge: must be bit-identical) and injection (host
    merge, ``add_external_initializers``: within ``INJECTION_TOLERANCE``);
-4. times one UNet+ControlNet step (CFG batch of 2, 512 px) in ORT and diffusers torch, and
-   ORT again with attention as exported (no MultiHeadAttention fusion).
+4. times one denoising step with one ControlNet unit (the pipeline's, CFG batch of 2,
+   512 px) in ORT and diffusers torch, and ORT again with attention as exported (no
+   MultiHeadAttention fusion);
+5. times the step with 0 to 3 units, at CFG 1, and on the fused UNet+ControlNet graph of
+   base format 1 (``loramgr.bench.units``), and checks the split and fused graphs agree.
 
 It prints one table; exit status 0 when every check passes, 1 when one fails, 2 when
 the machine cannot run it (no CUDA for torch or onnxruntime), with one line saying why.
@@ -56,6 +59,7 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
     )
     from loramgr.bench.harness import _synced, interleaved, machine_info, versions
     from loramgr.bench.measurements import _copy_floor, bench_step
+    from loramgr.bench.units import bench_units
     from loramgr.convert import convert_adapter
     from loramgr.errors import LoramgrError
     from loramgr.manifest import Manifest
@@ -75,11 +79,11 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
             convert_adapter(workspace, source, base=base, name=_adapter_name(base, rank))
     sets = {rank: load_adapter_set(workspace, manifest, [f"{_adapter_name(base, rank)}:{LORA_WEIGHT}"])
             for rank in (SMALL, LARGE)}
-    inputs = StepInputs.random(manifest, CHECK_IMAGE, seed=1)
+    inputs = StepInputs.random(base_dir, manifest, CHECK_IMAGE, seed=1)
     ids = torch.arange(77, dtype=torch.int64).reshape(1, 77) % 3
 
     def outputs(runner) -> tuple:
-        return inputs.step(runner).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
+        return inputs.noise(runner).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
 
     say(f"hot-swap runner on {provider}: A (rank {SMALL}), swappable for B (rank {LARGE})")
     hot = OrtRunner.open(base_dir, sets[SMALL], options, swappable=union_touched(sets.values()))
@@ -111,8 +115,9 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
     say(f"step at {STEP_IMAGE[arch]} px: ORT against diffusers torch, {repeats}x")
     unfused = {"attention as exported (--no-fuse-attention)": lambda: OrtRunner.open(
         base_dir, options=OrtOptions(provider=provider, fuse_attention=False))}
-    step = bench_step(base_dir, manifest, StepInputs.random(manifest, STEP_IMAGE[arch]), repeats, provider, say,
-                      unfused)
+    step_inputs = StepInputs.random(base_dir, manifest, STEP_IMAGE[arch])
+    step = bench_step(base_dir, manifest, step_inputs, repeats, provider, say, unfused)
+    units = bench_units(workspace, base_dir, manifest, step_inputs, repeats, provider, say)
     checks = {
         "A -> B -> A equals a fresh session, bit for bit": agreement["A"]["vs_fresh_device_merge"] == 0.0,
         "B equals a fresh session, bit for bit": agreement["B"]["vs_fresh_device_merge"] == 0.0,
@@ -121,13 +126,15 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
         "the first A equals the last A, bit for bit": max(_max_diff(x, y) for x, y in zip(seen["A0"], seen["A"])) == 0,
         f"A and B differ (by more than {INJECTION_TOLERANCE:g})": a_vs_b > INJECTION_TOLERANCE,
         f"swappable buffers live on {provider}": device_buffers == [("cuda:0" if provider == "cuda" else "cpu")],
+        f"split and fused graphs agree (within {INJECTION_TOLERANCE:g})":
+            units["max_abs_diff_vs_fused"] <= INJECTION_TOLERANCE,
     }
     return {
         "arch": arch, "provider": provider, "machine": machine_info(), "versions": versions(),
         "device": torch.cuda.get_device_name() if provider == "cuda" else machine_info()["cpu"],
         "export_s": export_s,
         "swaps_s": swaps, "swap_median_s": {k: statistics.median(v) for k, v in swaps.items()},
-        "floor": floor, "agreement": agreement, "a_vs_b": a_vs_b, "step": step, "checks": checks,
+        "floor": floor, "agreement": agreement, "a_vs_b": a_vs_b, "step": step, "units": units, "checks": checks,
         "passed": all(checks.values()), "seconds": time.perf_counter() - start,
     }
 
@@ -135,7 +142,8 @@ def check(home: Path, arch: str, provider: str, repeats: int, say=print) -> dict
 def render(result: dict, console) -> None:
     from loramgr.console import table
 
-    swap, floor, step = result["swap_median_s"], result["floor"]["median_s"], result["step"]
+    swap, floor, step, units = result["swap_median_s"], result["floor"]["median_s"], result["step"], result["units"]
+    unit_times = {name: t["median_s"] for name, t in units["times"].items()}
     vs = step["vs_torch"]
     rows = [
         ["device", result["device"]],
@@ -149,6 +157,9 @@ def render(result: dict, console) -> None:
          f"{vs['torch']['median_s']:.4f} / {vs['ort']['median_s']:.4f} s ({vs['speedup']:.2f}x)"],
         *[[f"step, ORT {label}", f"{row['median_s']:.4f} s (fused is {1 / row['speedup_vs_default']:.2f}x faster)"]
           for label, row in step["ort_settings"].items()],
+        *[[f"step, {k} ControlNet units", f"{unit_times[f'units_{k}']:.4f} s"] for k in range(4)],
+        ["step, 1 unit at CFG 1 / on the fused graph",
+         f"{units['cfg_1_vs_cfg_7']:.2f}x / split is {units['one_unit_vs_fused']:.3f}x fused"],
         *[[check, "pass" if ok else "FAIL"] for check, ok in result["checks"].items()],
         ["wall time (export included)" if result["export_s"] else "wall time", f"{result['seconds']:.0f} s"],
     ]

@@ -6,10 +6,11 @@ in one run with its variants interleaved repeat by repeat (A, B, C, A, B, C, ...
 reported as medians and as ratios of those medians: a drift then hits every variant
 alike. docs/benchmarks.md has the measured figures and the commands behind them.
 
-The package: :mod:`.harness` (timing, machine), :mod:`.fixtures` (base, LoRAs, inputs),
-:mod:`.measurements` (convert, swap, step, GPU), :mod:`.memory` (the child-process
-probe), :mod:`.goals` and :mod:`.rendering`; :func:`run_bench` runs them in order.
-What each measures is listed in :mod:`.measurements` and :mod:`.memory`.
+The package: :mod:`.harness` (timing, machine), :mod:`.fixtures` (base, LoRAs, ControlNets,
+inputs), :mod:`.measurements` (convert, swap, step, GPU), :mod:`.units` (step by ControlNet
+units and guidance, against :mod:`.fused`, the fused graph of base format 1), :mod:`.memory`
+(the child-process probes), :mod:`.goals` and :mod:`.rendering`; :func:`run_bench` runs them
+in order. What each measures is listed in :mod:`.measurements`, :mod:`.units` and :mod:`.memory`.
 """
 
 from __future__ import annotations
@@ -29,15 +30,18 @@ from .fixtures import (
 from .goals import goals
 from .harness import Step, interleaved, machine_info, versions
 from .measurements import _ort_settings, bench_convert, bench_gpu, bench_step, bench_swap
-from .memory import bench_memory, memory_probe
+from .memory import bench_memory, bench_slots, memory_probe
 from .rendering import render_bench
+from .units import bench_units
 
-__all__ = ["LARGE", "RANKS", "SMALL", "StepInputs", "bench_convert", "bench_gpu", "bench_memory", "bench_step",
-           "bench_swap", "goals", "interleaved", "memory_probe", "merged_base", "render_bench", "run_bench"]
+__all__ = ["LARGE", "RANKS", "SMALL", "StepInputs", "bench_convert", "bench_gpu", "bench_memory", "bench_slots",
+           "bench_step", "bench_swap", "bench_units", "goals", "interleaved", "memory_probe", "merged_base",
+           "render_bench", "run_bench"]
 
 
 def run_bench(workspace: Workspace, arch: str = "tiny", *, repeats: int = 3, on_step: Step | None = None) -> dict:
-    """Measure conversion, swaps, step time and memory on ``bench-<arch>``; a JSON-able dict.
+    """Measure conversion, swaps, step time (by units, guidance, against the fused graph) and memory
+    on ``bench-<arch>``; a JSON-able dict.
 
     The base (random weights), the sample LoRAs and the merged copy are cached in the
     workspace, so a second run only measures.
@@ -64,12 +68,14 @@ def run_bench(workspace: Workspace, arch: str = "tiny", *, repeats: int = 3, on_
     sets = {rank: load_adapter_set(workspace, manifest, [f"{_adapter_name(base, rank)}:{LORA_WEIGHT}"])
             for rank in RANKS}
     result["swap"] = bench_swap(workspace, base_dir, manifest, sets, repeats, "cpu", step)
-    inputs = StepInputs.random(manifest, STEP_IMAGE[arch])
+    inputs = StepInputs.random(base_dir, manifest, STEP_IMAGE[arch])
     result["step"] = bench_step(base_dir, manifest, inputs, repeats, "cpu", step,
                                 _ort_settings(base_dir, manifest, sets))
-    result["step_other_sizes"] = [bench_step(base_dir, manifest, StepInputs.random(manifest, image), repeats, "cpu",
-                                             step) for image in OTHER_STEP_IMAGES.get(arch, ())]
+    result["step_other_sizes"] = [bench_step(base_dir, manifest, StepInputs.random(base_dir, manifest, image), repeats,
+                                             "cpu", step) for image in OTHER_STEP_IMAGES.get(arch, ())]
+    result["units"] = bench_units(workspace, base_dir, manifest, inputs, repeats, "cpu", step)
     result["memory"] = bench_memory(workspace, base, manifest, step)
+    result["slots"] = bench_slots(workspace, base, manifest, step)
     result["gpu"] = bench_gpu(workspace, base_dir, manifest, sets, inputs, repeats, step)
     result["goals"] = goals(result)
     result["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None

@@ -53,6 +53,15 @@ def competing_process(limit_s: float = BUSY_LIMIT_S) -> Iterator[int]:
 def _ratio(numerator: dict, denominator: dict) -> float:
     return numerator["median_s"] / denominator["median_s"]
 
+def paired(fn: Callable[..., float], *timings: dict) -> float:
+    """The median over repeats of ``fn`` of each repeat's seconds (one per timing of :func:`interleaved`).
+
+    A repeat's variants run back to back, so a ratio taken within each repeat sees one load;
+    a ratio of medians does not when the load changes during the run (another job starting
+    halfway makes the medians of some variants slow runs and of others fast ones).
+    """
+    return statistics.median(fn(*runs) for runs in zip(*(t["runs_s"] for t in timings)))
+
 def _synced(fn: Callable[[], object], provider: str) -> Callable[[], None]:
     """``fn`` followed by a device sync on CUDA, so its time covers the kernels it queued."""
     def call() -> None:

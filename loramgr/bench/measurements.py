@@ -5,10 +5,11 @@
    ``basic``; (b) new sessions with the merged tensors injected; (c) a hot swap on an
    open runner, against its floor (a plain copy of the bytes it rewrites) and again
    while a busy process competes for a core;
-3. step: one UNet+ControlNet call (CFG batch of 2) in ONNX Runtime against diffusers
-   torch on the same weights and inputs, plus ORT settings as rows of their own;
-5. step and swap on CUDA, where torch and onnxruntime both see a GPU.
-(4, memory, is :mod:`.memory`.)
+3. step: one denoising step with one ControlNet unit (the pipeline's, CFG batch of 2) in
+   ONNX Runtime against diffusers torch on the same weights and inputs, plus ORT settings
+   as rows of their own;
+5. step, units and swap on CUDA, where torch and onnxruntime both see a GPU.
+(4, memory, is :mod:`.memory`; step by units and guidance, :mod:`.units`.)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..merge import BaseWeights, one_torch_thread
 from ..workspace import Workspace
 from .fixtures import CHECK_IMAGE, LARGE, LORA_WEIGHT, RANKS, SMALL, StepInputs, _adapter_name, merged_base
 from .harness import Step, _ratio, _synced, competing_process, interleaved
+from .units import bench_units
 
 
 def _sessions(paths: list[Path], level: str, provider: str) -> list:
@@ -66,11 +68,11 @@ def _agreement(hot: OrtRunner, merged: Path, base_dir: Path, manifest: Manifest,
     (prepacked and unpacked kernels may sum in another order): a large figure would
     mean the routes being timed do not hold the same model.
     """
-    inputs = StepInputs.random(manifest, CHECK_IMAGE, seed=1)
+    inputs = StepInputs.random(base_dir, manifest, CHECK_IMAGE, seed=1)
     ids = torch.arange(77, dtype=torch.int64).reshape(1, 77) % 3
 
     def outputs(runner) -> tuple[np.ndarray, np.ndarray]:
-        return inputs.step(runner).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
+        return inputs.noise(runner).cpu().numpy(), runner.encode_text(ids).cpu().numpy()
 
     hot_out = outputs(hot)
     with _open_injected(base_dir, adapter_set, provider) as injected:
@@ -164,11 +166,11 @@ def _torch_runner(base_dir: Path, manifest: Manifest, provider: str):
 def _ort_settings(base_dir: Path, manifest: Manifest, sets: Mapping[int, AdapterSet]) -> dict[str, Callable]:
     """ORT configurations worth a row of their own, each opened on demand (one at a time: RAM)."""
     return {
-        "basic, hot-swap buffers (run --lora: prepacking off)":
+        "hot-swap buffers (--lora: prepacking off)":
             lambda: OrtRunner.open(base_dir, sets[SMALL], OrtOptions()),
-        "all, no hot swap (run --ort-opt all --no-hot-swap)":
+        "all, no hot swap (--ort-opt all --no-hot-swap)":
             lambda: OrtRunner.open(base_dir, AdapterSet(), OrtOptions(optimization="all", hot_swap=False)),
-        "basic, attention as exported (run --no-fuse-attention)":
+        "attention as exported (--no-fuse-attention)":
             lambda: OrtRunner.open(base_dir, AdapterSet(), OrtOptions(fuse_attention=False)),
     }
 
@@ -176,7 +178,7 @@ def _setting_row(open_variant: Callable, default_step: Callable[[], None], input
                  torch_speedup: float) -> dict:
     variant = open_variant()
     try:
-        variant_step = partial(inputs.step, variant)
+        variant_step = inputs.stepper(variant)
         variant_step()  # warm-up
         times = interleaved({"default": default_step, "variant": variant_step}, repeats)
     finally:
@@ -196,8 +198,8 @@ def bench_step(base_dir: Path, manifest: Manifest, inputs: StepInputs, repeats: 
     """
     step(f"step ({provider}): opening ORT and loading the torch model")
     with OrtRunner.open(base_dir, options=OrtOptions(provider=provider)) as default:
-        ort_step = _synced(partial(inputs.step, default), provider)
-        torch_step = _synced(partial(inputs.step, _torch_runner(base_dir, manifest, provider)), provider)
+        ort_step = _synced(inputs.stepper(default), provider)
+        torch_step = _synced(inputs.stepper(_torch_runner(base_dir, manifest, provider)), provider)
         torch_step(), ort_step()
         step(f"step ({provider}): torch and ORT, {repeats}x")
         times = interleaved({"torch": torch_step, "ort": ort_step}, repeats)
@@ -225,4 +227,5 @@ def bench_gpu(workspace: Workspace, base_dir: Path, manifest: Manifest, sets: Ma
         return {"measured": False, "reason": reason}
     return {"measured": True, "device": torch.cuda.get_device_name(),
             "swap": bench_swap(workspace, base_dir, manifest, sets, repeats, "cuda", step),
-            "step": bench_step(base_dir, manifest, inputs, repeats, "cuda", step)}
+            "step": bench_step(base_dir, manifest, inputs, repeats, "cuda", step),
+            "units": bench_units(workspace, base_dir, manifest, inputs, repeats, "cuda", step)}

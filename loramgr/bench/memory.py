@@ -1,4 +1,4 @@
-"""The bench's memory probe: peak RSS of a ``run`` with two LoRAs, in a child process."""
+"""The bench's memory probes, each in a child process: peak RSS of a ``run`` with two LoRAs, and RSS by ControlNet slots."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ import time
 from pathlib import Path
 
 from ..errors import LoramgrError
-from ..manifest import Manifest
+from ..manifest import CONTROLNET, Manifest
 from ..workspace import Workspace
-from .fixtures import LORA_WEIGHT, MEMORY_RUN, MEMORY_RUN_STEPS, RANKS, _adapter_name
+from .fixtures import (
+    LORA_WEIGHT, MAX_SLOTS, MEMORY_RUN, MEMORY_RUN_STEPS, RANKS, StepInputs, _adapter_name, sample_controlnets,
+)
 from .harness import Step
 
 
@@ -21,10 +23,13 @@ from .harness import Step
 _CHILD = "import json, sys; from loramgr.bench.memory import memory_probe; print(json.dumps(memory_probe(*sys.argv[1:])))"
 
 def memory_probe(home: str, base: str, mode: str) -> dict:
-    """In a child process: a ``run`` with both sample LoRAs (or only the imports, ``mode="imports"``).
+    """In a child process: a ``run`` with both sample LoRAs (or only the imports, ``mode="imports"``;
+    ``mode="slots"``: :func:`slots_probe`).
 
     Returns this process's peak RSS and, for a run, what RSS was made of at its highest sample.
     """
+    if mode == "slots":
+        return slots_probe(Workspace.resolve(home), base)
     import onnxruntime  # noqa: F401  - the floor counts the libraries a run loads
 
     from ..adapters import AdapterChoice
@@ -50,6 +55,33 @@ def memory_probe(home: str, base: str, mode: str) -> dict:
                      overwrite=True)
         return {"peak_rss_bytes": _peak_rss(), "at_peak": sampler.at_peak}
     return {"peak_rss_bytes": _peak_rss()}
+
+def slots_probe(workspace: Workspace, base: str) -> dict:
+    """RSS of one ORT runner (loramgr's defaults) as ControlNets come into slots: 0, then 1 to :data:`MAX_SLOTS`.
+
+    As in the service, each ControlNet comes in by a swap (``set_adapters``) and its file is
+    loaded once; after each, one step runs a unit per ControlNet at the memory run's size,
+    so every slot's weights have been read (ONNX Runtime maps a data file's pages in as they
+    are read) before RSS is taken.
+    """
+    from ..adapters import AdapterSet, load_named
+    from ..backends.onnxruntime import OrtRunner
+
+    base_dir = workspace.base_dir(base)
+    manifest = Manifest.load(base_dir)
+    controls = sample_controlnets(workspace, base, manifest)
+    inputs = StepInputs.random(base_dir, manifest, MEMORY_RUN[manifest.source["arch"]])
+    rows, files = [], []
+    with OrtRunner.open(base_dir, AdapterSet(base_controlnet=False)) as runner:
+        for count in range(MAX_SLOTS + 1):
+            if count > 1:
+                files.append(load_named(workspace, controls[count - 1]))
+            runner.set_adapters(AdapterSet(tuple((f, 1.0) for f in files), base_controlnet=count > 0))
+            inputs.step(runner, controls[:count])
+            status = _proc_status()
+            rows.append({"slots": len(runner.controlnet_slots()), "rss_bytes": status.get("VmRSS"),
+                         "at_end": {k: status[k] for k in ("VmRSS", "RssAnon", "RssFile") if k in status}})
+    return {"rows": rows}
 
 def _proc_status() -> dict[str, int]:
     """/proc/self/status sizes in bytes (``VmHWM``, ``RssAnon``...); empty where there is none."""
@@ -130,3 +162,19 @@ def bench_memory(workspace: Workspace, base: str, manifest: Manifest, step: Step
             "imports_rss_bytes": floor, "run_s": run_s,
             "run": {"resolution": MEMORY_RUN[manifest.source["arch"]], "steps": MEMORY_RUN_STEPS,
                     "loras": [_adapter_name(base, rank) for rank in RANKS]}}
+
+def bench_slots(workspace: Workspace, base: str, manifest: Manifest, step: Step) -> dict:
+    """RSS of a runner with 0 to :data:`MAX_SLOTS` distinct ControlNets in slots (:func:`slots_probe`, a child).
+
+    ``added_bytes``: what each ControlNet adds, in bytes and (``added_vs_weights``) in units of
+    one ControlNet's weights (the ControlNet graph's data file). The first is the base's own;
+    the others are converted ControlNets (``.lora`` files), as a request's further units name.
+    """
+    sample_controlnets(workspace, base, manifest)  # converted here, not in the child being measured
+    weights = manifest.graphs[CONTROLNET].data_size or sum(e.length for e in manifest.graphs[CONTROLNET].weights.values())
+    step(f"memory: a runner taking 0 to {MAX_SLOTS} ControlNets into slots (child process)")
+    rows = _child_memory(workspace, base, "slots")["rows"]
+    added = {str(k): rows[k]["rss_bytes"] - rows[k - 1]["rss_bytes"] for k in range(1, len(rows))}  # ControlNet k
+    return {"controlnet_weights_bytes": weights, "image": MEMORY_RUN[manifest.source["arch"]], "rows": rows,
+            "added_bytes": added,
+            "added_vs_weights": {k: v / weights for k, v in added.items()}}

@@ -29,37 +29,59 @@ def _swap_table(swap: dict, where: str = "CPU"):
     load, diff = swap["under_load"], swap["max_abs_diff"]
     lt = load["times"]
     return table(
-        f"swap to a rank-{SMALL} LoRA, UNet+ControlNet and text encoder ({where})",
+        f"swap to a rank-{SMALL} LoRA, UNet and text encoder ({where}); (a), (b): new sessions",
         ["route", "seconds", "ratio"],
-        [["(a) new sessions on a merged export, ORT all", _s(t["merged_export_all"]),
+        [["(a) merged export, level all", _s(t["merged_export_all"]),
           f"(c) is {swap['speedup_vs_merged_all']:.1f}x faster"],
-         ["(a) new sessions on a merged export, ORT basic", _s(t["merged_export_basic"]),
+         ["(a) merged export, level basic", _s(t["merged_export_basic"]),
           f"(c) is {swap['speedup_vs_merged_basic']:.1f}x faster"],
-         ["(b) new sessions, injection (merge + create)", _s(t["injection"]),
+         ["(b) injection (merge + sessions)", _s(t["injection"]),
           f"(c) is {swap['speedup_vs_injection']:.1f}x faster"],
          [f"(c) hot swap r{LARGE} -> r{SMALL}", _s(t[small]), f"{swap['vs_floor'][f'r{SMALL}']:.2f}x the floor"],
          [f"(c) hot swap r{SMALL} -> r{LARGE}", _s(t[large]), f"{swap['vs_floor'][f'r{LARGE}']:.2f}x the floor"],
-         [f"floor: plain copy of the {human_size(swap['buffers']['rewritten_bytes'])} a swap rewrites",
+         [f"floor: copy of the {human_size(swap['buffers']['rewritten_bytes'])} rewritten",
           _s(t["copy_floor"]), "1.00x"],
-         [f"busy process on one core: hot swap r{LARGE} -> r{SMALL}", _s(lt[small]),
+         [f"busy core: hot swap r{LARGE} -> r{SMALL}", _s(lt[small]),
           f"{load['vs_quiet'][small]:.2f}x quiet, {load['vs_floor'][f'r{SMALL}']:.2f}x floor"],
-         [f"busy process on one core: hot swap r{SMALL} -> r{LARGE}", _s(lt[large]),
+         [f"busy core: hot swap r{SMALL} -> r{LARGE}", _s(lt[large]),
           f"{load['vs_quiet'][large]:.2f}x quiet, {load['vs_floor'][f'r{LARGE}']:.2f}x floor"],
-         ["busy process on one core: floor", _s(lt["copy_floor"]), f"{load['vs_quiet']['copy_floor']:.2f}x quiet"],
-         [f"buffers of the hot-swap runner: {swap['buffers']['count']} ({human_size(swap['buffers']['bytes'])})",
-          "", ""],
-         [f"max |diff| of outputs vs (b): (a) {diff['merged_export_vs_injection']:.1e}, "
-          f"(c) {diff['hot_swap_vs_injection']:.1e}", "", ""]])
+         ["busy core: floor", _s(lt["copy_floor"]), f"{load['vs_quiet']['copy_floor']:.2f}x quiet"],
+         [f"hot-swap buffers: {swap['buffers']['count']} ({human_size(swap['buffers']['bytes'])})", "", ""],
+         ["max |diff| of outputs vs (b)", "",
+          f"(a) {diff['merged_export_vs_injection']:.1e}, (c) {diff['hot_swap_vs_injection']:.1e}"]])
 
 def _step_table(step: dict, where: str = "CPU"):
     vs_torch = step["vs_torch"]
-    rows = [["diffusers torch (inference_mode)", _s(vs_torch["torch"]), "1.00x"],
-            ["loramgr ORT defaults (basic)", _s(vs_torch["ort"]), f"{vs_torch['speedup']:.2f}x"]]
-    rows += [[f"ORT {label}", _s(row), f"{row['speedup_vs_torch']:.2f}x ({row['speedup_vs_default']:.2f}x "
-              "vs defaults, side by side)"] for label, row in step.get("ort_settings", {}).items()]
-    return table(f"step: UNet+ControlNet, batch 2 (CFG), {step['image']}x{step['image']} "
+    rows = [["diffusers torch (inference_mode)", _s(vs_torch["torch"]), "1.00x", ""],
+            ["loramgr ORT defaults (basic)", _s(vs_torch["ort"]), f"{vs_torch['speedup']:.2f}x", "1.00x"]]
+    rows += [[f"ORT {label}", _s(row), f"{row['speedup_vs_torch']:.2f}x", f"{row['speedup_vs_default']:.2f}x"]
+             for label, row in step.get("ort_settings", {}).items()]
+    return table(f"step: one ControlNet unit, batch 2 (CFG), {step['image']}x{step['image']} "
                  f"(latents {step['latent'][2]}x{step['latent'][3]}) ({where})",
-                 ["runner", "seconds", "faster than torch by"], rows)
+                 ["runner", "seconds", "faster than torch", "vs defaults"], rows)
+
+def _units_table(units: dict, where: str = "CPU"):
+    t, added = units["times"], units["added_unit_vs_one"]
+    rows = [["no unit: the UNet alone", _s(t["units_0"]), f"{units['no_unit_vs_one']:.2f}x"],
+            ["1 unit", _s(t["units_1"]), "1.00x"],
+            *[[f"{k} units", _s(t[f"units_{k}"]), f"+{x:.2f}x"] for k, x in added.items()],
+            ["1 unit, CFG 1 (batch 1)", _s(t["cfg_1"]), f"{units['cfg_1_vs_cfg_7']:.2f}x"],
+            ["1 unit, fused graph (format 1)", _s(t["fused"]), f"split: {units['one_unit_vs_fused']:.3f}x fused"],
+            ["max |diff| of noise, split vs fused", "", f"{units['max_abs_diff_vs_fused']:.1e}"]]
+    return table(f"step by ControlNet units, {units['image']} px, CFG {units['guidance_scale']:g} ({where})",
+                 ["step", "seconds", "x 1 unit"], rows)
+
+def _slots_table(slots: dict):
+    weights, added = slots["controlnet_weights_bytes"], slots["added_bytes"]
+    what = ["none", "the base's own", "+ 1 converted", "+ 2 converted"]
+    rows = [[f"{row['slots']}: {what[row['slots']] if row['slots'] < len(what) else ''}",
+             human_size(row["rss_bytes"]),
+             "" if not row["slots"] else f"+{human_size(added[str(row['slots'])])}",
+             "" if not row["slots"] else f"{slots['added_vs_weights'][str(row['slots'])]:.2f}x"]
+            for row in slots["rows"]]
+    return table(f"memory: ControlNets in slots, RSS after a {slots['image']} px step (child process); "
+                 f"one ControlNet's weights: {human_size(weights)}",
+                 ["ControlNets", "RSS", "added", "x weights"], rows)
 
 def _memory_table(mem: dict):
     weights = mem["base_weights_bytes"]
@@ -76,18 +98,20 @@ def _memory_table(mem: dict):
 def _goals_table(result: dict):
     def verdict(goal: dict) -> str:
         if not goal["applies"]:
-            return "not judged (sd15 goal)"
+            return "not judged"
         return "pass" if goal["passed"] else "FAIL"
 
-    return table("goals (sd15, CPU)", ["goal", "measured", "result"],
+    return table("goals (judged on sd15, CPU)", ["goal", "measured", "result"],
                  [[g["goal"], g["measured"], verdict(g)] for g in result["goals"]])
 
 def _tables(result: dict) -> list:
     tables = [_convert_table(result), _swap_table(result["swap"]), _step_table(result["step"]),
-              *map(_step_table, result["step_other_sizes"]), _memory_table(result["memory"])]
+              *map(_step_table, result["step_other_sizes"]), _units_table(result["units"]),
+              _memory_table(result["memory"]), _slots_table(result["slots"])]
     gpu = result["gpu"]
     if gpu["measured"]:
-        tables += [_swap_table(gpu["swap"], gpu["device"]), _step_table(gpu["step"], gpu["device"])]
+        tables += [_swap_table(gpu["swap"], gpu["device"]), _step_table(gpu["step"], gpu["device"]),
+                   _units_table(gpu["units"], gpu["device"])]
     else:
         tables.append(table("GPU", ["what", "measured"], [["swap, step", gpu["reason"]]]))
     return tables + [_goals_table(result)]

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
 from ..errors import LoramgrError
+from ..manifest import CONTROLNET
 from ..pipeline.schedulers import SCHEDULERS, SCHEDULES
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
@@ -91,7 +92,12 @@ class Service:
         self.scheduler = Scheduler(self._execute, lambda: self.engine.current_key, policy=self.config.scheduling,
                                    max_queue=self.config.max_queue, max_overtake=self.config.max_overtake,
                                    steps=lambda job: job.steps)
+        self._record_slots()
         self.metrics.ready.set(1)
+
+    def _record_slots(self) -> None:
+        if self.engine.runner is not None:
+            self.metrics.record_slots(len(self.engine.runner.controlnet_slots()), self.engine.manifest.graphs[CONTROLNET])
 
     def _execute(self, job: Job):
         self.metrics.in_flight.set(1)
@@ -110,6 +116,7 @@ class Service:
             raise
         finally:
             self.metrics.in_flight.set(0)
+            self._record_slots()  # a swap fills slots, failed or not
         self.metrics.generations.labels("ok").inc()
         self.metrics.reopens.inc(self.engine.reopens - reopens)
         if generation.swapped:
