@@ -140,7 +140,7 @@ def render_summary(result: dict, console) -> None:
     :func:`render_bench` (``loramgr bench --verbose``)."""
     from rich.table import Table
 
-    m, swap, step, mem = result["machine"], result["swap"], result["step"], result["memory"]
+    swap, step, mem = result["swap"], result["step"], result["memory"]
     small = swap["times"][f"hot_swap_r{SMALL}"]["median_s"]
     rows = [
         ("convert", ", ".join(f"rank {c['rank']}: {_s(c)} s" for c in result["convert"].values())),
