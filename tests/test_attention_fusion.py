@@ -118,14 +118,14 @@ def test_the_base_graphs_fuse_and_runners_agree(tiny_workspace, tmp_path, monkey
             created.append(self)
 
     monkeypatch.setattr(ort, "InferenceSession", Profiled)
-    inputs = StepInputs.random(manifest, 64)
+    inputs = StepInputs.random(base_dir, manifest, 64)
     ids = torch.randint(0, 500, (1, 77))  # the tiny vocabulary has 520 ids
     outputs, ops = {}, {}
     for fused in (True, False):
         created.clear()
         with OrtRunner.open(base_dir, options=OrtOptions(fuse_attention=fused)) as runner:
             outputs[fused] = (inputs.step(runner), runner.encode_text(ids),
-                              runner.vae_decode(inputs.sample[:1]))
+                              runner.vae_decode(inputs.latents))
             for graph, input_name in ((UNET, "mid_block_res"), (CONTROLNET, "controlnet_cond")):
                 (session,) = [s for s in created if input_name in {i.name for i in s.get_inputs()}]
                 ops[fused, graph] = _node_ops(session)

@@ -163,6 +163,13 @@ def test_slot_rows_grow_with_each_controlnet(result, bench_workspace):
         added = rows[k]["rss_bytes"] - rows[k - 1]["rss_bytes"]
         assert slots["added_bytes"][str(k)] == added
         assert slots["added_vs_weights"][str(k)] == pytest.approx(added / slots["controlnet_weights_bytes"])
+        # a converted ControlNet's share: its loaded file, then the slot on top (the base's own has no file)
+        before = rows[k]["file_loaded_rss_bytes"] if k > 1 else rows[k - 1]["rss_bytes"]
+        assert (rows[k]["file_loaded_rss_bytes"] is None) == (k == 1)
+        assert slots["slot_bytes"][str(k)] == rows[k]["rss_bytes"] - before
+        assert slots["file_bytes"][str(k)] + slots["slot_bytes"][str(k)] == added
+        assert slots["slot_vs_weights"][str(k)] == pytest.approx(slots["slot_bytes"][str(k)]
+                                                                 / slots["controlnet_weights_bytes"])
     # the converted ControlNets the rows load: converted once, the base's own first
     assert [a for a in bench_workspace.adapter_names() if "-cn" in a] == ["bench-tiny-cn1", "bench-tiny-cn2"]
 

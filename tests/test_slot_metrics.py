@@ -40,7 +40,7 @@ def _controlnet_bytes(ws) -> int:
 def test_metrics_count_the_slots_each_generation_leaves(ws):
     weights = _controlnet_bytes(ws)
     body = {"prompt": "a house", "image": png_b64(ws.home / "house.png"), **FAST}
-    with TestClient(create_app(ws, ServeConfig(max_controlnets=2))) as client:
+    with TestClient(create_app(ws, ServeConfig(max_controlnets=2)), base_url="http://127.0.0.1") as client:
         assert _gauges(client) == {"loramgr_controlnet_slots": 1, "loramgr_controlnet_slot_bytes": weights}
         for controls, held in (([{"name": "canny"}, {"name": "sv_hed"}], 2),
                                ([{"name": "sv_hed"}], 2),  # the base's slot stays filled, for a later unit

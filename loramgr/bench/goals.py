@@ -60,6 +60,6 @@ def goals(result: dict) -> list[dict]:
         (f"step at CFG 1 <= {NO_GUIDANCE_MAX:g}x a step at CFG 7",
          f"{units['cfg_1_vs_cfg_7']:.2f}x", units["cfg_1_vs_cfg_7"] <= NO_GUIDANCE_MAX),
         *[(f"ControlNet {k} in a slot adds <= {SLOT_MAX_VS_WEIGHTS:g}x its weights (RSS)", f"{added:.2f}x",
-           added <= SLOT_MAX_VS_WEIGHTS) for k, added in slots["added_vs_weights"].items() if k != "1"],
+           added <= SLOT_MAX_VS_WEIGHTS) for k, added in slots["slot_vs_weights"].items() if k != "1"],
     ]
     return [{"goal": g, "measured": m, "passed": bool(p), "applies": result["arch"] == "sd15"} for g, m, p in rows]

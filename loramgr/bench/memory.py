@@ -74,12 +74,15 @@ def slots_probe(workspace: Workspace, base: str) -> dict:
     rows, files = [], []
     with OrtRunner.open(base_dir, AdapterSet(base_controlnet=False)) as runner:
         for count in range(MAX_SLOTS + 1):
+            loaded = None
             if count > 1:
                 files.append(load_named(workspace, controls[count - 1]))
+                loaded = _proc_status().get("VmRSS")  # the file's own copy, as the service's catalog holds it
             runner.set_adapters(AdapterSet(tuple((f, 1.0) for f in files), base_controlnet=count > 0))
             inputs.step(runner, controls[:count])
             status = _proc_status()
             rows.append({"slots": len(runner.controlnet_slots()), "rss_bytes": status.get("VmRSS"),
+                         "file_loaded_rss_bytes": loaded,
                          "at_end": {k: status[k] for k in ("VmRSS", "RssAnon", "RssFile") if k in status}})
     return {"rows": rows}
 
@@ -169,12 +172,20 @@ def bench_slots(workspace: Workspace, base: str, manifest: Manifest, step: Step)
     ``added_bytes``: what each ControlNet adds, in bytes and (``added_vs_weights``) in units of
     one ControlNet's weights (the ControlNet graph's data file). The first is the base's own;
     the others are converted ControlNets (``.lora`` files), as a request's further units name.
+    A converted one's share is split in two: ``file_bytes``, its loaded file (held once per file
+    by the service's catalog, with or without a unit using it), and ``slot_bytes`` /
+    ``slot_vs_weights``, what taking it into a slot and running a step adds on top.
     """
     sample_controlnets(workspace, base, manifest)  # converted here, not in the child being measured
     weights = manifest.graphs[CONTROLNET].data_size or sum(e.length for e in manifest.graphs[CONTROLNET].weights.values())
     step(f"memory: a runner taking 0 to {MAX_SLOTS} ControlNets into slots (child process)")
     rows = _child_memory(workspace, base, "slots")["rows"]
     added = {str(k): rows[k]["rss_bytes"] - rows[k - 1]["rss_bytes"] for k in range(1, len(rows))}  # ControlNet k
+    before_slot = {str(k): rows[k]["file_loaded_rss_bytes"] or rows[k - 1]["rss_bytes"] for k in range(1, len(rows))}
+    slot = {k: rows[int(k)]["rss_bytes"] - before for k, before in before_slot.items()}
     return {"controlnet_weights_bytes": weights, "image": MEMORY_RUN[manifest.source["arch"]], "rows": rows,
             "added_bytes": added,
-            "added_vs_weights": {k: v / weights for k, v in added.items()}}
+            "added_vs_weights": {k: v / weights for k, v in added.items()},
+            "file_bytes": {k: added[k] - slot[k] for k in added},
+            "slot_bytes": slot,
+            "slot_vs_weights": {k: v / weights for k, v in slot.items()}}

@@ -74,14 +74,18 @@ def _units_table(units: dict, where: str = "CPU"):
 def _slots_table(slots: dict):
     weights, added = slots["controlnet_weights_bytes"], slots["added_bytes"]
     what = ["none", "the base's own", "+ 1 converted", "+ 2 converted"]
-    rows = [[f"{row['slots']}: {what[row['slots']] if row['slots'] < len(what) else ''}",
-             human_size(row["rss_bytes"]),
-             "" if not row["slots"] else f"+{human_size(added[str(row['slots'])])}",
-             "" if not row["slots"] else f"{slots['added_vs_weights'][str(row['slots'])]:.2f}x"]
-            for row in slots["rows"]]
+    rows = []
+    for row in slots["rows"]:
+        k = str(row["slots"])
+        rows.append([f"{row['slots']}: {what[row['slots']] if row['slots'] < len(what) else ''}",
+                     human_size(row["rss_bytes"])]
+                    + (["", "", ""] if not row["slots"] else
+                       [f"+{human_size(added[k])}", f"{slots['added_vs_weights'][k]:.2f}x",
+                        f"{slots['slot_vs_weights'][k]:.2f}x"]))
     return table(f"memory: ControlNets in slots, RSS after a {slots['image']} px step (child process); "
-                 f"one ControlNet's weights: {human_size(weights)}",
-                 ["ControlNets", "RSS", "added", "x weights"], rows)
+                 f"one ControlNet's weights: {human_size(weights)}; a converted one's file is held "
+                 f"once, the slot is its share",
+                 ["ControlNets", "RSS", "added", "x weights", "slot"], rows)
 
 def _memory_table(mem: dict):
     weights = mem["base_weights_bytes"]
