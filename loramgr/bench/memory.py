@@ -77,7 +77,7 @@ def slots_probe(workspace: Workspace, base: str) -> dict:
             loaded = None
             if count > 1:
                 files.append(load_named(workspace, controls[count - 1]))
-                loaded = _proc_status().get("VmRSS")  # the file's own copy, as the service's catalog holds it
+                loaded = _proc_status().get("VmRSS")  # its file loaded, as the service's catalog loads it
             runner.set_adapters(AdapterSet(tuple((f, 1.0) for f in files), base_controlnet=count > 0))
             inputs.step(runner, controls[:count])
             status = _proc_status()
@@ -172,9 +172,9 @@ def bench_slots(workspace: Workspace, base: str, manifest: Manifest, step: Step)
     ``added_bytes``: what each ControlNet adds, in bytes and (``added_vs_weights``) in units of
     one ControlNet's weights (the ControlNet graph's data file). The first is the base's own;
     the others are converted ControlNets (``.lora`` files), as a request's further units name.
-    A converted one's share is split in two: ``file_bytes``, its loaded file (held once per file
-    by the service's catalog, with or without a unit using it), and ``slot_bytes`` /
-    ``slot_vs_weights``, what taking it into a slot and running a step adds on top.
+    A converted one's share is split in two: ``file_bytes``, its loaded file (its tensors stay
+    resident while it is in a slot: the slot keeps the file it was filled from), and
+    ``slot_bytes`` / ``slot_vs_weights``, what taking it into a slot and running a step adds.
     """
     sample_controlnets(workspace, base, manifest)  # converted here, not in the child being measured
     weights = manifest.graphs[CONTROLNET].data_size or sum(e.length for e in manifest.graphs[CONTROLNET].weights.values())
