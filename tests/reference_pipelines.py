@@ -149,12 +149,13 @@ def reference_pipeline(folder: Path, loras: list[tuple[Path, float]] = (), contr
 
 
 def diffusers_images(reference, image: np.ndarray | None, settings: GenerationSettings,
-                     control_map: np.ndarray | None = None) -> np.ndarray:
+                     control_map: np.ndarray | None = None, scheduler=None) -> np.ndarray:
     """The same generation with diffusers' own pipeline: same edge map, prompts, seed, scheduler.
 
     ``control_map``: a map made before (at the output size), given to diffusers as its
     control image instead of the canny edges of ``image``; ``image`` may then be None
-    (text-to-image from the map alone).
+    (text-to-image from the map alone). ``scheduler``: a diffusers scheduler the caller built
+    (default: :func:`reference_scheduler` of the settings' names).
     """
     from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
 
@@ -164,7 +165,8 @@ def diffusers_images(reference, image: np.ndarray | None, settings: GenerationSe
     if control_map is not None:
         edges = control_map
     components = {**reference.components,
-                  "scheduler": reference_scheduler(settings.scheduler, reference.scheduler.config, settings.schedule)}
+                  "scheduler": scheduler or reference_scheduler(settings.scheduler, reference.scheduler.config,
+                                                                settings.schedule)}
     kwargs = {
         # process(): prompt + ', ' + a_prompt; an A1111 request has no added prompt
         "prompt": f"{settings.prompt}, {settings.a_prompt}" if settings.a_prompt else settings.prompt,

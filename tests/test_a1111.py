@@ -30,7 +30,7 @@ from loramgr.serve.catalog import CatalogError
 from reference_pipelines import (
     assert_close_images, diffusers_images, documented, reference_process_preprocessing, reference_scheduler,
 )
-from test_serve_support import decode, png_b64, reference_for, serve_workspace, served
+from serve_support import decode, png_b64, reference_for, serve_workspace, served
 
 CONFIG = ServeConfig(max_resolution=256, max_steps=400, max_num_samples=4, max_image_bytes=256 * 1024,
                      max_queue=8)

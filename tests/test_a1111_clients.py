@@ -35,7 +35,7 @@ from sd_backend_client import (ControlNetModel, ControlNetUnit, DiffusionParams,
 from sd_backend_client.api.webui.response_formats import GenerationInfoData  # noqa: E402
 
 from loramgr.serve import ServeConfig, create_app  # noqa: E402
-from test_serve_support import decode, free_port, png_b64, serve_workspace, served, start_server  # noqa: E402
+from serve_support import decode, free_port, png_b64, serve_workspace, served, start_server  # noqa: E402
 
 with warnings.catch_warnings():  # beartype's notes on aaa1111's typing.List hints, at import
     warnings.simplefilter("ignore", DeprecationWarning)

@@ -80,7 +80,9 @@ def test_summary_is_short_and_fits_80_columns(demo):
     lines = text.splitlines()
     assert lines[0] == RANDOM_NOTE
     assert sum("random weights" in line for line in lines) == 1
-    assert all(len(line.rstrip()) <= 80 for line in lines), text
+    # the output paths are the user's (a temporary folder here, longer under pytest-xdist): the rest fits 80 columns
+    out = str(report["sheet"].path.parent)
+    assert all(len(line.rstrip().replace(out, "outputs/demo")) <= 80 for line in lines), text
     assert "…" not in text, text  # no cell cut short
     assert len(lines) <= 20, text
     assert str(report["sheet"].path) in text

@@ -28,7 +28,7 @@ import pytest
 from PIL import Image
 
 from loramgr.serve.config import ServeConfig, host_allowed, origin_allowed
-from test_serve_support import FAST, cli_run, free_port, png_b64, reaped, start_server
+from serve_support import FAST, cli_run, free_port, png_b64, reaped, start_server
 
 LIMIT_RSS = 1 << 30  # peak RSS growth allowed for any one case
 HEALTHZ_S = 1.0  # /healthz must answer within this, throughout every case

@@ -28,7 +28,7 @@ from loramgr.pipeline.passes import HiresFix, hires_size, upscale_image
 from loramgr.pipeline.settings import GenerationSettings
 from reference_passes import apply_overlay, diffusers_hires, diffusers_inpaint, make_inpaint_condition
 from test_pipeline import _recording, assert_same_images, image, synthetic_image  # noqa: F401 (image: a fixture)
-from test_serve_support import decode, free_port, reaped, start_server
+from serve_support import decode, free_port, reaped, start_server
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword"),

@@ -29,7 +29,7 @@ from loramgr.cli import main
 from loramgr.serve import ServeConfig
 from loramgr.serve.ray_config import RayOptions, serve_config, set_id
 from loramgr.serve.schemas import GenerateRequest
-from test_serve_support import FAST, cli_run, free_port, png_b64, reaped, serve_workspace, start_server
+from serve_support import FAST, cli_run, free_port, png_b64, reaped, serve_workspace, start_server
 
 HAVE_RAY = importlib.util.find_spec("ray") is not None
 needs_ray = pytest.mark.skipif(not HAVE_RAY, reason="Ray Serve is not installed: pip install -e '.[ray]'")
@@ -320,7 +320,7 @@ def test_ray_route_matches_diffusers(cluster, ws, tiny_folder):
     from PIL import Image
 
     from reference_pipelines import assert_close_images, base_negative_prompt, diffusers_images, documented
-    from test_serve_support import decode, reference_for
+    from serve_support import decode, reference_for
 
     r = httpx.post(f"{cluster['url']}/v1/generate", timeout=300, json={
         "prompt": "a house", "image": png_b64(ws.home / "house.png"), "seed": SEED, "steps": 3, "resolution": 64,

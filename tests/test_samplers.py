@@ -21,20 +21,18 @@ import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, DPMSolverSDEScheduler,
                        DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
-                       LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, StableDiffusionControlNetImg2ImgPipeline,
-                       StableDiffusionControlNetPipeline, TCDScheduler, UniPCMultistepScheduler)
-from PIL import Image
+                       LCMScheduler, LMSDiscreteScheduler, PNDMScheduler, TCDScheduler, UniPCMultistepScheduler)
 from scipy import stats
 
 from loramgr.cli import _parser, _settings
 from loramgr.errors import LoramgrError
-from loramgr.pipeline.canny import detect_edges
 from loramgr.pipeline.schedulers import SCHEDULERS, SCHEDULES, make_scheduler, schedule_error
 from loramgr.pipeline.settings import GenerationSettings
 from loramgr.serve.a1111_samplers import REFUSED, SAMPLERS
 from loramgr.serve.a1111_samplers import SCHEDULES as A1111_SCHEDULES
 from loramgr.serve.a1111_samplers import find_schedule, is_exact, resolve_sampler
 from loramgr.serve.catalog import CatalogError
+from reference_pipelines import diffusers_images as reference_images
 
 MAX_PIXEL_DIFF = 2
 FAST = {"resolution": 64, "steps": 4, "a_prompt": "", "n_prompt": "lowres, bad anatomy"}
@@ -119,22 +117,7 @@ def image() -> np.ndarray:
 
 def diffusers_images(reference, image: np.ndarray, settings: GenerationSettings, make) -> np.ndarray:
     """The same generation through diffusers' own pipeline, with the scheduler ``make`` builds."""
-    resized, edges = detect_edges(image, settings.resolution, settings.low_threshold, settings.high_threshold)
-    components = {**reference.components, "scheduler": make(reference.scheduler.config, settings.seed)}
-    kwargs = {"prompt": settings.prompt, "negative_prompt": settings.n_prompt, "height": resized.shape[0],
-              "width": resized.shape[1], "num_inference_steps": settings.steps, "guidance_scale": settings.scale,
-              "num_images_per_prompt": settings.num_samples, "eta": settings.eta,
-              "controlnet_conditioning_scale": settings.strength, "guess_mode": settings.guess_mode,
-              "generator": torch.Generator("cpu").manual_seed(settings.seed)}
-    if settings.img2img_strength is None:
-        cls, kwargs["image"] = StableDiffusionControlNetPipeline, Image.fromarray(edges)
-    else:
-        cls = StableDiffusionControlNetImg2ImgPipeline
-        kwargs.update(image=Image.fromarray(resized), control_image=Image.fromarray(edges),
-                      strength=settings.img2img_strength)
-    diffusers_pipe = cls(**components, requires_safety_checker=False)
-    diffusers_pipe.set_progress_bar_config(disable=True)
-    return np.stack([np.asarray(im) for im in diffusers_pipe(**kwargs).images])
+    return reference_images(reference, image, settings, scheduler=make(reference.scheduler.config, settings.seed))
 
 
 def assert_same_images(ours: list[np.ndarray], theirs: np.ndarray) -> None:

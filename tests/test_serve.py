@@ -24,7 +24,7 @@ from reference_pipelines import (
     CONTROLNET_DEFAULTS, assert_close_images, base_negative_prompt, diffusers_images, documented,
     reference_process_preprocessing,
 )
-from test_serve_support import FAST, cli_run, decode, png_b64, reference_for, serve_workspace
+from serve_support import FAST, cli_run, decode, png_b64, reference_for, serve_workspace
 
 CONFIG = ServeConfig(max_resolution=256, max_steps=20, max_num_samples=2, max_image_bytes=64 * 1024,
                      max_upload_bytes=4 * 1024 * 1024, max_queue=8, max_overtake=2)

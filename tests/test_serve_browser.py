@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_serve_support import free_port, serve_workspace
+from serve_support import free_port, serve_workspace
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")

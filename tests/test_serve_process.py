@@ -18,7 +18,7 @@ import httpx
 import pytest
 import uvicorn
 
-from test_serve_support import ROOT, free_port, png_b64, reaped, serve_workspace, start_server
+from serve_support import ROOT, free_port, png_b64, reaped, serve_workspace, start_server
 
 
 @pytest.fixture(scope="module")

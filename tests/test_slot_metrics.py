@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 
 from loramgr.manifest import CONTROLNET, Manifest
 from loramgr.serve import ServeConfig, create_app
-from test_serve_support import FAST, png_b64, serve_workspace
+from serve_support import FAST, png_b64, serve_workspace
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from PIL import Image
 
 from loramgr.adapter_file import load_adapter
 from loramgr.serve import ServeConfig, create_app
-from test_serve_support import decode, served, serve_workspace
+from serve_support import decode, served, serve_workspace
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
 
