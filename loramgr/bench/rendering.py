@@ -83,8 +83,8 @@ def _slots_table(slots: dict):
                        [f"+{human_size(added[k])}", f"{slots['added_vs_weights'][k]:.2f}x",
                         f"{slots['slot_vs_weights'][k]:.2f}x"]))
     return table(f"memory: ControlNets in slots, RSS after a {slots['image']} px step (child process); "
-                 f"one ControlNet's weights: {human_size(weights)}; a converted one's file is held "
-                 f"once, the slot is its share",
+                 f"one ControlNet's weights: {human_size(weights)}; slot: what the swap and a step add "
+                 f"after the ControlNet's file is loaded",
                  ["ControlNets", "RSS", "added", "x weights", "slot"], rows)
 
 def _memory_table(mem: dict):
