@@ -131,8 +131,8 @@ class _Chunker:
     """A1111's ``tokenize_line`` loop: fills chunks of 75, backtracks to a recent comma when a
     chunk is full, closes a chunk before an embedding that would not fit in it."""
 
-    def __init__(self, bos: int, eos: int, comma: int | None):
-        self.bos, self.eos, self.comma = bos, eos, comma
+    def __init__(self, eos: int, comma: int | None):
+        self.eos, self.comma = eos, comma
         self.done: list[tuple[list[int], list[float], list[tuple[int, str]]]] = []
         self.tokens: list[int] = []
         self.weights: list[float] = []
@@ -250,7 +250,7 @@ def plan_prompt(text: str, tokenizer, embeddings: Mapping[str, np.ndarray] | Non
     pieces = parse_attention(text, what)
     index = _EmbeddingIndex(tokenizer, embeddings or {}, what)
     comma = tokenizer.convert_tokens_to_ids(",</w>")
-    chunker = _Chunker(bos, eos, None if comma == tokenizer.unk_token_id else comma)
+    chunker = _Chunker(eos, None if comma == tokenizer.unk_token_id else comma)
     for tokens, (piece, weight) in zip(_tokenize(tokenizer, [p for p, _ in pieces]), pieces):
         if (piece, weight) == BREAK:
             chunker.close()
