@@ -16,10 +16,11 @@ from ..errors import LoramgrError, finite32
 from .control import CONTROL_MODES, CONTROL_SCHEDULES, PREPROCESSORS, WINDOW_RULES, ControlUnit
 from .inpaint import INPAINT_FILLS, MASK_RULES, Inpaint
 from .passes import UPSCALERS, HiresFix, hires_size
+from .prompts import CHUNK_TOKENS, SYNTAXES
 from .schedulers import SCHEDULERS, SCHEDULES, schedule_error, takes_eta
 
-PROMPT_SYNTAXES = ("a1111", "plain")  # A1111's emphasis, BREAK, chunks and embeddings; or the text as it is
-DEFAULT_MAX_PROMPT_TOKENS = 225  # 3 chunks of 75 tokens
+PROMPT_SYNTAXES = SYNTAXES  # A1111's emphasis, BREAK, chunks and embeddings; or the text as it is
+DEFAULT_MAX_PROMPT_TOKENS = 3 * CHUNK_TOKENS  # 225
 # The largest output (width * height) generated without asking: every buffer of the pipeline
 # grows with it and attention with its square (1536 x 1536; SD1.5 is trained at 512 x 512).
 DEFAULT_MAX_PIXELS = 1536 * 1536
