@@ -30,14 +30,13 @@ from ..manifest import CONTROLNET, TEXT_ENCODER, UNET, VAE_ENCODER
 from .canny import HWC3, detect_edges, resize_image
 from .control import ControlUnit
 from .inpaint import InpaintArea, control_tensor, fill, inpaint_area
-from .passes import (HiresFix, HiresSize, crop_latents, hires_prompts, hires_size, second_pass, upscale_image,
-                     upscale_latents)
+from .passes import (VAE_SCALE_FACTOR, HiresFix, HiresSize, crop_latents, hires_prompts, hires_size, second_pass,
+                     upscale_image, upscale_latents)
 from .prompts import Chunk, apply_emphasis, plan_prompt
 from .schedulers import make_scheduler, step_kwargs
 from .settings import GenerationSettings, check_inputs, check_mask, full_prompt, output_size
 
 LATENT_CHANNELS = 4  # SD1.5 VAE
-VAE_SCALE_FACTOR = 8  # image size / latent size
 
 # ``progress(completed, total)``, called after every UNet evaluation (Heun makes two per step).
 ProgressHook = Callable[[int, int], None]
