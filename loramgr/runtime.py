@@ -255,11 +255,9 @@ def generate(
     pixels = None if image is None else load_image(image)
     control_pixels = None if control_image is None else load_image(control_image)
     unit_pixels = None if control_images is None else [None if f is None else load_image(f) for f in control_images]
-    for given in (pixels, control_pixels, *(unit_pixels or ())):
-        if given is not None:
-            check_inputs(given, settings)
-    if not any(f is not None for f in files):
-        check_inputs(None, settings)
+    given = [p for p in (pixels, control_pixels, *(unit_pixels or ())) if p is not None]
+    for each in given or [None]:  # no image at all: the settings alone
+        check_inputs(each, settings)
     mask_pixels = None if mask is None else load_image(mask)
     check_mask(mask_pixels, pixels, settings.control_units(), settings)
     stems = claim_stems(out_dir, stem, [c.label() for c in choices], settings.num_samples, overwrite)
