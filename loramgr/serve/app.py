@@ -31,7 +31,6 @@ from ..pipeline.schedulers import SCHEDULERS, SCHEDULES
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
-from .auth import Access
 from .catalog import CatalogError, remove_stale_uploads
 from .codec import encode_png
 from .config import (MAX_ETA, MAX_JSON_DEPTH, MAX_LORA_WEIGHT, MAX_SCALE, MAX_STRENGTH, ServeConfig, host_allowed,
@@ -276,7 +275,7 @@ class _Guard:
                                          "(a page of another site); allow the origin with --cors-origins")
         if service.draining and path not in ("/metrics",) and path not in OPEN_PATHS:
             return _error(503, None, "the server is shutting down", {"Retry-After": "5"})
-        access = Access.of(service.config.api_key, service.config.api_auth)  # per request: the config may be replaced
+        access = service.config.access  # read per request: the config may be replaced
         if access.required and path not in OPEN_PATHS:
             if not access.allows(headers.get(b"authorization", b"").decode("latin-1")):
                 return _error(401, "authorization", f"valid credentials are required ({access.wanted})",
