@@ -107,17 +107,15 @@ class Service:
         except Cancelled:
             self.metrics.generations.labels("cancelled").inc()
             self.metrics.cancelled.labels("running").inc()
-            self.metrics.reopens.inc(self.engine.reopens - reopens)
             raise
         except Exception:
             self.metrics.generations.labels("failed").inc()
-            self.metrics.reopens.inc(self.engine.reopens - reopens)
             raise
         finally:
             self.metrics.in_flight.set(0)
+            self.metrics.reopens.inc(self.engine.reopens - reopens)  # a failed swap re-opens the runner too
             self._record_slots()  # a swap fills slots, failed or not
         self.metrics.generations.labels("ok").inc()
-        self.metrics.reopens.inc(self.engine.reopens - reopens)
         if generation.swapped:
             self.metrics.swaps.inc()
             self.metrics.swap_seconds.observe(generation.timings["swap"])
