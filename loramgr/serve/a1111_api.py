@@ -353,7 +353,8 @@ def detect(request: DetectRequest, config) -> dict:
             raise CatalogError(413, "controlnet_processor_res", f"a {size[0]}x{size[1]} map exceeds the limit of "
                                                                 f"{config.max_image_pixels:,} pixels")
         try:
-            the_map = image if module == "none" else control_map(unit, "controlnet", image, *size)
+            the_map = image if module == "none" else control_map(unit, "controlnet", image, *size,
+                                                                   config.max_image_pixels)
         except CatalogError as exc:  # "controlnet.module" -> the request's "controlnet_module"
             raise CatalogError(exc.status, (exc.field or "").replace("controlnet.", "controlnet_"), exc.reason) from None
         maps.append(encode_png(np.ascontiguousarray(the_map)))
