@@ -305,7 +305,7 @@ def unit_resize_mode(unit: ControlNetUnit, path: str) -> str:
 
 
 def control_map(unit: ControlNetUnit, path: str, image: np.ndarray, width: int, height: int,
-                max_pixels: int = ServeConfig.max_image_pixels) -> np.ndarray:
+                max_pixels: int) -> np.ndarray:
     """The unit's control map at ``height`` x ``width``: canny at ``processor_res``, or the image itself.
 
     Every intermediate image is checked against ``max_pixels`` before it is made.

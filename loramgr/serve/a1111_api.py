@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 
 from .. import __version__
 from ..errors import LoramgrError
+from ..pipeline.settings import output_size
 from .a1111 import (BASE_CONTROLNET, CONTROL_MODULES, A1111Request, A1111Response, ControlNetUnit, Img2ImgRequest,
                     Served, a1111_field, control_map, echo_parameters, plan, response_info, rgb)
 from .a1111_samplers import SAMPLERS, SCHEDULES
@@ -347,12 +348,13 @@ def detect(request: DetectRequest, config) -> dict:
         image = rgb(decode_image(data, f"{key}.{i}", config.max_image_bytes, config.max_image_pixels,
                                  exif_orientation=True))
         h, w = image.shape[:2]  # the annotator's size (pipeline/canny.py resize_image): the map comes unfitted
-        size = tuple(max(64, int(np.round(side * res / min(h, w) / 64.0)) * 64) for side in (w, h))
+        size = tuple(max(64, side) for side in reversed(output_size(h, w, res)))  # (width, height)
         if module == "canny" and size[0] * size[1] > config.max_image_pixels:
             raise CatalogError(413, "controlnet_processor_res", f"a {size[0]}x{size[1]} map exceeds the limit of "
                                                                 f"{config.max_image_pixels:,} pixels")
         try:
-            the_map = image if module == "none" else control_map(unit, "controlnet", image, *size)
+            the_map = image if module == "none" else control_map(unit, "controlnet", image, *size,
+                                                                   config.max_image_pixels)
         except CatalogError as exc:  # "controlnet.module" -> the request's "controlnet_module"
             raise CatalogError(exc.status, (exc.field or "").replace("controlnet.", "controlnet_"), exc.reason) from None
         maps.append(encode_png(np.ascontiguousarray(the_map)))

@@ -31,7 +31,6 @@ from ..pipeline.schedulers import SCHEDULERS, SCHEDULES
 from ..pipeline.settings import CONTROL_SCHEDULES
 from ..workspace import Workspace
 from .a1111_api import router as a1111_router
-from .auth import Access
 from .catalog import CatalogError, remove_stale_uploads
 from .codec import encode_png
 from .config import (MAX_ETA, MAX_JSON_DEPTH, MAX_LORA_WEIGHT, MAX_SCALE, MAX_STRENGTH, ServeConfig, host_allowed,
@@ -108,17 +107,15 @@ class Service:
         except Cancelled:
             self.metrics.generations.labels("cancelled").inc()
             self.metrics.cancelled.labels("running").inc()
-            self.metrics.reopens.inc(self.engine.reopens - reopens)
             raise
         except Exception:
             self.metrics.generations.labels("failed").inc()
-            self.metrics.reopens.inc(self.engine.reopens - reopens)
             raise
         finally:
             self.metrics.in_flight.set(0)
+            self.metrics.reopens.inc(self.engine.reopens - reopens)  # a failed swap re-opens the runner too
             self._record_slots()  # a swap fills slots, failed or not
         self.metrics.generations.labels("ok").inc()
-        self.metrics.reopens.inc(self.engine.reopens - reopens)
         if generation.swapped:
             self.metrics.swaps.inc()
             self.metrics.swap_seconds.observe(generation.timings["swap"])
@@ -276,7 +273,7 @@ class _Guard:
                                          "(a page of another site); allow the origin with --cors-origins")
         if service.draining and path not in ("/metrics",) and path not in OPEN_PATHS:
             return _error(503, None, "the server is shutting down", {"Retry-After": "5"})
-        access = Access.of(service.config.api_key, service.config.api_auth)  # per request: the config may be replaced
+        access = service.config.access  # read per request: the config may be replaced
         if access.required and path not in OPEN_PATHS:
             if not access.allows(headers.get(b"authorization", b"").decode("latin-1")):
                 return _error(401, "authorization", f"valid credentials are required ({access.wanted})",

@@ -10,9 +10,10 @@ from __future__ import annotations
 import ipaddress
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from urllib.parse import urlsplit
 
-from .auth import parse_credentials
+from .auth import Access
 
 ENV_API_KEY = "LORAMGR_API_KEY"
 ENV_API_AUTH = "LORAMGR_API_AUTH"  # USER:PASS[,USER2:PASS2], as A1111's --api-auth
@@ -81,13 +82,18 @@ class ServeConfig:
                              "timesteps)")
         if self.max_overtake < 0 or self.swap_budget_mb < 0:
             raise ValueError("max_overtake and swap_budget_mb must not be negative")
-        parse_credentials(self.api_auth)
+        self.access  # noqa: B018 - parsed now: a bad --api-auth entry is a ValueError here, not at a request
         for origin in self.cors_origins:
             if origin != "*" and (urlsplit(origin).scheme not in ("http", "https") or not urlsplit(origin).netloc
                                   or urlsplit(origin).path not in ("", "/")):
                 raise ValueError(f"cors origin {origin!r}: give scheme://host[:port] (or *)")
         object.__setattr__(self, "allowed_hosts", tuple(h.lower() for h in self.allowed_hosts))
         object.__setattr__(self, "cors_origins", tuple(o.rstrip("/").lower() for o in self.cors_origins))
+
+    @cached_property
+    def access(self) -> Access:
+        """The ``Authorization`` check of ``api_key`` and ``api_auth``, parsed once (not per request)."""
+        return Access.of(self.api_key, self.api_auth)
 
     @property
     def max_body_bytes(self) -> int:

@@ -221,18 +221,19 @@ class Engine:
         except LoramgrError as exc:
             raise CatalogError(422, "mask", str(exc)) from None
         if settings.hires is not None:
-            self._check_hires(settings, image, control_images)
+            self._check_hires(settings, given[0] if given else None)
         adapter_set, applied, key = self.adapter_set(request, controls)
         return Job(settings, image, control_images, adapter_set, applied, controls, key, mask=mask)
 
-    def _check_hires(self, settings: GenerationSettings, image: np.ndarray | None,
-                     control_images: list[np.ndarray | None]) -> None:
-        """The second pass within ``--max-resolution`` (short side) and ``--max-steps`` (its schedule)."""
+    def _check_hires(self, settings: GenerationSettings, first: np.ndarray | None) -> None:
+        """The second pass within ``--max-resolution`` (short side) and ``--max-steps`` (its schedule).
+
+        ``first``: the first image given (the request's, else a unit's), which sets the first pass's size.
+        """
         c, hires = self.config, settings.hires
         if (hires.steps or settings.steps) > c.max_steps:
             raise CatalogError(422, "hires", f"hires.steps={hires.steps or settings.steps} exceeds this server's "
                                              f"limit of {c.max_steps} (--max-steps)")
-        first = next((i for i in (image, *control_images) if i is not None), None)
         size = (output_size(*first.shape[:2], settings.resolution) if first is not None
                 else (settings.height, settings.width))
         height, width = hires_size(*size, hires).target

@@ -21,8 +21,14 @@ from ..pipeline.inpaint import INPAINT_FILLS, MASK_RULES, Inpaint
 from ..pipeline.passes import UPSCALERS, HiresFix
 from ..pipeline.settings import CONTROL_SCHEDULES, PROMPT_SYNTAXES, GenerationSettings
 
-# The defaults of `loramgr run` that are the same on every base: read from the dataclass, never copied.
-RUN_DEFAULTS = {f.name: f.default for f in fields(GenerationSettings) if f.default is not MISSING}
+
+def defaults_of(cls: type) -> dict:
+    """The field defaults of dataclass ``cls`` (fields without one left out): read, never copied."""
+    return {f.name: f.default for f in fields(cls) if f.default is not MISSING}
+
+
+# The defaults of `loramgr run` that are the same on every base.
+RUN_DEFAULTS = defaults_of(GenerationSettings)
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
@@ -34,7 +40,7 @@ class LoraSpec(BaseModel):
     weight: FiniteFloat | None = Field(None, description="strength; omitted: the adapter's default weight")
 
 
-UNIT_DEFAULTS = {f.name: f.default for f in fields(ControlUnit)}
+UNIT_DEFAULTS = defaults_of(ControlUnit)
 
 
 class ControlSpec(BaseModel):
@@ -58,8 +64,8 @@ class ControlSpec(BaseModel):
     high_threshold: int = UNIT_DEFAULTS["high_threshold"]
 
 
-HIRES_DEFAULTS = {f.name: f.default for f in fields(HiresFix)}
-INPAINT_DEFAULTS = {f.name: f.default for f in fields(Inpaint)}
+HIRES_DEFAULTS = defaults_of(HiresFix)
+INPAINT_DEFAULTS = defaults_of(Inpaint)
 
 
 class HiresSpec(BaseModel):
