@@ -109,6 +109,11 @@ def text_feeds(input_ids: torch.Tensor, token_vectors: torch.Tensor | None, toke
             "token_mask": token_mask.float()}
 
 
+def timesteps(timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """One float32 timestep per sample: the ``timestep`` input of the UNet and ControlNet graphs."""
+    return timestep.float().reshape(-1).expand(sample.shape[0]).contiguous()
+
+
 def slot_key(controlnet: AdapterFile | None) -> tuple | None:
     """What tells two ControlNets apart in a slot: name and content (a file converted again is another one)."""
     return None if controlnet is None else (controlnet.name, controlnet.metadata.get(CHECKSUM_KEY, id(controlnet)))

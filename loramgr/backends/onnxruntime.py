@@ -53,7 +53,7 @@ from ..merge import BaseWeights, Tensors, empty_like_entry, merge_into, merge_te
 from ..models.graphs import RESIDUALS
 from ..workspace import atomic_path
 from .attention_fusion import fuse_attention
-from .base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds
+from .base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds, timesteps
 from .options import OPTIMIZATION_LEVELS, PROVIDERS, OrtOptions
 
 __all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OrtOptions", "OrtRunner", "SessionTimings", "inference_session",
@@ -368,7 +368,7 @@ class OrtRunner(AdapterLease):
         return self._run(TEXT_ENCODER, text_feeds(input_ids, token_vectors, token_mask, width))[0]
 
     def control_residuals(self, controlnet, sample, timestep, encoder_hidden_states, controlnet_cond):
-        feeds = {"sample": sample.float(), "timestep": _timesteps(timestep, sample),
+        feeds = {"sample": sample.float(), "timestep": timesteps(timestep, sample),
                  "encoder_hidden_states": encoder_hidden_states.float(), "controlnet_cond": controlnet_cond.float()}
         return self._run(CONTROLNET, feeds, controlnet)
 
@@ -379,7 +379,7 @@ class OrtRunner(AdapterLease):
                 self._zeros = {shape: [torch.zeros(s, device=sample.device)
                                        for s in residual_shapes(self.manifest, sample.shape)]}
             residuals = self._zeros[shape]
-        feeds = {"sample": sample.float(), "timestep": _timesteps(timestep, sample),
+        feeds = {"sample": sample.float(), "timestep": timesteps(timestep, sample),
                  "encoder_hidden_states": encoder_hidden_states.float(),
                  **{name: r.float() for name, r in zip(RESIDUALS, residuals)}}
         return self._run(UNET, feeds)[0]
@@ -394,11 +394,6 @@ class OrtRunner(AdapterLease):
     def close(self) -> None:
         with self._lease:
             self._graphs, self._slots, self._released, self._zeros = {}, [], set(), {}
-
-
-def _timesteps(timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """One float32 timestep per sample."""
-    return timestep.float().reshape(-1).expand(sample.shape[0]).contiguous()
 
 
 def _shared_value(ort, tensor: torch.Tensor):
