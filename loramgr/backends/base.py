@@ -30,7 +30,7 @@ import torch
 
 from ..adapter_file import CHECKSUM_KEY
 from ..errors import LoramgrError
-from ..manifest import UNET, Manifest
+from ..manifest import UNET, Manifest, axis_size
 
 if TYPE_CHECKING:
     from ..adapter_file import AdapterFile
@@ -154,14 +154,7 @@ def residual_shapes(manifest: Manifest, sample_shape: Sequence[int]) -> list[tup
     batch, _, height, width = sample_shape
     sizes = {"batch": batch, "latent_height": height, "latent_width": width}
     inputs = {spec.name: spec.shape for spec in manifest.graphs[UNET].inputs}
-
-    def size(axis: int | str) -> int:
-        if isinstance(axis, int):
-            return axis
-        name, _, factor = axis.partition("/")
-        return sizes[name] // int(factor or 1)
-
-    return [tuple(size(a) for a in inputs[name]) for name in RESIDUALS]
+    return [tuple(axis_size(a, sizes) for a in inputs[name]) for name in RESIDUALS]
 
 
 def seconds(timings: Any) -> dict[str, float]:
