@@ -302,7 +302,7 @@ class OrtRunner(AdapterLease):
             in_place = self.options.hot_swap and all(names <= set(self._graphs[g].buffers) for g, names in live.items())
             with self._lease:  # every buffer is written, or session replaced, while no generation runs
                 if in_place:
-                    self._merge_in_place(live, new, old)
+                    self._merge_in_place({g: self._graphs[g] for g in live}, live, new, old)
                 elif live:
                     self._declared = touched_names(self._declared, needed) if self.options.hot_swap else {}
                     for graph in live:
@@ -313,10 +313,11 @@ class OrtRunner(AdapterLease):
         self.timings.swaps.append(elapsed)
         return elapsed
 
-    def _merge_in_place(self, live: Names, new: AdapterSet, old: AdapterSet) -> None:
-        """Merge ``new`` into the buffers of ``live``; on failure write ``old`` back (nothing half-written)."""
-        buffers = {g: self._graphs[g].buffers for g in live}
-        base_values = {g: self._graphs[g].base_values for g in live if self._graphs[g].base_values is not None}
+    def _merge_in_place(self, sessions: dict[str, _Session], live: Names, new: AdapterSet, old: AdapterSet) -> None:
+        """Merge ``new`` into the buffers ``sessions`` (graph -> session) read for ``live``; on failure
+        write ``old`` back (nothing half-written)."""
+        buffers = {g: s.buffers for g, s in sessions.items()}
+        base_values = {g: s.base_values for g, s in sessions.items() if s.base_values is not None}
         with BaseWeights(self.manifest, self.base_dir) as base:
             try:
                 merge_into(base, new, buffers, only=live, base_values=base_values or None, graphs=live)
@@ -331,25 +332,15 @@ class OrtRunner(AdapterLease):
                 self._slots.append(_Slot(controlnet, self._open(CONTROLNET, slot_set(controlnet))))
                 continue
             slot = self._slots[index]
-            old, slot.controlnet = slot.controlnet, controlnet
-            if slot.graph is None:
-                continue  # released: opens with its new ControlNet on its next call
-            names = touched_names(slot_set(old), slot_set(controlnet)).get(CONTROLNET, set())
-            if self.options.hot_swap and names <= set(slot.graph.buffers):
-                buffers, base_values = {CONTROLNET: slot.graph.buffers}, slot.graph.base_values
-                base_values = None if base_values is None else {CONTROLNET: base_values}
-                with BaseWeights(self.manifest, self.base_dir) as base:
-                    try:
-                        merge_into(base, slot_set(controlnet), buffers, only={CONTROLNET: names}, graphs=buffers,
-                                   base_values=base_values)
-                    except BaseException:
-                        slot.controlnet = old
-                        merge_into(base, slot_set(old), buffers, only={CONTROLNET: names}, graphs=buffers,
-                                   base_values=base_values)
-                        raise
-            else:
-                self._declared = touched_names(self._declared, {CONTROLNET: names}) if self.options.hot_swap else {}
-                slot.graph = self._open(CONTROLNET, slot_set(controlnet))
+            if slot.graph is not None:  # a released slot opens with its new ControlNet on its next call
+                old, new = slot_set(slot.controlnet), slot_set(controlnet)
+                names = touched_names(old, new).get(CONTROLNET, set())
+                if self.options.hot_swap and names <= set(slot.graph.buffers):
+                    self._merge_in_place({CONTROLNET: slot.graph}, {CONTROLNET: names}, new, old)
+                else:
+                    self._declared = touched_names(self._declared, {CONTROLNET: names}) if self.options.hot_swap else {}
+                    slot.graph = self._open(CONTROLNET, new)
+            slot.controlnet = controlnet  # once its weights hold it
 
     # -- graph calls ---------------------------------------------------------------------------
 
