@@ -88,6 +88,17 @@ class IOSpec:
     shape: tuple[int | str, ...]  # str = dynamic axis
 
 
+def axis_size(axis: int | str, sizes: dict[str, int]) -> int:
+    """The size of one input axis: a fixed ``int``, or a named dynamic axis ``NAME`` or ``NAME/k``
+    (a k-th of it: the export names a ControlNet residual's axes ``latent_height/4``)."""
+    if isinstance(axis, int):
+        return axis
+    name, _, factor = axis.partition("/")
+    if name not in sizes or (factor and not factor.isdigit()):
+        raise LoramgrError(f"the base has a dynamic axis {axis!r} loramgr does not know: re-export the base")
+    return sizes[name] // int(factor or 1)
+
+
 @dataclass
 class GraphInfo:
     path: str  # relative to the base folder

@@ -30,7 +30,7 @@ import torch
 
 from ..adapter_file import CHECKSUM_KEY
 from ..errors import LoramgrError
-from ..manifest import UNET, Manifest
+from ..manifest import UNET, Manifest, axis_size
 
 if TYPE_CHECKING:
     from ..adapter_file import AdapterFile
@@ -109,6 +109,11 @@ def text_feeds(input_ids: torch.Tensor, token_vectors: torch.Tensor | None, toke
             "token_mask": token_mask.float()}
 
 
+def timesteps(timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
+    """One float32 timestep per sample: the ``timestep`` input of the UNet and ControlNet graphs."""
+    return timestep.float().reshape(-1).expand(sample.shape[0]).contiguous()
+
+
 def slot_key(controlnet: AdapterFile | None) -> tuple | None:
     """What tells two ControlNets apart in a slot: name and content (a file converted again is another one)."""
     return None if controlnet is None else (controlnet.name, controlnet.metadata.get(CHECKSUM_KEY, id(controlnet)))
@@ -149,14 +154,7 @@ def residual_shapes(manifest: Manifest, sample_shape: Sequence[int]) -> list[tup
     batch, _, height, width = sample_shape
     sizes = {"batch": batch, "latent_height": height, "latent_width": width}
     inputs = {spec.name: spec.shape for spec in manifest.graphs[UNET].inputs}
-
-    def size(axis: int | str) -> int:
-        if isinstance(axis, int):
-            return axis
-        name, _, factor = axis.partition("/")
-        return sizes[name] // int(factor or 1)
-
-    return [tuple(size(a) for a in inputs[name]) for name in RESIDUALS]
+    return [tuple(axis_size(a, sizes) for a in inputs[name]) for name in RESIDUALS]
 
 
 def seconds(timings: Any) -> dict[str, float]:

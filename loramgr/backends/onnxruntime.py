@@ -53,7 +53,7 @@ from ..merge import BaseWeights, Tensors, empty_like_entry, merge_into, merge_te
 from ..models.graphs import RESIDUALS
 from ..workspace import atomic_path
 from .attention_fusion import fuse_attention
-from .base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds
+from .base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds, timesteps
 from .options import OPTIMIZATION_LEVELS, PROVIDERS, OrtOptions
 
 __all__ = ["OPTIMIZATION_LEVELS", "PROVIDERS", "OrtOptions", "OrtRunner", "SessionTimings", "inference_session",
@@ -302,7 +302,7 @@ class OrtRunner(AdapterLease):
             in_place = self.options.hot_swap and all(names <= set(self._graphs[g].buffers) for g, names in live.items())
             with self._lease:  # every buffer is written, or session replaced, while no generation runs
                 if in_place:
-                    self._merge_in_place(live, new, old)
+                    self._merge_in_place({g: self._graphs[g] for g in live}, live, new, old)
                 elif live:
                     self._declared = touched_names(self._declared, needed) if self.options.hot_swap else {}
                     for graph in live:
@@ -313,10 +313,11 @@ class OrtRunner(AdapterLease):
         self.timings.swaps.append(elapsed)
         return elapsed
 
-    def _merge_in_place(self, live: Names, new: AdapterSet, old: AdapterSet) -> None:
-        """Merge ``new`` into the buffers of ``live``; on failure write ``old`` back (nothing half-written)."""
-        buffers = {g: self._graphs[g].buffers for g in live}
-        base_values = {g: self._graphs[g].base_values for g in live if self._graphs[g].base_values is not None}
+    def _merge_in_place(self, sessions: dict[str, _Session], live: Names, new: AdapterSet, old: AdapterSet) -> None:
+        """Merge ``new`` into the buffers ``sessions`` (graph -> session) read for ``live``; on failure
+        write ``old`` back (nothing half-written)."""
+        buffers = {g: s.buffers for g, s in sessions.items()}
+        base_values = {g: s.base_values for g, s in sessions.items() if s.base_values is not None}
         with BaseWeights(self.manifest, self.base_dir) as base:
             try:
                 merge_into(base, new, buffers, only=live, base_values=base_values or None, graphs=live)
@@ -331,25 +332,15 @@ class OrtRunner(AdapterLease):
                 self._slots.append(_Slot(controlnet, self._open(CONTROLNET, slot_set(controlnet))))
                 continue
             slot = self._slots[index]
-            old, slot.controlnet = slot.controlnet, controlnet
-            if slot.graph is None:
-                continue  # released: opens with its new ControlNet on its next call
-            names = touched_names(slot_set(old), slot_set(controlnet)).get(CONTROLNET, set())
-            if self.options.hot_swap and names <= set(slot.graph.buffers):
-                buffers, base_values = {CONTROLNET: slot.graph.buffers}, slot.graph.base_values
-                base_values = None if base_values is None else {CONTROLNET: base_values}
-                with BaseWeights(self.manifest, self.base_dir) as base:
-                    try:
-                        merge_into(base, slot_set(controlnet), buffers, only={CONTROLNET: names}, graphs=buffers,
-                                   base_values=base_values)
-                    except BaseException:
-                        slot.controlnet = old
-                        merge_into(base, slot_set(old), buffers, only={CONTROLNET: names}, graphs=buffers,
-                                   base_values=base_values)
-                        raise
-            else:
-                self._declared = touched_names(self._declared, {CONTROLNET: names}) if self.options.hot_swap else {}
-                slot.graph = self._open(CONTROLNET, slot_set(controlnet))
+            if slot.graph is not None:  # a released slot opens with its new ControlNet on its next call
+                old, new = slot_set(slot.controlnet), slot_set(controlnet)
+                names = touched_names(old, new).get(CONTROLNET, set())
+                if self.options.hot_swap and names <= set(slot.graph.buffers):
+                    self._merge_in_place({CONTROLNET: slot.graph}, {CONTROLNET: names}, new, old)
+                else:
+                    self._declared = touched_names(self._declared, {CONTROLNET: names}) if self.options.hot_swap else {}
+                    slot.graph = self._open(CONTROLNET, new)
+            slot.controlnet = controlnet  # once its weights hold it
 
     # -- graph calls ---------------------------------------------------------------------------
 
@@ -368,7 +359,7 @@ class OrtRunner(AdapterLease):
         return self._run(TEXT_ENCODER, text_feeds(input_ids, token_vectors, token_mask, width))[0]
 
     def control_residuals(self, controlnet, sample, timestep, encoder_hidden_states, controlnet_cond):
-        feeds = {"sample": sample.float(), "timestep": _timesteps(timestep, sample),
+        feeds = {"sample": sample.float(), "timestep": timesteps(timestep, sample),
                  "encoder_hidden_states": encoder_hidden_states.float(), "controlnet_cond": controlnet_cond.float()}
         return self._run(CONTROLNET, feeds, controlnet)
 
@@ -379,7 +370,7 @@ class OrtRunner(AdapterLease):
                 self._zeros = {shape: [torch.zeros(s, device=sample.device)
                                        for s in residual_shapes(self.manifest, sample.shape)]}
             residuals = self._zeros[shape]
-        feeds = {"sample": sample.float(), "timestep": _timesteps(timestep, sample),
+        feeds = {"sample": sample.float(), "timestep": timesteps(timestep, sample),
                  "encoder_hidden_states": encoder_hidden_states.float(),
                  **{name: r.float() for name, r in zip(RESIDUALS, residuals)}}
         return self._run(UNET, feeds)[0]
@@ -394,11 +385,6 @@ class OrtRunner(AdapterLease):
     def close(self) -> None:
         with self._lease:
             self._graphs, self._slots, self._released, self._zeros = {}, [], set(), {}
-
-
-def _timesteps(timestep: torch.Tensor, sample: torch.Tensor) -> torch.Tensor:
-    """One float32 timestep per sample."""
-    return timestep.float().reshape(-1).expand(sample.shape[0]).contiguous()
 
 
 def _shared_value(ort, tensor: torch.Tensor):

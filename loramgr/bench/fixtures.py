@@ -121,12 +121,18 @@ class StepInputs:
     def describe(self) -> dict:
         return {"image": self.control_image.shape[-1], "latent": [2, *self.latents.shape[1:]]}
 
+    def control_feeds(self) -> dict[str, np.ndarray]:
+        """The ControlNet graph's inputs by name on the CFG batch (the fused graph's, less its scales)."""
+        latents, context = self.batch()
+        return {"sample": latents.numpy(), "timestep": self.scheduler()[1].float().expand(2).numpy(),
+                "encoder_hidden_states": context.numpy(),
+                "controlnet_cond": self.control_image.expand(2, -1, -1, -1).numpy()}
+
     def run_sessions(self, controlnet, unet) -> np.ndarray:
         """:meth:`noise` on plain InferenceSessions of the ControlNet and the UNet graphs."""
-        latents, context = self.batch()
-        feeds = {"sample": latents.numpy(), "timestep": self.scheduler()[1].float().expand(2).numpy(),
-                 "encoder_hidden_states": context.numpy()}
-        residuals = controlnet.run(None, {**feeds, "controlnet_cond": self.control_image.expand(2, -1, -1, -1).numpy()})
+        feeds = self.control_feeds()
+        residuals = controlnet.run(None, feeds)
+        del feeds["controlnet_cond"]  # the UNet takes the residuals instead
         return unet.run(None, {**feeds, **dict(zip(RESIDUALS, residuals))})[0]
 
 

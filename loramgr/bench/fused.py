@@ -110,11 +110,7 @@ def _link_or_copy(source: Path, target: Path) -> None:
 
 def fused_feeds(inputs: StepInputs) -> dict[str, np.ndarray]:
     """The fused graph's inputs for the CFG batch of ``inputs``, every residual at scale 1."""
-    latents, context = inputs.batch()
-    return {"sample": latents.numpy(), "timestep": inputs.scheduler()[1].float().expand(2).numpy(),
-            "encoder_hidden_states": context.numpy(),
-            "controlnet_cond": inputs.control_image.expand(2, -1, -1, -1).numpy(),
-            SCALES: np.ones((2, NUM_CONTROL_RESIDUALS), np.float32)}
+    return {**inputs.control_feeds(), SCALES: np.ones((2, NUM_CONTROL_RESIDUALS), np.float32)}
 
 
 def fused_stepper(session, inputs: StepInputs, device: torch.device, scale: float = GUIDED_SCALE

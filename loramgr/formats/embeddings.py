@@ -140,8 +140,7 @@ def bundled_embeddings(source: WeightFile) -> tuple[dict[str, torch.Tensor], set
     embeddings, used = {}, set()
     for name, parts in groups.items():
         terms = [key for part, key in parts.items() if part.startswith("string_to_param.")]
-        if any(key in parts for key in SDXL_KEYS):
-            _refuse_sdxl(source.path, parts)
+        _refuse_sdxl(source.path, parts)
         if len(terms) > 1 or (not terms and len(parts) != 1):
             raise BadFileError(source.path, f"bundled embedding {name!r} has {len(parts)} tensors "
                                             f"({', '.join(sorted(parts.values()))}); it is one [vectors, width] tensor")

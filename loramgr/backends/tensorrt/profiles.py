@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 
 from ...errors import LoramgrError
-from ...manifest import IOSpec
+from ...manifest import IOSpec, axis_size
 
 _SHAPE_RE = re.compile(r"^\s*(\d+)\s*x\s*(\d+)\s*x\s*(\d+)\s*$")
 
@@ -79,21 +79,15 @@ def _parse_shape(text: str, option: str) -> Shape:
 DEFAULT_PROFILE = ShapeProfile(Shape(1, 32, 32), Shape(2, 64, 64), Shape(4, 96, 96))
 
 
-def _axis_size(axis: int | str, shape: Shape, tokens: int) -> int:
-    if isinstance(axis, int):
-        return axis
-    name, _, factor = axis.partition("/")
-    sizes = {"batch": shape.batch, "latent_height": shape.height, "latent_width": shape.width,
-             "height": 8 * shape.height, "width": 8 * shape.width, "tokens": tokens}
-    if name not in sizes or (factor and not factor.isdigit()):
-        raise LoramgrError(f"the base has a dynamic axis {axis!r} loramgr does not know: re-export the base")
-    return sizes[name] // int(factor or 1)
+def _axis_sizes(shape: Shape, tokens: int) -> dict[str, int]:
+    return {"batch": shape.batch, "latent_height": shape.height, "latent_width": shape.width,
+            "height": 8 * shape.height, "width": 8 * shape.width, "tokens": tokens}
 
 
 def input_shapes(inputs: list[IOSpec], profile: ShapeProfile) -> dict[str, list[list[int]]]:
     """Input name -> [min, opt, max] dims, from the manifest's named dynamic axes."""
-    sizes = ((profile.min, 77), (profile.opt, 77), (profile.max, profile.max_tokens))
-    return {spec.name: [[_axis_size(a, s, tokens) for a in spec.shape] for s, tokens in sizes] for spec in inputs}
+    sizes = [_axis_sizes(profile.min, 77), _axis_sizes(profile.opt, 77), _axis_sizes(profile.max, profile.max_tokens)]
+    return {spec.name: [[axis_size(a, named) for a in spec.shape] for named in sizes] for spec in inputs}
 
 
 def check_input_shapes(graph: str, shapes: dict[str, list[list[int]]], actual: dict[str, tuple[int, ...]]) -> None:

@@ -39,7 +39,7 @@ from ...errors import LoramgrError
 from ...manifest import CONTROLNET, GRAPHS, TEXT_ENCODER, UNET, VAE_DECODER, VAE_ENCODER
 from ...merge import BaseWeights
 from ...models.graphs import RESIDUALS
-from ..base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds
+from ..base import AdapterLease, plan_slots, residual_shapes, slot_key, slot_set, text_feeds, timesteps
 from .engines import (
     REFITTABLE, TORCH_DTYPES, BuildStep, TrtOptions, build_engines, engines_dir, import_tensorrt, resolve_options,
     trt_logger,
@@ -287,7 +287,7 @@ class TrtRunner(AdapterLease):
         return self._run(TEXT_ENCODER, text_feeds(input_ids, token_vectors, token_mask, width))["hidden_states"]
 
     def control_residuals(self, controlnet, sample, timestep, encoder_hidden_states, controlnet_cond):
-        feeds = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(sample.shape[0]).contiguous(),
+        feeds = {"sample": sample, "timestep": timesteps(timestep, sample),
                  "encoder_hidden_states": encoder_hidden_states, "controlnet_cond": controlnet_cond}
         out = self._run(CONTROLNET, feeds, controlnet)
         return [out[name] for name in RESIDUALS]
@@ -295,7 +295,7 @@ class TrtRunner(AdapterLease):
     def predict_noise(self, sample, timestep, encoder_hidden_states, residuals=None):
         if residuals is None:  # no unit acts: zero residuals (device memory, made per call)
             residuals = [torch.zeros(s, device=self.device) for s in residual_shapes(self.manifest, sample.shape)]
-        feeds = {"sample": sample, "timestep": timestep.float().reshape(-1).expand(sample.shape[0]).contiguous(),
+        feeds = {"sample": sample, "timestep": timesteps(timestep, sample),
                  "encoder_hidden_states": encoder_hidden_states, **dict(zip(RESIDUALS, residuals))}
         return self._run(UNET, feeds)["noise_pred"]
 
