@@ -14,7 +14,7 @@ from ..backends import BACKENDS, open_runner
 from ..backends.base import slot_set
 from ..bases import OpenBase
 from ..errors import LoramgrError
-from ..inventory import block_of
+from ..inventory import block_counts
 from ..merge import BaseWeights, merge_tensors
 from ..runtime import make_pipeline
 from ..workspace import Workspace
@@ -120,7 +120,7 @@ def verify(
     timings["reference_s"], clock = time.perf_counter() - clock, time.perf_counter()
     report = VerifyReport(base, manifest.dtype, backend, settings.reference, tolerances, records,
                           merged_export=str(folder) if folder else None, cached=cached, timings=timings,
-                          coverage={a.name: dict(Counter(block_of(t.param) for t in a.targets.values()))
+                          coverage={a.name: block_counts(t.param for t in a.targets.values())
                                     for a, _ in adapter_set.adapters})
     report.checks += [_reference_check(records), _coverage_check(records)]
     if any(r.problem for r in records):
