@@ -61,11 +61,6 @@ def _runner(ws: Workspace, loras=(), control=None, **options) -> OrtRunner:
     return OrtRunner.open(base_dir, adapter_set, OrtOptions(**options))
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_folder):
-    return reference_pipeline(tiny_folder)
-
-
 @pytest.mark.parametrize("overrides", [
     pytest.param({}, id="normal"),
     pytest.param({"guess_mode": True, "control_schedule": "diffusers", "strength": 0.7}, id="guess-mode"),
