@@ -74,11 +74,9 @@ def input_png(tmp_path_factory) -> Path:
 def reference(tiny_folder):
     """diffusers' own ControlNet pipeline on the tiny folder (one per test module: modules may change it;
     a module needing another reference defines its own ``reference``)."""
-    from diffusers import StableDiffusionControlNetPipeline
+    from reference_pipelines import reference_pipeline
 
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(tiny_folder, safety_checker=None)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(tiny_folder)
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +86,5 @@ def pipe(reference):
     from loramgr.backends.torch_runner import TorchRunner
     from loramgr.pipeline.controlnet import ControlNetPipeline
 
-    ref = reference
-    return ControlNetPipeline(TorchRunner.from_components(ref.components), ref.tokenizer, ref.scheduler.config,
-                              ref.vae.config.scaling_factor)
+    return ControlNetPipeline(TorchRunner.from_components(reference.components), reference.tokenizer,
+                              reference.scheduler.config, reference.vae.config.scaling_factor)

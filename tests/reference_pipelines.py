@@ -124,9 +124,11 @@ def lora_modules_in(path: Path) -> int:
         return sum(key.endswith("lora_down.weight") for key in f.keys())
 
 
-def reference_pipeline(folder: Path, loras: list[tuple[Path, float]] = (), controlnet: Path | None = None):
+def reference_pipeline(folder: Path, loras: list[tuple[Path, float]] = (), controlnet: Path | None = None,
+                       scheduler: str | None = None):
     """diffusers' ControlNet pipeline of the diffusers ``folder``, with kohya LoRA files (path, weight)
-    loaded by ``load_lora_weights`` + ``set_adapters`` and another ControlNet's folder.
+    loaded by ``load_lora_weights`` + ``set_adapters`` and another ControlNet's folder; ``scheduler``:
+    loramgr's name of the sampler whose diffusers twin (:func:`reference_scheduler`) replaces the folder's.
 
     Each LoRA's modules are counted after loading: diffusers can load nothing silently (REFERENCE.md).
     """
@@ -136,6 +138,8 @@ def reference_pipeline(folder: Path, loras: list[tuple[Path, float]] = (), contr
     pipe = StableDiffusionControlNetPipeline.from_pretrained(folder, safety_checker=None)
     if controlnet is not None:
         pipe.controlnet = ControlNetModel.from_pretrained(controlnet)
+    if scheduler is not None:
+        pipe.scheduler = reference_scheduler(scheduler, pipe.scheduler.config)
     names = [f"lora{i}" for i in range(len(loras))]
     for name, (path, _) in zip(names, loras):
         pipe.load_lora_weights(str(path), adapter_name=name)

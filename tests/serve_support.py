@@ -1,4 +1,5 @@
-"""Shared helpers of the test_serve*.py files: a workspace with the tiny base and sample adapters.
+"""Shared helpers of the test_serve*.py files: a workspace with the tiny base and sample adapters
+(:func:`sample_adapters`, which test_runtime.py converts too).
 
 Not a conftest (the serve tests own only their files): the workspace is built once per
 test session through a module-level cache, and links the session's tiny base.
@@ -29,33 +30,40 @@ _CACHE: dict[str, Path] = {}
 FAST = {"resolution": 64, "steps": 3, "n_prompt": "lowres, worst quality"}
 
 
-def serve_workspace(tiny_workspace, tmp_path_factory):
-    """A workspace (own adapters/ folder, the session's tiny base linked) with sv_a, sv_b (LoCon), sv_hed."""
+def sample_adapters(ws, folder: Path, prefix: str) -> dict[str, Path]:
+    """The sample kohya LoRA ``PREFIX_a`` (trigger blindbox), kohya LoCon ``PREFIX_b`` and ControlNet
+    ``PREFIX_hed`` written into ``folder`` and converted into ``ws`` for its tiny base: name -> source."""
     from loramgr.convert import convert_adapter
     from loramgr.manifest import Manifest
-    from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
+    from loramgr.samples import write_controlnet, write_kohya_lora
+
+    manifest = Manifest.load(ws.base_dir("tiny"))
+    files = {
+        f"{prefix}_a": write_kohya_lora(folder / f"{prefix}_a.safetensors", manifest.param_shapes(), seed=11,
+                                        trigger="blindbox"),
+        f"{prefix}_b": write_kohya_lora(folder / f"{prefix}_b.safetensors", manifest.param_shapes(), seed=12, rank=8,
+                                        alpha=4.0, locon=True),
+        f"{prefix}_hed": write_controlnet(folder / f"{prefix}_hed", manifest.configs["controlnet"], seed=13),
+    }
+    for name, path in files.items():
+        convert_adapter(ws, path, base="tiny", name=name)
+    return files
+
+
+def serve_workspace(tiny_workspace, tmp_path_factory):
+    """A workspace (own adapters/ folder, the session's tiny base linked) with sv_a, sv_b (LoCon), sv_hed."""
+    from loramgr.samples import sample_image
     from loramgr.workspace import Workspace
 
     if "home" not in _CACHE:
         home = tmp_path_factory.mktemp("serve_ws")
         (home / "base_models").mkdir()
         os.symlink(tiny_workspace.base_dir("tiny"), home / "base_models" / "tiny")
-        ws = Workspace.resolve(home)
-        manifest = Manifest.load(ws.base_dir("tiny"))
         src = home / "sources"  # the files converted: what the diffusers references load
         src.mkdir()
-        files = {
-            "sv_a": write_kohya_lora(src / "sv_a.safetensors", manifest.param_shapes(), seed=11, trigger="blindbox"),
-            "sv_b": write_kohya_lora(src / "sv_b.safetensors", manifest.param_shapes(), seed=12, rank=8, alpha=4.0,
-                                     locon=True),
-            "sv_hed": write_controlnet(src / "sv_hed", manifest.configs["controlnet"], seed=13),
-        }
-        for name, path in files.items():
-            convert_adapter(ws, path, base="tiny", name=name)
+        sample_adapters(Workspace.resolve(home), src, "sv")
         Image.fromarray(sample_image(96)).save(home / "house.png")
         _CACHE["home"] = home
-    from loramgr.workspace import Workspace
-
     return Workspace.resolve(_CACHE["home"])
 
 

@@ -16,6 +16,7 @@ import torch
 
 from a1111_conditioning import conditioning
 from format_writers import kohya_embedding
+from reference_pipelines import reference_pipeline
 from loramgr.adapters import AdapterChoice
 from loramgr.convert import convert_adapter
 from loramgr.errors import LoramgrError
@@ -43,12 +44,7 @@ def ws(tiny_workspace, tmp_path_factory) -> Workspace:
 
 @pytest.fixture(scope="module")
 def reference(ws):
-    from diffusers import DDIMScheduler, StableDiffusionControlNetPipeline
-
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(ws.base_dir("tiny") / "source", safety_checker=None)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return reference_pipeline(ws.base_dir("tiny") / "source", scheduler="ddim")
 
 
 @pytest.fixture(scope="module")

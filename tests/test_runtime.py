@@ -27,13 +27,14 @@ from loramgr.manifest import CONTROLNET, TEXT_ENCODER, UNET, Manifest
 from loramgr.models.graphs import RESIDUALS
 from loramgr.pipeline.settings import GenerationSettings
 from loramgr.runtime import make_pipeline
-from loramgr.samples import sample_image, write_controlnet, write_kohya_lora
+from loramgr.samples import sample_image
 from loramgr.workspace import Workspace
 
 from cli_support import cli
 from reference_pipelines import (
     assert_close_images, base_negative_prompt, diffusers_images, documented, reference_pipeline,
 )
+from serve_support import sample_adapters
 
 
 FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, worst quality"}
@@ -42,28 +43,13 @@ FAST = {"resolution": 64, "steps": 4, "n_prompt": "lowres, worst quality"}
 @pytest.fixture(scope="module")
 def adapters(tiny_workspace, tmp_path_factory):
     """Sample kohya LoRA (rt_a), kohya LoCon (rt_b) and a ControlNet (rt_hed), converted for the tiny base."""
-    folder = tmp_path_factory.mktemp("samples")
-    manifest = Manifest.load(tiny_workspace.base_dir("tiny"))
-    files = {
-        "rt_a": write_kohya_lora(folder / "rt_a.safetensors", manifest.param_shapes(), seed=11, trigger="blindbox"),
-        "rt_b": write_kohya_lora(folder / "rt_b.safetensors", manifest.param_shapes(), seed=12, rank=8, alpha=4.0,
-                                 locon=True),
-        "rt_hed": write_controlnet(folder / "rt_hed", manifest.configs["controlnet"], seed=13),
-    }
-    for name, path in files.items():
-        convert_adapter(tiny_workspace, path, base="tiny", name=name)
-    return files
+    return sample_adapters(tiny_workspace, tmp_path_factory.mktemp("samples"), "rt")
 
 
 def _runner(ws: Workspace, loras=(), control=None, **options) -> OrtRunner:
     base_dir = ws.base_dir("tiny")
     adapter_set = load_adapter_set(ws, Manifest.load(base_dir), list(loras), control)
     return OrtRunner.open(base_dir, adapter_set, OrtOptions(**options))
-
-
-@pytest.fixture(scope="module")
-def reference(tiny_folder):
-    return reference_pipeline(tiny_folder)
 
 
 @pytest.mark.parametrize("overrides", [

@@ -23,6 +23,7 @@ from PIL import Image
 
 from loramgr.adapter_file import load_adapter
 from loramgr.serve import ServeConfig, create_app
+from reference_pipelines import reference_pipeline
 from serve_support import decode, served, serve_workspace
 
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword")
@@ -44,11 +45,9 @@ def url(ws):
 @pytest.fixture(scope="module")
 def modules(ws):
     """diffusers' own modules: the base's source folder and the converted ControlNet's source folder."""
-    from diffusers import ControlNetModel, DDIMScheduler, StableDiffusionControlNetPipeline
+    from diffusers import ControlNetModel
 
-    pipe = StableDiffusionControlNetPipeline.from_pretrained(ws.base_dir("tiny") / "source", safety_checker=None)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = reference_pipeline(ws.base_dir("tiny") / "source", scheduler="ddim")
     hed = ControlNetModel.from_pretrained(load_adapter(ws.adapter_path("sv_hed")).metadata["loramgr.source_path"])
     return pipe, {"canny": pipe.controlnet, "sv_hed": hed}
 

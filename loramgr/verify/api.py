@@ -14,7 +14,7 @@ from ..backends import BACKENDS, open_runner
 from ..backends.base import slot_set
 from ..bases import OpenBase
 from ..errors import LoramgrError
-from ..inventory import block_of
+from ..inventory import block_counts
 from ..merge import BaseWeights, merge_tensors
 from ..runtime import make_pipeline
 from ..workspace import Workspace
@@ -38,6 +38,8 @@ class _Plan:
     export_set: AdapterSet  # what the export holds: the LoRAs and the first converted ControlNet
     others: list[AdapterFile]  # the other converted ControlNets: compared in their slots, in torch
     units: tuple[str, ...]  # every ControlNet by the name a unit gives it (``canny``: the base's own)
+    negative: str | None = None  # the negative prompt of the checks against diffusers (set when they run):
+    # the base's default (it fits one CLIP window, which diffusers' ``encode_prompt`` cuts at) unless one is given
 
     @property
     def exported_controlnet(self) -> str | None:
@@ -118,7 +120,7 @@ def verify(
     timings["reference_s"], clock = time.perf_counter() - clock, time.perf_counter()
     report = VerifyReport(base, manifest.dtype, backend, settings.reference, tolerances, records,
                           merged_export=str(folder) if folder else None, cached=cached, timings=timings,
-                          coverage={a.name: dict(Counter(block_of(t.param) for t in a.targets.values()))
+                          coverage={a.name: block_counts(t.param for t in a.targets.values())
                                     for a, _ in adapter_set.adapters})
     report.checks += [_reference_check(records), _coverage_check(records)]
     if any(r.problem for r in records):
@@ -192,9 +194,13 @@ def _plan(workspace: Workspace, opened: OpenBase, adapters: Sequence[str], contr
     if plan.runs_pipelines(settings.checks):
         from transformers import CLIPTokenizer
 
+        from ..defaults import defaults_for
+
         triggers = [*(e.name for e in embeddings), *(t for a, _ in adapter_set.adapters for t in a.embeddings)]
         tokenizer = CLIPTokenizer.from_pretrained(opened.dir / "tokenizer", local_files_only=True)
-        check_prompts({"prompt": pipeline_prompt(settings.prompt, triggers), "n_prompt": _negative(settings, opened)},
+        plan.negative = (settings.n_prompt if settings.n_prompt is not None
+                         else defaults_for(opened.manifest.configs, tokenizer).n_prompt)
+        check_prompts({"prompt": pipeline_prompt(settings.prompt, triggers), "n_prompt": plan.negative},
                       tokenizer, embeddings=bool(triggers))
     return plan
 
@@ -215,14 +221,6 @@ def _loramgr_vectors(plan: _Plan) -> dict:
     return vectors
 
 
-def _negative(settings: VerifySettings, opened: OpenBase) -> str:
-    """The negative prompt of the checks against diffusers: the base's default (it fits one CLIP window,
-    which diffusers' ``encode_prompt`` cuts at) unless one is given."""
-    from ..defaults import base_defaults
-
-    return settings.n_prompt if settings.n_prompt is not None else base_defaults(opened).n_prompt
-
-
 def _compare_sessions(report: VerifyReport, opened: OpenBase, plan: _Plan, merged: OpenBase | None,
                       torch_reference: TorchReference | None, backend: str, options, settings: VerifySettings,
                       workspace: Workspace, on_step: Step | None) -> None:
@@ -238,7 +236,7 @@ def _compare_sessions(report: VerifyReport, opened: OpenBase, plan: _Plan, merge
     reference = open_runner(merged, AdapterSet(), backend, options) if on_export else None
     controlnet = plan.exported_controlnet
     triggers = list(torch_reference.token_rows) if torch_reference else []
-    prompt, negative = pipeline_prompt(settings.prompt, triggers), _negative(settings, opened)
+    prompt, negative = pipeline_prompt(settings.prompt, triggers), plan.negative
     try:
         if "outputs" in settings.checks and on_export:
             if on_step:

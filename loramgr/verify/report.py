@@ -38,7 +38,7 @@ class VerifyReport:
     vectors: list[OutputDiff] = field(default_factory=list)  # embeddings: the .lora's vectors vs diffusers' rows
     conditioning: list[OutputDiff] = field(default_factory=list)  # the triggers' prompt vs diffusers' encode_prompt
     units: ImageDiff | None = None  # loramgr's pipeline with units vs diffusers' (Multi)ControlNet pipeline
-    coverage: dict[str, dict[str, int]] = field(default_factory=dict)  # adapter -> block -> weights changed
+    coverage: dict[str, dict[str, int]] = field(default_factory=dict)  # adapter -> block -> weights (blocks in natural order)
     timings: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -152,7 +152,6 @@ def render_report(report: VerifyReport, console, top: int = 10) -> None:
     line of :func:`render_summary` comes last.
     """
     from ..console import table
-    from ..inventory import natural_key
 
     console.print(f"verify {report.base} ({report.dtype}, {report.backend}, reference {report.reference})",
                   highlight=False)
@@ -176,8 +175,7 @@ def render_report(report: VerifyReport, console, top: int = 10) -> None:
         if diffs:
             console.print(table(title, ("compared", "max abs", "rel", ""),
                                 [(o.name, _e(o.max_abs), _e(o.rel), "" if o.passed else "[red]x[/]") for o in diffs]))
-    coverage = [(adapter, block, n) for adapter, blocks in report.coverage.items()
-                for block, n in sorted(blocks.items(), key=lambda item: natural_key(item[0]))]
+    coverage = [(adapter, block, n) for adapter, blocks in report.coverage.items() for block, n in blocks.items()]
     console.print(table("weights changed per block", ("adapter", "block", "weights"), coverage))
     ignored = [(a.name, key) for a in report.adapters for key in a.ignored_keys[:top]]
     if ignored:
