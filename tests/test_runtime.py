@@ -205,6 +205,26 @@ def test_unit_sets_swap_controlnets_in_slots_bit_exact_with_fresh_sessions(tiny_
         assert not np.array_equal(base_residuals[0].numpy(), fresh_residuals(ws, feeds)[0])
 
 
+def test_a_controlnet_moves_into_a_freed_slot_in_place_bit_exact(tiny_workspace, adapters):
+    """One unit alternating between the base's ControlNet and a converted one: the one slot is rewritten in place
+    each time (no second slot, no new session), and every step equals a fresh runner's."""
+    ws, base_dir = tiny_workspace, tiny_workspace.base_dir("tiny")
+    manifest = Manifest.load(base_dir)
+    sequence = [["canny"], ["rt_hed"], ["canny"], ["rt_hed"]]
+    sets = [load_adapter_set(ws, manifest, [], controls) for controls in sequence]
+    feeds = _feeds()
+    with OrtRunner.open(base_dir, sets[0], OrtOptions(), swappable=union_touched(sets)) as hot:
+        session = hot._slots[0].graph.session
+        for controls, adapter_set in zip(sequence, sets):
+            hot.set_adapters(adapter_set)
+            assert hot.controlnet_slots() == [None if controls == ["canny"] else "rt_hed"]
+            assert hot._slots[0].graph.session is session  # in place: the same session
+            with OrtRunner.open(base_dir, adapter_set, OrtOptions(hot_swap=False)) as fresh:
+                name = controls[0]
+                for got, expected in zip(hot.control_residuals(name, **feeds), fresh.control_residuals(name, **feeds)):
+                    np.testing.assert_array_equal(got.numpy(), expected.numpy())
+
+
 def fresh_residuals(ws, feeds) -> list[np.ndarray]:
     """The base's own ControlNet's residuals on a fresh runner."""
     with _runner(ws) as runner:
