@@ -639,4 +639,5 @@ def test_bad_passes_are_a_4xx_naming_the_field(url, square, route, fields, field
     r = _post(url, route, payload)
     assert r.status_code == 422, r.text
     assert r.json()["field"] == field and fragment in r.json()["error"], r.text
+    assert not r.json()["error"].startswith(f"{field}: {field}:"), r.text  # the field named once
     assert httpx.get(f"{url}/sdapi/v1/progress").status_code == 200

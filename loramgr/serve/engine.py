@@ -238,7 +238,7 @@ class Engine:
                 else (settings.height, settings.width))
         height, width = hires_size(*size, hires).target
         if min(height, width) > c.max_resolution:
-            raise CatalogError(422, "hires", f"hires: the second pass of {width}x{height} has a shorter side over "
+            raise CatalogError(422, "hires", f"the second pass of {width}x{height} has a shorter side over "
                                              f"this server's limit of {c.max_resolution} (--max-resolution)")
 
     def _units(self, request: GenerateRequest, image: np.ndarray | None, fields_: dict
