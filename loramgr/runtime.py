@@ -260,7 +260,8 @@ def generate(
         check_inputs(each, settings)
     mask_pixels = None if mask is None else load_image(mask)
     check_mask(mask_pixels, pixels, settings.control_units(), settings)
-    stems = claim_stems(out_dir, stem, [c.label() for c in choices], settings.num_samples, overwrite)
+    stems = claim_stems(out_dir, stem, [c.label() for c in choices], settings.num_samples, overwrite,
+                        num_maps=len(settings.control_units()))
     reports = []
     with Generator.open(workspace, opened, backend, options, choices=choices) as generator:
         for i, choice in enumerate(choices):

@@ -399,6 +399,13 @@ def test_default_stems_differ_between_processes(tmp_path, monkeypatch):
     assert claim_stems(tmp_path, None, ["base"], 1) == [f"{stem}-3"]
     stems = claim_stems(tmp_path, "run", ["a:0.8+hed", "dir/x.lora", "base"], 1)
     assert stems == ["run-0-a_0.8+hed", "run-1-dir_x.lora", "run-2-base"]
+    # a third unit's map is a file of the run too: taken, it is refused (a chosen stem) or skipped (a default one)
+    (tmp_path / "units-control-2.png").write_text("")
+    assert claim_stems(tmp_path, "units", ["base"], 1, num_maps=2) == ["units"]
+    with pytest.raises(LoramgrError, match="units-control-2.png already exists"):
+        claim_stems(tmp_path, "units", ["base"], 1, num_maps=3)
+    (tmp_path / f"{stem}-3-control-1.png").write_text("")
+    assert claim_stems(tmp_path, None, ["base"], 1, num_maps=2) == [f"{stem}-4"]
 
 
 def test_exported_base_honours_the_umask(tiny_workspace):

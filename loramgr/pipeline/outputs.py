@@ -40,8 +40,10 @@ def default_stem() -> str:
 
 
 def claim_stems(out_dir: str | Path, stem: str | None, labels: Sequence[str], num_samples: int,
-                overwrite: bool = False) -> list[str]:
+                overwrite: bool = False, num_maps: int = 1) -> list[str]:
     """One free output stem per run (``labels``: the runs' adapter sets), checked before anything is generated.
+
+    ``num_maps``: the ControlNet units' maps each run writes (:func:`output_paths`).
 
     ``stem`` is the user's ``--name`` (``None``: :func:`default_stem`); with several
     runs each gets ``STEM-i-LABEL``. A chosen stem must be free unless ``overwrite``; a
@@ -57,7 +59,7 @@ def claim_stems(out_dir: str | Path, stem: str | None, labels: Sequence[str], nu
         return [f"{prefix}-{i}-{re.sub(r'[^A-Za-z0-9_.+-]', '_', label)}" for i, label in enumerate(labels)]
 
     def taken(candidates: Sequence[str]) -> list[Path]:
-        return [p for stem in candidates for group in output_paths(out_dir, stem, num_samples).values()
+        return [p for stem in candidates for group in output_paths(out_dir, stem, num_samples, num_maps).values()
                 for p in group if p.exists()]
 
     if chosen:
