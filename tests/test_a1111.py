@@ -386,3 +386,18 @@ def test_fit_modes():
     edges = np.zeros((8, 8, 3), np.uint8)
     edges[::3] = 255
     assert set(np.unique(fit(edges, 20, 20, "resize"))) <= {0, 255}  # a canny map stays binary
+
+
+def test_detect_holds_the_servers_pixel_limit():
+    """/controlnet/detect makes its maps under --max-image-pixels, as the generation routes do (not the default)."""
+    from loramgr.serve.a1111_api import DetectRequest, detect
+
+    buffer = io.BytesIO()
+    Image.fromarray(sample_image(300)).save(buffer, format="PNG")  # 90,000 pixels: within both limits below
+    square = base64.b64encode(buffer.getvalue()).decode()
+    request = DetectRequest(controlnet_module="inpaint", controlnet_input_images=[square])  # a 512x512 map
+    assert decode(detect(request, ServeConfig())["images"][0]).shape == (512, 512, 3)  # the default limit
+    with pytest.raises(CatalogError) as refused:
+        detect(request, ServeConfig(max_image_pixels=200_000))
+    assert 400 <= refused.value.status < 500 and refused.value.field == "controlnet_image", refused.value
+    assert "200,000" in refused.value.reason

@@ -322,6 +322,9 @@ def test_webuiapi_lists_and_detect(api, house):
     assert api.custom_get("controlnet/settings") == {"control_net_unit_count": 3}
     detected = api.controlnet_detect([house], module="canny", processor_res=96, threshold_a=80, threshold_b=160)
     assert np.array_equal(rgb(detected.image)[..., 0], canny(house, 96, 80, 160))
+    odd = house.resize((188, 190))  # 188 * (96 / 188) is a hair under 96: the annotator rounds it to 64, not 128
+    detected = api.controlnet_detect([odd], module="canny", processor_res=96, threshold_a=80, threshold_b=160)
+    assert np.array_equal(rgb(detected.image)[..., 0], canny(odd, 96, 80, 160))
     none = api.controlnet_detect([house], module="none")
     assert np.array_equal(rgb(none.image), rgb(house))
 
